@@ -1,0 +1,201 @@
+//! A paged KV cache: keys and values of every sequence live in fixed-size blocks drawn
+//! from one preallocated pool, so memory is bounded and accounted per block (as in
+//! vLLM's PagedAttention), and a finished sequence returns its blocks at once.
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KvCacheError {
+    #[error("KV cache full: {needed} more blocks needed, {free} free")]
+    OutOfBlocks { needed: usize, free: usize },
+}
+
+/// One sequence's view of the pool: its block table and how many positions are filled.
+#[derive(Debug, Default)]
+pub struct SeqCache {
+    blocks: Vec<u32>,
+    len: usize,
+}
+
+impl SeqCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Positions already written (the next token's position).
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.blocks.len()
+    }
+}
+
+pub struct PagedKvCache {
+    num_layers: usize,
+    kv_dim: usize,
+    block_size: usize,
+    num_blocks: usize,
+    /// Per layer, `num_blocks * block_size * kv_dim` values.
+    keys: Vec<Vec<f32>>,
+    values: Vec<Vec<f32>>,
+    free: Vec<u32>,
+}
+
+impl PagedKvCache {
+    pub fn new(num_layers: usize, kv_dim: usize, block_size: usize, num_blocks: usize) -> Self {
+        assert!(block_size > 0, "block_size must be positive");
+        let per_layer = num_blocks * block_size * kv_dim;
+        PagedKvCache {
+            num_layers,
+            kv_dim,
+            block_size,
+            num_blocks,
+            keys: (0..num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            values: (0..num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            // Popped from the back: hand out low block ids first.
+            free: (0..num_blocks as u32).rev().collect(),
+        }
+    }
+
+    /// A pool big enough for `bytes` of K and V across all layers.
+    pub fn with_budget(num_layers: usize, kv_dim: usize, block_size: usize, bytes: usize) -> Self {
+        let per_block = Self::block_bytes(num_layers, kv_dim, block_size);
+        Self::new(num_layers, kv_dim, block_size, (bytes / per_block).max(1))
+    }
+
+    pub fn block_bytes(num_layers: usize, kv_dim: usize, block_size: usize) -> usize {
+        2 * num_layers * kv_dim * block_size * std::mem::size_of::<f32>()
+    }
+
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        self.num_blocks
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Blocks a sequence of `len` positions occupies.
+    pub fn blocks_for(&self, len: usize) -> usize {
+        len.div_ceil(self.block_size)
+    }
+
+    /// Makes room for `extra` more positions in `seq`, all or nothing.
+    pub fn reserve(&mut self, seq: &mut SeqCache, extra: usize) -> Result<(), KvCacheError> {
+        let needed = self.blocks_for(seq.len + extra).saturating_sub(seq.blocks.len());
+        if needed > self.free.len() {
+            return Err(KvCacheError::OutOfBlocks {
+                needed,
+                free: self.free.len(),
+            });
+        }
+        for _ in 0..needed {
+            if let Some(b) = self.free.pop() {
+                seq.blocks.push(b);
+            }
+        }
+        Ok(())
+    }
+
+    /// Returns every block of `seq` to the pool.
+    pub fn release(&mut self, seq: &mut SeqCache) {
+        self.free.extend(seq.blocks.drain(..));
+        seq.len = 0;
+    }
+
+    /// Marks `n` more positions of `seq` as written (after every layer has written them).
+    pub fn advance(&self, seq: &mut SeqCache, n: usize) {
+        debug_assert!(seq.len + n <= seq.blocks.len() * self.block_size);
+        seq.len += n;
+    }
+
+    fn slot(&self, seq: &SeqCache, pos: usize) -> usize {
+        let block = seq.blocks[pos / self.block_size] as usize;
+        (block * self.block_size + pos % self.block_size) * self.kv_dim
+    }
+
+    /// Writes one position's key and value rows for `layer`.
+    pub fn write(&mut self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
+        let at = self.slot(seq, pos);
+        let d = self.kv_dim;
+        self.keys[layer][at..at + d].copy_from_slice(k);
+        self.values[layer][at..at + d].copy_from_slice(v);
+    }
+
+    /// Copies positions `0..len` of `seq` for `layer` into contiguous `[len, kv_dim]`
+    /// buffers, block by block.
+    pub fn gather(&self, layer: usize, seq: &SeqCache, len: usize, k: &mut [f32], v: &mut [f32]) {
+        let d = self.kv_dim;
+        let mut pos = 0;
+        while pos < len {
+            let run = (self.block_size - pos % self.block_size).min(len - pos);
+            let at = self.slot(seq, pos);
+            k[pos * d..(pos + run) * d].copy_from_slice(&self.keys[layer][at..at + run * d]);
+            v[pos * d..(pos + run) * d].copy_from_slice(&self.values[layer][at..at + run * d]);
+            pos += run;
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blocks_are_bounded_reused_and_all_or_nothing() {
+        let mut kv = PagedKvCache::new(1, 2, 4, 3);
+        let mut a = SeqCache::new();
+        let mut b = SeqCache::new();
+        kv.reserve(&mut a, 5).unwrap(); // 2 blocks
+        assert_eq!(kv.free_blocks(), 1);
+        // b needs 2 blocks, only 1 free: nothing is taken.
+        assert_eq!(
+            kv.reserve(&mut b, 8),
+            Err(KvCacheError::OutOfBlocks { needed: 2, free: 1 })
+        );
+        assert_eq!(kv.free_blocks(), 1);
+        assert_eq!(b.num_blocks(), 0);
+        kv.release(&mut a);
+        assert_eq!(kv.free_blocks(), 3);
+        kv.reserve(&mut b, 8).unwrap();
+        assert_eq!(kv.free_blocks(), 1);
+    }
+
+    #[test]
+    fn gather_reads_back_what_was_written_across_blocks() {
+        let mut kv = PagedKvCache::new(2, 3, 2, 8);
+        let mut other = SeqCache::new();
+        let mut seq = SeqCache::new();
+        // Interleave two sequences so seq's blocks are not contiguous.
+        for step in 0..5 {
+            for (s, tag) in [(&mut other, 100.0), (&mut seq, 0.0)] {
+                kv.reserve(s, 1).unwrap();
+                let p = s.len();
+                let k = [tag + p as f32, 1.0, 2.0];
+                let v = [-(tag + p as f32), 0.5, step as f32];
+                kv.write(1, s, p, &k, &v);
+                kv.advance(s, 1);
+            }
+        }
+        let mut k = vec![0.0; 15];
+        let mut v = vec![0.0; 15];
+        kv.gather(1, &seq, 5, &mut k, &mut v);
+        for p in 0..5 {
+            assert_eq!(k[p * 3], p as f32);
+            assert_eq!(v[p * 3], -(p as f32));
+            assert_eq!(v[p * 3 + 2], p as f32);
+        }
+    }
+}

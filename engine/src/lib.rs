@@ -1,0 +1,23 @@
+//! Switchyard's engine: Mixtral-family configs, checkpoints, tokenizer, and the f32 CPU
+//! forward pass that every other backend is checked against.
+
+pub mod attention;
+pub mod checkpoint;
+pub mod config;
+pub mod dtype;
+pub mod experts;
+pub mod kv_cache;
+pub mod model;
+pub mod ops;
+pub mod router;
+pub mod sampling;
+pub mod verify;
+
+pub use checkpoint::{Checkpoint, WeightError};
+pub use config::{ConfigError, ModelConfig};
+pub use dtype::DType;
+pub use experts::{Assignment, ExpertError, ExpertSelection, ExpertStore, Experts};
+pub use kv_cache::{KvCacheError, PagedKvCache, SeqCache};
+pub use model::{ForwardOutput, LogitsFor, Mixtral, ModelError, SeqChunk};
+pub use router::Routing;
+pub use sampling::{Sampler, SamplingParams};

@@ -1,0 +1,298 @@
+//! The f32 CPU kernels of the forward pass. Matrix products go through the `gemm` crate
+//! (blocked, AVX-512 microkernels, rayon threads); the rest is elementwise.
+
+use gemm::{Parallelism, gemm};
+
+/// A PyTorch `nn.Linear` weight without bias: row-major `[out_dim, in_dim]`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub weight: Vec<f32>,
+    pub out_dim: usize,
+    pub in_dim: usize,
+}
+
+impl Linear {
+    pub fn new(weight: Vec<f32>, out_dim: usize, in_dim: usize) -> Self {
+        assert_eq!(weight.len(), out_dim * in_dim, "Linear weight length");
+        Linear {
+            weight,
+            out_dim,
+            in_dim,
+        }
+    }
+
+    /// `y[t, :] = W x[t, :]` for `rows` rows of `x`; returns `[rows, out_dim]`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut y = vec![0.0; rows * self.out_dim];
+        self.forward_into(x, rows, &mut y);
+        y
+    }
+
+    pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        matmul_wt(x, rows, self.in_dim, &self.weight, self.out_dim, y, threads());
+    }
+}
+
+/// How many threads a matrix product may use; gemm decides per call whether a product is
+/// big enough to split.
+fn threads() -> Parallelism {
+    Parallelism::Rayon(0)
+}
+
+/// `y[m, n] = x[m, k] · w[n, k]^T`, all row-major and contiguous. Weights stay in the
+/// layout PyTorch writes them; the transpose is only a choice of strides.
+pub fn matmul_wt(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    n: usize,
+    y: &mut [f32],
+    par: Parallelism,
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        y[..m * n].fill(0.0);
+        return;
+    }
+    // SAFETY: the asserts above bound every index gemm computes from these strides.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            y.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            x.as_ptr(),
+            1,
+            k as isize,
+            w.as_ptr(),
+            k as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// General strided product `dst = a · b` on row-major views with row strides given,
+/// for attention's per-head slices.
+#[allow(clippy::too_many_arguments)]
+pub fn matmul_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: &mut [f32],
+    dst_rs: usize,
+    a: &[f32],
+    a_rs: usize,
+    a_cs: usize,
+    b: &[f32],
+    b_rs: usize,
+    b_cs: usize,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |rows: usize, rs: usize, cols: usize, cs: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(dst.len() > last(m, dst_rs, n, 1));
+    if k == 0 {
+        for r in 0..m {
+            dst[r * dst_rs..r * dst_rs + n].fill(0.0);
+        }
+        return;
+    }
+    assert!(a.len() > last(m, a_rs, k, a_cs) && b.len() > last(k, b_rs, n, b_cs));
+    // SAFETY: bounds checked above for the largest offsets gemm will touch.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            false,
+            a.as_ptr(),
+            a_cs as isize,
+            a_rs as isize,
+            b.as_ptr(),
+            b_cs as isize,
+            b_rs as isize,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            Parallelism::None,
+        );
+    }
+}
+
+/// RMSNorm as transformers computes it: `x / sqrt(mean(x^2) + eps) * weight`.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let h = weight.len();
+    for (row, o) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
+        let ss: f32 = row.iter().map(|v| v * v).sum::<f32>() / h as f32;
+        let inv = 1.0 / (ss + eps).sqrt();
+        for ((o, v), w) in o.iter_mut().zip(row).zip(weight) {
+            *o = w * (v * inv);
+        }
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// In-place softmax over `x`, in f32 with the max subtracted first.
+pub fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += *v;
+    }
+    let inv = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Rotary position embeddings, split-halves convention (`rotate_half`), as in
+/// transformers' Llama/Mixtral. Tables are computed in f64 and stored per position.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    head_dim: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl Rope {
+    pub fn new(head_dim: usize, theta: f64, max_positions: usize) -> Self {
+        let half = head_dim / 2;
+        let mut cos = vec![0.0; max_positions * half];
+        let mut sin = vec![0.0; max_positions * half];
+        for p in 0..max_positions {
+            for i in 0..half {
+                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+                let angle = p as f64 * inv_freq;
+                cos[p * half + i] = angle.cos() as f32;
+                sin[p * half + i] = angle.sin() as f32;
+            }
+        }
+        Rope { head_dim, cos, sin }
+    }
+
+    pub fn max_positions(&self) -> usize {
+        self.cos.len() / (self.head_dim / 2)
+    }
+
+    /// Rotates every head of one token's projection (`heads * head_dim` values) in place.
+    pub fn apply(&self, x: &mut [f32], pos: usize) {
+        let half = self.head_dim / 2;
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        for head in x.chunks_exact_mut(self.head_dim) {
+            let (a, b) = head.split_at_mut(half);
+            for i in 0..half {
+                let (x1, x2) = (a[i], b[i]);
+                a[i] = x1 * cos[i] - x2 * sin[i];
+                b[i] = x2 * cos[i] + x1 * sin[i];
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                y[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+            }
+        }
+        y
+    }
+
+    fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 17;
+                s ^= s << 5;
+                (s as f32 / u32::MAX as f32) - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matmul_wt_matches_f64_reference() {
+        for &(m, k, n) in &[(1, 64, 128), (3, 17, 5), (37, 64, 129), (64, 300, 64)] {
+            let x = pseudo_random(m * k, 1);
+            let w = pseudo_random(n * k, 2);
+            let mut y = vec![f32::NAN; m * n];
+            matmul_wt(&x, m, k, &w, n, &mut y, threads());
+            for (a, b) in y.iter().zip(naive(&x, m, k, &w, n)) {
+                assert!((*a as f64 - b).abs() < 1e-4, "{a} vs {b} at {m}x{k}x{n}");
+            }
+        }
+    }
+
+    #[test]
+    fn strided_matches_contiguous() {
+        let (m, k, n) = (5, 8, 7);
+        let x = pseudo_random(m * k, 3);
+        let w = pseudo_random(n * k, 4);
+        let mut a = vec![0.0; m * n];
+        let mut b = vec![0.0; m * n];
+        matmul_wt(&x, m, k, &w, n, &mut a, Parallelism::None);
+        // b = x · w^T with w^T seen through strides (row stride 1, column stride k).
+        matmul_strided(m, n, k, &mut b, n, &x, k, 1, &w, 1, k);
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn rope_preserves_norm_and_is_identity_at_zero() {
+        let rope = Rope::new(8, 10000.0, 16);
+        let orig = pseudo_random(16, 5);
+        let mut x = orig.clone();
+        rope.apply(&mut x, 0);
+        assert_eq!(x, orig);
+        rope.apply(&mut x, 7);
+        let n0: f32 = orig.iter().map(|v| v * v).sum();
+        let n1: f32 = x.iter().map(|v| v * v).sum();
+        assert!((n0 - n1).abs() < 1e-5);
+        // Relative position property: <R(p)q, R(p+d)k> depends only on d.
+        let q = pseudo_random(8, 6);
+        let k = pseudo_random(8, 7);
+        let dot_at = |p: usize, d: usize| {
+            let (mut a, mut b) = (q.clone(), k.clone());
+            rope.apply(&mut a, p);
+            rope.apply(&mut b, p + d);
+            a.iter().zip(&b).map(|(x, y)| x * y).sum::<f32>()
+        };
+        assert!((dot_at(1, 3) - dot_at(9, 3)).abs() < 1e-5);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_survives_large_logits() {
+        let mut x = vec![1000.0, 1001.0, 999.0];
+        softmax_in_place(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[1] > x[0] && x[0] > x[2]);
+    }
+}

@@ -1,0 +1,288 @@
+//! `switchyard verify`: runs a checkpoint's reference prompts (`golden.safetensors`, made
+//! by Hugging Face transformers) through the engine and checks the tolerances of the
+//! fixtures' README: logits within 1e-4 relative, identical router choices, identical
+//! greedy continuations, both whole-sequence and token by token through the KV cache.
+
+use std::path::{Path, PathBuf};
+
+use safetensors::SafeTensors;
+use serde::Serialize;
+
+use crate::experts::Experts;
+use crate::kv_cache::{PagedKvCache, SeqCache};
+use crate::model::{LogitsFor, Mixtral, ModelError, SeqChunk};
+use crate::router::Routing;
+use crate::sampling::argmax;
+
+pub const GOLDEN_FILE: &str = "golden.safetensors";
+pub const LOGIT_TOLERANCE: f64 = 1e-4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Golden { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Model(#[from] ModelError),
+}
+
+/// One reference prompt.
+pub struct GoldenPrompt {
+    pub index: usize,
+    pub input_ids: Vec<u32>,
+    /// `[T, vocab]`.
+    pub logits: Vec<f32>,
+    /// `[layers, T, k]`.
+    pub router_topk: Vec<u32>,
+    pub greedy_ids: Vec<u32>,
+}
+
+pub fn read_golden(path: &Path, layers: usize, vocab: usize, k: usize) -> Result<Vec<GoldenPrompt>, VerifyError> {
+    let bytes = std::fs::read(path).map_err(|source| VerifyError::Io {
+        path: path.to_owned(),
+        source,
+    })?;
+    let bad = |reason: String| VerifyError::Golden {
+        path: path.to_owned(),
+        reason,
+    };
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{e:?}")))?;
+    let ints = |name: &str| -> Result<(Vec<i64>, Vec<usize>), VerifyError> {
+        let t = st.tensor(name).map_err(|_| bad(format!("missing tensor `{name}`")))?;
+        if t.dtype() != safetensors::Dtype::I64 {
+            return Err(bad(format!("`{name}` is {:?}, expected int64", t.dtype())));
+        }
+        let v = t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect();
+        Ok((v, t.shape().to_vec()))
+    };
+    let to_ids = |v: Vec<i64>, name: &str| -> Result<Vec<u32>, VerifyError> {
+        v.into_iter()
+            .map(|x| u32::try_from(x).map_err(|_| bad(format!("`{name}` holds id {x}"))))
+            .collect()
+    };
+    let mut prompts = Vec::new();
+    for i in 0.. {
+        let ids_name = format!("p{i}.input_ids");
+        if st.tensor(&ids_name).is_err() {
+            break;
+        }
+        let (ids, _) = ints(&ids_name)?;
+        let input_ids = to_ids(ids, &ids_name)?;
+        let t = input_ids.len();
+        let logits_name = format!("p{i}.logits");
+        let lt = st.tensor(&logits_name).map_err(|_| bad(format!("missing tensor `{logits_name}`")))?;
+        if lt.dtype() != safetensors::Dtype::F32 || lt.shape() != [t, vocab] {
+            return Err(bad(format!(
+                "`{logits_name}` is {:?} {:?}, expected F32 [{t}, {vocab}]",
+                lt.dtype(),
+                lt.shape()
+            )));
+        }
+        let mut logits = vec![0.0f32; t * vocab];
+        crate::dtype::DType::F32.decode_into(lt.data(), &mut logits);
+        let router_name = format!("p{i}.router_topk");
+        let (router, shape) = ints(&router_name)?;
+        if shape != [layers, t, k] {
+            return Err(bad(format!("`{router_name}` has shape {shape:?}, expected [{layers}, {t}, {k}]")));
+        }
+        let greedy_name = format!("p{i}.greedy_ids");
+        let (greedy, _) = ints(&greedy_name)?;
+        prompts.push(GoldenPrompt {
+            index: i,
+            input_ids,
+            logits,
+            router_topk: to_ids(router, &router_name)?,
+            greedy_ids: to_ids(greedy, &greedy_name)?,
+        });
+    }
+    if prompts.is_empty() {
+        return Err(bad("no prompts (expected tensors p0.input_ids, ...)".into()));
+    }
+    Ok(prompts)
+}
+
+/// How one way of running a prompt compared with the reference.
+#[derive(Debug, Clone, Serialize)]
+pub struct PathReport {
+    /// max |ours - reference| / max |reference| over all positions.
+    pub logit_rel_err: f64,
+    /// Fraction of (layer, token) whose chosen expert set equals the reference's.
+    pub router_agreement: f64,
+    /// Greedy tokens equal to the reference before the first difference.
+    pub greedy_matched: usize,
+    pub greedy_len: usize,
+}
+
+impl PathReport {
+    pub fn passed(&self) -> bool {
+        self.logit_rel_err < LOGIT_TOLERANCE
+            && self.router_agreement == 1.0
+            && self.greedy_matched == self.greedy_len
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PromptReport {
+    pub index: usize,
+    pub tokens: usize,
+    pub whole: PathReport,
+    pub incremental: PathReport,
+    pub passed: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct VerifyReport {
+    pub prompts: Vec<PromptReport>,
+    pub max_logit_rel_err: f64,
+    pub min_router_agreement: f64,
+    pub greedy_all_match: bool,
+    pub passed: bool,
+}
+
+/// Runs every golden prompt of `dir` through `model` and `experts`.
+pub fn verify(model: &Mixtral, experts: &dyn Experts, dir: &Path) -> Result<VerifyReport, VerifyError> {
+    let cfg = model.config();
+    let golden = read_golden(&dir.join(GOLDEN_FILE), cfg.num_layers, cfg.vocab_size, cfg.experts_per_token)?;
+    let longest = golden.iter().map(|g| g.input_ids.len() + g.greedy_ids.len()).max().unwrap_or(0);
+    let block = 16;
+    let kv_bytes = PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), block) * (longest.div_ceil(block) + 1);
+    let mut kv = model.new_kv_cache(block, kv_bytes);
+    let mut prompts = Vec::new();
+    for g in &golden {
+        let whole = run_whole(model, experts, &mut kv, g)?;
+        let incremental = run_incremental(model, experts, &mut kv, g)?;
+        let passed = whole.passed() && incremental.passed();
+        prompts.push(PromptReport {
+            index: g.index,
+            tokens: g.input_ids.len(),
+            whole,
+            incremental,
+            passed,
+        });
+    }
+    let paths = || prompts.iter().flat_map(|p| [&p.whole, &p.incremental]);
+    let max_logit_rel_err = paths().map(|p| p.logit_rel_err).fold(0.0, f64::max);
+    let min_router_agreement = paths().map(|p| p.router_agreement).fold(1.0, f64::min);
+    let greedy_all_match = paths().all(|p| p.greedy_matched == p.greedy_len);
+    let passed = prompts.iter().all(|p| p.passed);
+    Ok(VerifyReport {
+        prompts,
+        max_logit_rel_err,
+        min_router_agreement,
+        greedy_all_match,
+        passed,
+    })
+}
+
+fn logit_rel_err(ours: &[f32], reference: &[f32]) -> f64 {
+    let max_ref = reference.iter().map(|v| v.abs() as f64).fold(0.0, f64::max);
+    let max_diff = ours
+        .iter()
+        .zip(reference)
+        .map(|(a, b)| (*a as f64 - *b as f64).abs())
+        .fold(0.0, f64::max);
+    if ours.len() != reference.len() {
+        return f64::INFINITY;
+    }
+    max_diff / max_ref.max(f64::MIN_POSITIVE)
+}
+
+/// Counts (layer, token) pairs whose expert sets agree; `routing[l]` covers tokens
+/// `offset..offset + routing[l].tokens()` of the prompt.
+fn router_matches(g: &GoldenPrompt, routing: &[Routing], offset: usize) -> usize {
+    let t_all = g.input_ids.len();
+    let mut same = 0;
+    for (l, r) in routing.iter().enumerate() {
+        for t in 0..r.tokens() {
+            let pos = offset + t;
+            let k = r.k;
+            let mut ours = r.token(t).0.to_vec();
+            let base = (l * t_all + pos) * k;
+            let mut theirs = g.router_topk[base..base + k].to_vec();
+            ours.sort_unstable();
+            theirs.sort_unstable();
+            same += usize::from(ours == theirs);
+        }
+    }
+    same
+}
+
+fn greedy_continue(
+    model: &Mixtral,
+    experts: &dyn Experts,
+    kv: &mut PagedKvCache,
+    seq: &mut SeqCache,
+    last_logits: &[f32],
+    g: &GoldenPrompt,
+) -> Result<usize, ModelError> {
+    let mut next = argmax(last_logits);
+    let mut matched = 0;
+    for (step, want) in g.greedy_ids.iter().enumerate() {
+        if next != *want {
+            break;
+        }
+        matched += 1;
+        if step + 1 == g.greedy_ids.len() {
+            break;
+        }
+        let tokens = [next];
+        let out = model.forward(kv, experts, &mut [SeqChunk { tokens: &tokens, cache: seq }], LogitsFor::LastToken, false)?;
+        next = argmax(out.row(0));
+    }
+    Ok(matched)
+}
+
+fn run_whole(model: &Mixtral, experts: &dyn Experts, kv: &mut PagedKvCache, g: &GoldenPrompt) -> Result<PathReport, ModelError> {
+    let mut seq = SeqCache::new();
+    let result = (|| {
+        let out = model.forward(
+            kv,
+            experts,
+            &mut [SeqChunk { tokens: &g.input_ids, cache: &mut seq }],
+            LogitsFor::EveryToken,
+            true,
+        )?;
+        let routing = out.routing.as_deref().unwrap_or(&[]);
+        let same = router_matches(g, routing, 0);
+        let vocab = model.config().vocab_size;
+        let last = &out.logits[(out.rows - 1) * vocab..];
+        let matched = greedy_continue(model, experts, kv, &mut seq, last, g)?;
+        Ok(PathReport {
+            logit_rel_err: logit_rel_err(&out.logits, &g.logits),
+            router_agreement: same as f64 / (model.config().num_layers * g.input_ids.len()) as f64,
+            greedy_matched: matched,
+            greedy_len: g.greedy_ids.len(),
+        })
+    })();
+    kv.release(&mut seq);
+    result
+}
+
+fn run_incremental(model: &Mixtral, experts: &dyn Experts, kv: &mut PagedKvCache, g: &GoldenPrompt) -> Result<PathReport, ModelError> {
+    let mut seq = SeqCache::new();
+    let result = (|| {
+        let mut logits = Vec::with_capacity(g.logits.len());
+        let mut same = 0;
+        for (pos, token) in g.input_ids.iter().enumerate() {
+            let tokens = [*token];
+            let out = model.forward(kv, experts, &mut [SeqChunk { tokens: &tokens, cache: &mut seq }], LogitsFor::LastToken, true)?;
+            same += router_matches(g, out.routing.as_deref().unwrap_or(&[]), pos);
+            logits.extend_from_slice(out.row(0));
+        }
+        let vocab = model.config().vocab_size;
+        let last = logits[logits.len() - vocab..].to_vec();
+        let matched = greedy_continue(model, experts, kv, &mut seq, &last, g)?;
+        Ok(PathReport {
+            logit_rel_err: logit_rel_err(&logits, &g.logits),
+            router_agreement: same as f64 / (model.config().num_layers * g.input_ids.len()) as f64,
+            greedy_matched: matched,
+            greedy_len: g.greedy_ids.len(),
+        })
+    })();
+    kv.release(&mut seq);
+    result
+}

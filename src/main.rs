@@ -1,0 +1,41 @@
+//! `switchyard`: one binary, one subcommand per role. Thin glue over the library crates.
+
+mod cmd;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "switchyard", version, about = "Expert-parallel serving of Mixture-of-Experts models")]
+struct Cli {
+    /// Log output format.
+    #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check a checkpoint against its golden.safetensors reference outputs.
+    Verify(cmd::verify::Args),
+}
+
+fn main() -> Result<std::process::ExitCode> {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    match cli.command {
+        Command::Verify(args) => cmd::verify::run(args),
+    }
+}
+
+fn init_tracing(format: &str) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
