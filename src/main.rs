@@ -6,7 +6,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "switchyard", version, about = "Expert-parallel serving of Mixture-of-Experts models")]
+#[command(
+    name = "switchyard",
+    version,
+    about = "Expert-parallel serving of Mixture-of-Experts models"
+)]
 struct Cli {
     /// Log output format.
     #[arg(long, global = true, default_value = "text", value_parser = ["text", "json"])]
@@ -32,7 +36,9 @@ fn main() -> Result<std::process::ExitCode> {
 fn init_tracing(format: &str) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

@@ -39,7 +39,19 @@ pub fn causal_attention(
             let g = h / group;
             let mut scores = vec![0.0f32; n * s];
             // scores[n, s] = Q_h[n, d] · K_g[s, d]^T
-            matmul_strided(n, s, d, &mut scores, s, &q[h * d..], qd, 1, &k[g * d..], 1, kvd);
+            matmul_strided(
+                n,
+                s,
+                d,
+                &mut scores,
+                s,
+                &q[h * d..],
+                qd,
+                1,
+                &k[g * d..],
+                1,
+                kvd,
+            );
             for (i, row) in scores.chunks_exact_mut(s).enumerate() {
                 let visible = start + i + 1;
                 for x in &mut row[..visible] {
@@ -69,7 +81,14 @@ mod tests {
     use super::*;
 
     /// Straightforward f64 attention, written independently of the strided products.
-    fn reference(shape: AttentionShape, q: &[f32], n: usize, start: usize, k: &[f32], v: &[f32]) -> Vec<f64> {
+    fn reference(
+        shape: AttentionShape,
+        q: &[f32],
+        n: usize,
+        start: usize,
+        k: &[f32],
+        v: &[f32],
+    ) -> Vec<f64> {
         let d = shape.head_dim;
         let qd = shape.num_heads * d;
         let kvd = shape.num_kv_heads * d;
@@ -81,7 +100,9 @@ mod tests {
                 let visible = start + i + 1;
                 let scores: Vec<f64> = (0..visible)
                     .map(|j| {
-                        (0..d).map(|c| q[i * qd + h * d + c] as f64 * k[j * kvd + g * d + c] as f64).sum::<f64>()
+                        (0..d)
+                            .map(|c| q[i * qd + h * d + c] as f64 * k[j * kvd + g * d + c] as f64)
+                            .sum::<f64>()
                             / (d as f64).sqrt()
                     })
                     .collect();
@@ -89,8 +110,9 @@ mod tests {
                 let exps: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
                 let sum: f64 = exps.iter().sum();
                 for c in 0..d {
-                    out[i * qd + h * d + c] =
-                        (0..visible).map(|j| exps[j] / sum * v[j * kvd + g * d + c] as f64).sum();
+                    out[i * qd + h * d + c] = (0..visible)
+                        .map(|j| exps[j] / sum * v[j * kvd + g * d + c] as f64)
+                        .sum();
                 }
             }
         }
@@ -99,12 +121,18 @@ mod tests {
 
     #[test]
     fn matches_reference_for_prefill_and_decode_chunks() {
-        let shape = AttentionShape { num_heads: 4, num_kv_heads: 2, head_dim: 8 };
+        let shape = AttentionShape {
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+        };
         let mut seed = 7u64;
         let mut rnd = |len: usize| -> Vec<f32> {
             (0..len)
                 .map(|_| {
-                    seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    seed = seed
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     ((seed >> 33) as f32 / (1u64 << 31) as f32) - 0.5
                 })
                 .collect()

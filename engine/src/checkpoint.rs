@@ -43,7 +43,9 @@ pub enum WeightError {
         expected: Vec<usize>,
         found: Vec<usize>,
     },
-    #[error("tensor `{name}` in {path}: dtype {dtype} is not supported (float32, bfloat16, float16)")]
+    #[error(
+        "tensor `{name}` in {path}: dtype {dtype} is not supported (float32, bfloat16, float16)"
+    )]
     DType {
         name: String,
         path: PathBuf,
@@ -91,10 +93,11 @@ impl Checkpoint {
                 path: index.clone(),
                 source,
             })?;
-            let parsed: IndexJson = serde_json::from_str(&text).map_err(|e| WeightError::Index {
-                path: index.clone(),
-                reason: e.to_string(),
-            })?;
+            let parsed: IndexJson =
+                serde_json::from_str(&text).map_err(|e| WeightError::Index {
+                    path: index.clone(),
+                    reason: e.to_string(),
+                })?;
             let mut files: Vec<String> = parsed.weight_map.values().cloned().collect();
             files.sort();
             files.dedup();
@@ -150,11 +153,12 @@ impl Checkpoint {
                 SafeTensors::read_metadata(&map).map_err(|e| header_error(path, &map, e))?;
             let data_start = 8 + header_len;
             for (name, info) in metadata.tensors() {
-                let dtype = DType::from_safetensors(info.dtype).ok_or_else(|| WeightError::DType {
-                    name: name.clone(),
-                    path: path.clone(),
-                    dtype: format!("{:?}", info.dtype),
-                })?;
+                let dtype =
+                    DType::from_safetensors(info.dtype).ok_or_else(|| WeightError::DType {
+                        name: name.clone(),
+                        path: path.clone(),
+                        dtype: format!("{:?}", info.dtype),
+                    })?;
                 let t = TensorRef {
                     shard: shard_idx,
                     dtype,
@@ -194,7 +198,9 @@ impl Checkpoint {
 
     /// The file that holds `name`, for error messages.
     pub fn file_of(&self, name: &str) -> Option<&Path> {
-        self.tensors.get(name).map(|t| self.shards[t.shard].path.as_path())
+        self.tensors
+            .get(name)
+            .map(|t| self.shards[t.shard].path.as_path())
     }
 
     /// Loads a whole tensor as f32, checking its shape.

@@ -26,7 +26,10 @@ pub enum ConfigError {
     #[error("config: missing field `{0}`")]
     Missing(&'static str),
     #[error("config: field `{field}` {problem}")]
-    Invalid { field: &'static str, problem: String },
+    Invalid {
+        field: &'static str,
+        problem: String,
+    },
     #[error(
         "config: unsupported model_type `{0}` (supported: mixtral; Qwen3-MoE and DeepSeek-V3 come later)"
     )]
@@ -136,10 +139,12 @@ impl ModelConfig {
         let rope_theta = rope_theta(obj)?;
         let dtype = match obj.get("dtype").or_else(|| obj.get("torch_dtype")) {
             None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.parse::<DType>().map_err(|e| ConfigError::Invalid {
-                field: "dtype",
-                problem: e.to_string(),
-            })?),
+            Some(Value::String(s)) => {
+                Some(s.parse::<DType>().map_err(|e| ConfigError::Invalid {
+                    field: "dtype",
+                    problem: e.to_string(),
+                })?)
+            }
             Some(other) => {
                 return Err(ConfigError::Invalid {
                     field: "dtype",
@@ -257,7 +262,10 @@ fn str_field(obj: &Map<String, Value>, field: &'static str) -> Result<String, Co
 }
 
 fn positive(obj: &Map<String, Value>, field: &'static str) -> Result<usize, ConfigError> {
-    let v = obj.get(field).filter(|v| !v.is_null()).ok_or(ConfigError::Missing(field))?;
+    let v = obj
+        .get(field)
+        .filter(|v| !v.is_null())
+        .ok_or(ConfigError::Missing(field))?;
     match v.as_u64() {
         Some(n) if n > 0 => usize::try_from(n).map_err(|_| ConfigError::Invalid {
             field,
@@ -271,7 +279,10 @@ fn positive(obj: &Map<String, Value>, field: &'static str) -> Result<usize, Conf
 }
 
 fn positive_float(obj: &Map<String, Value>, field: &'static str) -> Result<f64, ConfigError> {
-    let v = obj.get(field).filter(|v| !v.is_null()).ok_or(ConfigError::Missing(field))?;
+    let v = obj
+        .get(field)
+        .filter(|v| !v.is_null())
+        .ok_or(ConfigError::Missing(field))?;
     match v.as_f64() {
         Some(x) if x > 0.0 && x.is_finite() => Ok(x),
         _ => Err(ConfigError::Invalid {
@@ -286,7 +297,11 @@ fn token_ids(obj: &Map<String, Value>, field: &'static str) -> Result<Vec<u32>, 
         field,
         problem: format!("must be a token id or a list of token ids, got {v}"),
     };
-    let one = |v: &Value| v.as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| bad(v));
+    let one = |v: &Value| {
+        v.as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| bad(v))
+    };
     match obj.get(field) {
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items.iter().map(one).collect(),
@@ -300,7 +315,9 @@ mod tests {
     use serde_json::json;
 
     fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
     }
 
     #[test]
@@ -359,10 +376,17 @@ mod tests {
         assert!(err_text(with("hidden_size", json!(18))).contains("`head_dim`"));
         assert!(err_text(with("head_dim", json!(5))).contains("`head_dim`"));
         assert!(err_text(with("dtype", json!("int3"))).contains("`dtype`"));
-        assert!(err_text(with("rope_parameters", json!({"rope_type": "default"})))
-            .contains("`rope_parameters.rope_theta`"));
-        assert!(err_text(with("rope_parameters", json!({"rope_type": "yarn", "rope_theta": 1.0})))
-            .contains("rope_type"));
+        assert!(
+            err_text(with("rope_parameters", json!({"rope_type": "default"})))
+                .contains("`rope_parameters.rope_theta`")
+        );
+        assert!(
+            err_text(with(
+                "rope_parameters",
+                json!({"rope_type": "yarn", "rope_theta": 1.0})
+            ))
+            .contains("rope_type")
+        );
         assert!(err_text(json!([1, 2])).contains("(root)"));
     }
 

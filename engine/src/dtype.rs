@@ -84,8 +84,14 @@ mod tests {
     #[test]
     fn decodes_each_dtype_like_half_does() {
         let values = [0.0f32, 1.5, -2.25, 3.0e-3, 65504.0, -1.0e-5];
-        let bf: Vec<u8> = values.iter().flat_map(|v| half::bf16::from_f32(*v).to_le_bytes()).collect();
-        let hf: Vec<u8> = values.iter().flat_map(|v| half::f16::from_f32(*v).to_le_bytes()).collect();
+        let bf: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let hf: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
         let f: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         let mut out = vec![0.0; values.len()];
         DType::F32.decode_into(&f, &mut out);

@@ -189,7 +189,9 @@ impl ExpertStore {
             hidden: cfg.hidden_size,
             num_layers: cfg.num_layers,
             num_experts: cfg.num_experts,
-            slots: (0..cfg.num_layers * cfg.num_experts).map(|_| None).collect(),
+            slots: (0..cfg.num_layers * cfg.num_experts)
+                .map(|_| None)
+                .collect(),
         }
     }
 
@@ -349,14 +351,11 @@ pub fn assignments(routing: &Routing) -> Vec<Assignment> {
     (0..routing.tokens())
         .flat_map(|t| {
             let (experts, weights) = routing.token(t);
-            experts
-                .iter()
-                .zip(weights)
-                .map(move |(e, w)| Assignment {
-                    token: t as u32,
-                    expert: *e,
-                    weight: *w,
-                })
+            experts.iter().zip(weights).map(move |(e, w)| Assignment {
+                token: t as u32,
+                expert: *e,
+                weight: *w,
+            })
         })
         .collect()
 }

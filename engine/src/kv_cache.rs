@@ -90,7 +90,9 @@ impl PagedKvCache {
 
     /// Makes room for `extra` more positions in `seq`, all or nothing.
     pub fn reserve(&mut self, seq: &mut SeqCache, extra: usize) -> Result<(), KvCacheError> {
-        let needed = self.blocks_for(seq.len + extra).saturating_sub(seq.blocks.len());
+        let needed = self
+            .blocks_for(seq.len + extra)
+            .saturating_sub(seq.blocks.len());
         if needed > self.free.len() {
             return Err(KvCacheError::OutOfBlocks {
                 needed,

@@ -258,7 +258,14 @@ impl Mixtral {
                     let mut keys = vec![0.0f32; s * kvd];
                     let mut values = vec![0.0f32; s * kvd];
                     kv_ref.gather(li, chunk.cache, s, &mut keys, &mut values);
-                    causal_attention(shape, &q[row * qd..(row + n) * qd], n, start, &keys, &values)
+                    causal_attention(
+                        shape,
+                        &q[row * qd..(row + n) * qd],
+                        n,
+                        start,
+                        &keys,
+                        &values,
+                    )
                 })
                 .collect();
             let attn: Vec<f32> = attn.concat();

@@ -29,7 +29,15 @@ impl Linear {
     }
 
     pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        matmul_wt(x, rows, self.in_dim, &self.weight, self.out_dim, y, threads());
+        matmul_wt(
+            x,
+            rows,
+            self.in_dim,
+            &self.weight,
+            self.out_dim,
+            y,
+            threads(),
+        );
     }
 }
 
@@ -221,7 +229,9 @@ mod tests {
         let mut y = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
-                y[i * n + j] = (0..k).map(|t| x[i * k + t] as f64 * w[j * k + t] as f64).sum();
+                y[i * n + j] = (0..k)
+                    .map(|t| x[i * k + t] as f64 * w[j * k + t] as f64)
+                    .sum();
             }
         }
         y

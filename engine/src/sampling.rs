@@ -122,7 +122,11 @@ mod tests {
     #[test]
     fn same_seed_same_draws_and_other_seed_differs() {
         let logits: Vec<f32> = (0..50).map(|i| ((i * 37) % 11) as f32 * 0.3).collect();
-        let p = SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_p: 1.0,
+            top_k: 0,
+        };
         let draw = |seed| {
             let mut s = Sampler::new(p, seed);
             (0..64).map(|_| s.sample(&logits)).collect::<Vec<_>>()
@@ -134,12 +138,26 @@ mod tests {
     #[test]
     fn top_k_and_top_p_restrict_the_support() {
         let logits = [5.0, 4.0, 3.0, -10.0, -10.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 2 }, 3);
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 2,
+            },
+            3,
+        );
         for _ in 0..200 {
             assert!(s.sample(&logits) < 2);
         }
         // p(0) = 0.665: top_p 0.5 leaves only token 0.
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 0.5, top_k: 0 }, 3);
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 0.5,
+                top_k: 0,
+            },
+            3,
+        );
         for _ in 0..200 {
             assert_eq!(s.sample(&logits), 0);
         }
@@ -148,7 +166,14 @@ mod tests {
     #[test]
     fn frequencies_follow_the_softmax() {
         let logits = [1.0f32, 0.0, 2.0];
-        let mut s = Sampler::new(SamplingParams { temperature: 1.0, top_p: 1.0, top_k: 0 }, 11);
+        let mut s = Sampler::new(
+            SamplingParams {
+                temperature: 1.0,
+                top_p: 1.0,
+                top_k: 0,
+            },
+            11,
+        );
         let n = 20000;
         let mut counts = [0usize; 3];
         for _ in 0..n {

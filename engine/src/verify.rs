@@ -41,7 +41,12 @@ pub struct GoldenPrompt {
     pub greedy_ids: Vec<u32>,
 }
 
-pub fn read_golden(path: &Path, layers: usize, vocab: usize, k: usize) -> Result<Vec<GoldenPrompt>, VerifyError> {
+pub fn read_golden(
+    path: &Path,
+    layers: usize,
+    vocab: usize,
+    k: usize,
+) -> Result<Vec<GoldenPrompt>, VerifyError> {
     let bytes = std::fs::read(path).map_err(|source| VerifyError::Io {
         path: path.to_owned(),
         source,
@@ -52,11 +57,17 @@ pub fn read_golden(path: &Path, layers: usize, vocab: usize, k: usize) -> Result
     };
     let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(format!("{e:?}")))?;
     let ints = |name: &str| -> Result<(Vec<i64>, Vec<usize>), VerifyError> {
-        let t = st.tensor(name).map_err(|_| bad(format!("missing tensor `{name}`")))?;
+        let t = st
+            .tensor(name)
+            .map_err(|_| bad(format!("missing tensor `{name}`")))?;
         if t.dtype() != safetensors::Dtype::I64 {
             return Err(bad(format!("`{name}` is {:?}, expected int64", t.dtype())));
         }
-        let v = t.data().chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect();
+        let v = t
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap_or([0; 8])))
+            .collect();
         Ok((v, t.shape().to_vec()))
     };
     let to_ids = |v: Vec<i64>, name: &str| -> Result<Vec<u32>, VerifyError> {
@@ -74,7 +85,9 @@ pub fn read_golden(path: &Path, layers: usize, vocab: usize, k: usize) -> Result
         let input_ids = to_ids(ids, &ids_name)?;
         let t = input_ids.len();
         let logits_name = format!("p{i}.logits");
-        let lt = st.tensor(&logits_name).map_err(|_| bad(format!("missing tensor `{logits_name}`")))?;
+        let lt = st
+            .tensor(&logits_name)
+            .map_err(|_| bad(format!("missing tensor `{logits_name}`")))?;
         if lt.dtype() != safetensors::Dtype::F32 || lt.shape() != [t, vocab] {
             return Err(bad(format!(
                 "`{logits_name}` is {:?} {:?}, expected F32 [{t}, {vocab}]",
@@ -87,7 +100,9 @@ pub fn read_golden(path: &Path, layers: usize, vocab: usize, k: usize) -> Result
         let router_name = format!("p{i}.router_topk");
         let (router, shape) = ints(&router_name)?;
         if shape != [layers, t, k] {
-            return Err(bad(format!("`{router_name}` has shape {shape:?}, expected [{layers}, {t}, {k}]")));
+            return Err(bad(format!(
+                "`{router_name}` has shape {shape:?}, expected [{layers}, {t}, {k}]"
+            )));
         }
         let greedy_name = format!("p{i}.greedy_ids");
         let (greedy, _) = ints(&greedy_name)?;
@@ -144,12 +159,26 @@ pub struct VerifyReport {
 }
 
 /// Runs every golden prompt of `dir` through `model` and `experts`.
-pub fn verify(model: &Mixtral, experts: &dyn Experts, dir: &Path) -> Result<VerifyReport, VerifyError> {
+pub fn verify(
+    model: &Mixtral,
+    experts: &dyn Experts,
+    dir: &Path,
+) -> Result<VerifyReport, VerifyError> {
     let cfg = model.config();
-    let golden = read_golden(&dir.join(GOLDEN_FILE), cfg.num_layers, cfg.vocab_size, cfg.experts_per_token)?;
-    let longest = golden.iter().map(|g| g.input_ids.len() + g.greedy_ids.len()).max().unwrap_or(0);
+    let golden = read_golden(
+        &dir.join(GOLDEN_FILE),
+        cfg.num_layers,
+        cfg.vocab_size,
+        cfg.experts_per_token,
+    )?;
+    let longest = golden
+        .iter()
+        .map(|g| g.input_ids.len() + g.greedy_ids.len())
+        .max()
+        .unwrap_or(0);
     let block = 16;
-    let kv_bytes = PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), block) * (longest.div_ceil(block) + 1);
+    let kv_bytes = PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), block)
+        * (longest.div_ceil(block) + 1);
     let mut kv = model.new_kv_cache(block, kv_bytes);
     let mut prompts = Vec::new();
     for g in &golden {
@@ -230,19 +259,36 @@ fn greedy_continue(
             break;
         }
         let tokens = [next];
-        let out = model.forward(kv, experts, &mut [SeqChunk { tokens: &tokens, cache: seq }], LogitsFor::LastToken, false)?;
+        let out = model.forward(
+            kv,
+            experts,
+            &mut [SeqChunk {
+                tokens: &tokens,
+                cache: seq,
+            }],
+            LogitsFor::LastToken,
+            false,
+        )?;
         next = argmax(out.row(0));
     }
     Ok(matched)
 }
 
-fn run_whole(model: &Mixtral, experts: &dyn Experts, kv: &mut PagedKvCache, g: &GoldenPrompt) -> Result<PathReport, ModelError> {
+fn run_whole(
+    model: &Mixtral,
+    experts: &dyn Experts,
+    kv: &mut PagedKvCache,
+    g: &GoldenPrompt,
+) -> Result<PathReport, ModelError> {
     let mut seq = SeqCache::new();
     let result = (|| {
         let out = model.forward(
             kv,
             experts,
-            &mut [SeqChunk { tokens: &g.input_ids, cache: &mut seq }],
+            &mut [SeqChunk {
+                tokens: &g.input_ids,
+                cache: &mut seq,
+            }],
             LogitsFor::EveryToken,
             true,
         )?;
@@ -262,14 +308,28 @@ fn run_whole(model: &Mixtral, experts: &dyn Experts, kv: &mut PagedKvCache, g: &
     result
 }
 
-fn run_incremental(model: &Mixtral, experts: &dyn Experts, kv: &mut PagedKvCache, g: &GoldenPrompt) -> Result<PathReport, ModelError> {
+fn run_incremental(
+    model: &Mixtral,
+    experts: &dyn Experts,
+    kv: &mut PagedKvCache,
+    g: &GoldenPrompt,
+) -> Result<PathReport, ModelError> {
     let mut seq = SeqCache::new();
     let result = (|| {
         let mut logits = Vec::with_capacity(g.logits.len());
         let mut same = 0;
         for (pos, token) in g.input_ids.iter().enumerate() {
             let tokens = [*token];
-            let out = model.forward(kv, experts, &mut [SeqChunk { tokens: &tokens, cache: &mut seq }], LogitsFor::LastToken, true)?;
+            let out = model.forward(
+                kv,
+                experts,
+                &mut [SeqChunk {
+                    tokens: &tokens,
+                    cache: &mut seq,
+                }],
+                LogitsFor::LastToken,
+                true,
+            )?;
             same += router_matches(g, out.routing.as_deref().unwrap_or(&[]), pos);
             logits.extend_from_slice(out.row(0));
         }

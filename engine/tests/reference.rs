@@ -6,7 +6,9 @@ use switchyard_engine::verify::verify;
 use switchyard_engine::{ExpertSelection, ExpertStore, Mixtral};
 
 fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
 }
 
 fn verify_dir(dir: &Path) -> switchyard_engine::verify::VerifyReport {

@@ -16,7 +16,8 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
-    let (model, ckpt) = Mixtral::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
+    let (model, ckpt) =
+        Mixtral::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
     let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All)?;
     let report = verify(&model, &experts, &args.model)?;
     if args.json {
@@ -24,7 +25,15 @@ pub fn run(args: Args) -> Result<ExitCode> {
     } else {
         println!(
             "{:>6} {:>6} | {:>12} {:>8} {:>7} | {:>12} {:>8} {:>7} | {}",
-            "prompt", "tokens", "whole err", "router", "greedy", "kv-cache err", "router", "greedy", "result"
+            "prompt",
+            "tokens",
+            "whole err",
+            "router",
+            "greedy",
+            "kv-cache err",
+            "router",
+            "greedy",
+            "result"
         );
         for p in &report.prompts {
             let (w, i) = (&p.whole, &p.incremental);
@@ -50,8 +59,16 @@ pub fn run(args: Args) -> Result<ExitCode> {
             report.max_logit_rel_err,
             LOGIT_TOLERANCE,
             report.min_router_agreement * 100.0,
-            if report.greedy_all_match { "identical" } else { "differs" }
+            if report.greedy_all_match {
+                "identical"
+            } else {
+                "differs"
+            }
         );
     }
-    Ok(if report.passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+    Ok(if report.passed {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
