@@ -23,6 +23,12 @@ struct Cli {
 enum Command {
     /// Check a checkpoint against its golden.safetensors reference outputs.
     Verify(cmd::verify::Args),
+    /// Serve a subset of a model's experts over gRPC.
+    ExpertNode(cmd::expert_node::Args),
+    /// Generate text from a prompt on the CPU, streaming it to stdout.
+    Generate(cmd::generate::Args),
+    /// Write a random checkpoint of any Mixtral shape, with a tokenizer.
+    Synth(cmd::synth::Args),
 }
 
 fn main() -> Result<std::process::ExitCode> {
@@ -30,6 +36,9 @@ fn main() -> Result<std::process::ExitCode> {
     init_tracing(&cli.log_format);
     match cli.command {
         Command::Verify(args) => cmd::verify::run(args),
+        Command::ExpertNode(args) => cmd::expert_node::run(args),
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Synth(args) => cmd::synth::run(args),
     }
 }
 

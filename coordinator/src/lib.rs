@@ -1,1 +1,13 @@
+//! The coordinator: everything dense runs here (embeddings, attention and its KV cache,
+//! the router, the LM head, sampling), behind an OpenAI-compatible HTTP API with
+//! continuous batching. Experts run behind `switchyard_engine::Experts`: in this process
+//! or on expert nodes over gRPC, and nothing else here can tell which.
 
+pub mod dispatch;
+pub mod http;
+pub mod output;
+pub mod placement;
+pub mod remote;
+pub mod request;
+pub mod scheduler;
+pub mod server;

@@ -11,6 +11,8 @@ pub mod model;
 pub mod ops;
 pub mod router;
 pub mod sampling;
+pub mod synth;
+pub mod tokenizer;
 pub mod verify;
 
 pub use checkpoint::{Checkpoint, WeightError};

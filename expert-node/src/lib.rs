@@ -1,1 +1,19 @@
+//! Switchyard's expert node: holds a subset of a Mixture-of-Experts model's expert FFNs and
+//! serves them over gRPC (`switchyard.expert.v1.ExpertService`, plus `grpc.health.v1`).
+//!
+//! The coordinator keeps one long-lived `Forward` stream open per node and sends every MoE
+//! layer's work down it; the node answers each request, in order, with the weighted sum
+//! of its experts' outputs per token. Bad requests are answered in-band so one malformed
+//! message never tears down the stream that every other layer depends on.
 
+mod error;
+mod forward;
+mod node;
+mod server;
+mod service;
+mod spec;
+
+pub use error::NodeError;
+pub use node::{ExpertNode, NodeConfig};
+pub use server::serve;
+pub use spec::parse_expert_spec;

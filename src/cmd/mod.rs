@@ -1,1 +1,4 @@
+pub mod expert_node;
+pub mod generate;
+pub mod synth;
 pub mod verify;

@@ -1,0 +1,112 @@
+//! Dispatch planning: which tokens each node must see for one MoE layer.
+//!
+//! A token whose chosen experts share a node is sent to that node once, with all its
+//! (expert, weight) pairs; the node combines locally. Among replicas, a token goes to a
+//! node it is already going to, else to the replica with the fewest tokens so far.
+
+use switchyard_engine::{Assignment, Routing};
+
+use crate::placement::Placement;
+
+/// One node's share of a layer's work.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NodeWork {
+    /// Batch rows (global token indices) this node sees, in the order sent.
+    pub tokens: Vec<u32>,
+    /// `token` fields index into `tokens` (local rows).
+    pub assignments: Vec<Assignment>,
+}
+
+impl NodeWork {
+    pub fn is_empty(&self) -> bool {
+        self.assignments.is_empty()
+    }
+}
+
+/// Splits `routing` over the nodes. `live` says which nodes may be used.
+pub fn plan(
+    layer: usize,
+    routing: &Routing,
+    placement: &Placement,
+    live: &[bool],
+) -> Result<Vec<NodeWork>, (usize, u32)> {
+    let n = placement.num_nodes();
+    let mut work = vec![NodeWork::default(); n];
+    // Local row of the current token on each node, if it was already sent there.
+    let mut local_row: Vec<Option<u32>> = vec![None; n];
+    for t in 0..routing.tokens() {
+        local_row.fill(None);
+        let (experts, weights) = routing.token(t);
+        for (&e, &w) in experts.iter().zip(weights) {
+            let holders = placement.holders(layer, e as usize);
+            let pick = holders
+                .iter()
+                .copied()
+                .filter(|h| live[*h])
+                .min_by_key(|h| (local_row[*h].is_none(), work[*h].tokens.len()))
+                .ok_or((layer, e))?;
+            let row = match local_row[pick] {
+                Some(r) => r,
+                None => {
+                    let r = work[pick].tokens.len() as u32;
+                    work[pick].tokens.push(t as u32);
+                    local_row[pick] = Some(r);
+                    r
+                }
+            };
+            work[pick].assignments.push(Assignment {
+                token: row,
+                expert: e,
+                weight: w,
+            });
+        }
+    }
+    Ok(work)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn routing(choices: &[(u32, u32)]) -> Routing {
+        Routing {
+            k: 2,
+            experts: choices.iter().flat_map(|(a, b)| [*a, *b]).collect(),
+            weights: choices.iter().flat_map(|_| [0.75, 0.25]).collect(),
+        }
+    }
+
+    #[test]
+    fn co_located_experts_send_the_token_once() {
+        // 2 nodes, 1 replica: node 0 holds even experts of layer 0, node 1 odd.
+        let p = Placement::round_robin(1, 4, 2, 1).unwrap();
+        let r = routing(&[(0, 2), (1, 2), (3, 1)]);
+        let w = plan(0, &r, &p, &[true, true]).unwrap();
+        assert_eq!(w[0].tokens, vec![0, 1]);
+        assert_eq!(w[1].tokens, vec![1, 2]);
+        // Token 0 went once to node 0 with both its experts.
+        assert_eq!(w[0].assignments.iter().filter(|a| a.token == 0).count(), 2);
+        // Every (token, expert, weight) appears exactly once overall.
+        let total: usize = w.iter().map(|n| n.assignments.len()).sum();
+        assert_eq!(total, 6);
+        for (node, nw) in w.iter().enumerate() {
+            for a in &nw.assignments {
+                assert_eq!(a.expert as usize % 2, node);
+            }
+        }
+    }
+
+    #[test]
+    fn replicas_balance_load_and_skip_dead_nodes() {
+        let p = Placement::round_robin(1, 2, 2, 2).unwrap(); // both nodes hold both experts
+        let r = routing(&[(0, 1), (0, 1), (1, 0), (0, 1)]);
+        let w = plan(0, &r, &p, &[true, true]).unwrap();
+        assert_eq!(w[0].tokens.len(), 2);
+        assert_eq!(w[1].tokens.len(), 2);
+        let w = plan(0, &r, &p, &[false, true]).unwrap();
+        assert!(w[0].is_empty());
+        assert_eq!(w[1].tokens.len(), 4);
+        let p1 = Placement::round_robin(1, 2, 2, 1).unwrap();
+        assert_eq!(plan(0, &r, &p1, &[false, true]), Err((0, 0)));
+    }
+}

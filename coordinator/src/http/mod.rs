@@ -1,0 +1,434 @@
+//! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (both with
+//! SSE streaming), `/v1/models`, `/health`.
+
+pub mod error;
+pub mod openai;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::Stream;
+use serde_json::{Value, json};
+use switchyard_engine::tokenizer::Tokenizer;
+use tokio::sync::mpsc;
+use tracing::{Instrument, info_span};
+
+use crate::request::{Event, FinishReason, GenerateRequest, Usage};
+use crate::scheduler::SchedulerHandle;
+use error::ApiError;
+use openai::{ChatRequest, CompletionRequest, Params, parse_body};
+
+/// Largest request body accepted.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub scheduler: SchedulerHandle,
+    pub tokenizer: Arc<Tokenizer>,
+    pub model_name: String,
+    pub context_len: usize,
+    pub vocab_size: usize,
+    pub health: HealthCheck,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/completions", post(completions))
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/models", get(models))
+        .route("/health", get(health))
+        .fallback(|| async { ApiError::NotFound })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn request_id(prefix: &str) -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    format!(
+        "{prefix}-{:x}{:06x}",
+        now(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+async fn health(State(s): State<AppState>) -> Response {
+    match (s.health)() {
+        Ok(()) => axum::Json(json!({"status": "ok"})).into_response(),
+        Err(reason) => ApiError::Unavailable(reason).into_response(),
+    }
+}
+
+async fn models(State(s): State<AppState>) -> Response {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": s.model_name,
+            "object": "model",
+            "created": now(),
+            "owned_by": "switchyard",
+            "max_model_len": s.context_len,
+        }]
+    }))
+    .into_response()
+}
+
+/// Which endpoint a generation answers, for the response shapes.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Completion,
+    Chat,
+}
+
+async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
+    let id = request_id("cmpl");
+    let span = info_span!("request", %id, endpoint = "completions");
+    async move {
+        let result = async {
+            let req: CompletionRequest = parse_body(&body)?;
+            let params = req.sampling.validate(&s.model_name)?;
+            let prompt = match req.prompt.single()? {
+                Ok(text) => {
+                    if text.is_empty() {
+                        return Err(ApiError::bad("prompt must not be empty", "prompt"));
+                    }
+                    s.tokenizer
+                        .encode(&text, true)
+                        .map_err(|e| ApiError::Internal(e.to_string()))?
+                }
+                Err(ids) => {
+                    if ids.is_empty() {
+                        return Err(ApiError::bad("prompt must not be empty", "prompt"));
+                    }
+                    ids.iter()
+                        .map(|&t| {
+                            u32::try_from(t)
+                                .ok()
+                                .filter(|t| (*t as usize) < s.vocab_size)
+                                .ok_or_else(|| {
+                                    ApiError::bad(
+                                        format!(
+                                            "token id {t} is outside the vocabulary (0..{})",
+                                            s.vocab_size
+                                        ),
+                                        "prompt",
+                                    )
+                                })
+                        })
+                        .collect::<Result<Vec<u32>, _>>()?
+                }
+            };
+            Ok((prompt, params))
+        }
+        .await;
+        match result {
+            Ok((prompt, params)) => generate(s, Kind::Completion, id, prompt, params, 16).await,
+            Err(e) => e.into_response(),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Response {
+    let id = request_id("chatcmpl");
+    let span = info_span!("request", %id, endpoint = "chat");
+    async move {
+        let result = async {
+            let req: ChatRequest = parse_body(&body)?;
+            let params = req.sampling.validate(&s.model_name)?;
+            if req.messages.is_empty() {
+                return Err(ApiError::bad("messages must not be empty", "messages"));
+            }
+            let messages = req
+                .messages
+                .iter()
+                .map(|m| m.to_chat())
+                .collect::<Result<Vec<_>, _>>()?;
+            let prompt = s
+                .tokenizer
+                .encode_chat(&messages)
+                .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+            Ok((prompt, params))
+        }
+        .await;
+        match result {
+            // Chat defaults to "as long as the context allows", like vLLM.
+            Ok((prompt, params)) => generate(s, Kind::Chat, id, prompt, params, usize::MAX).await,
+            Err(e) => e.into_response(),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn generate(
+    s: AppState,
+    kind: Kind,
+    id: String,
+    prompt: Vec<u32>,
+    params: Params,
+    default_max_tokens: usize,
+) -> Response {
+    let room = s.context_len.saturating_sub(prompt.len());
+    let max_tokens = match params.max_tokens {
+        Some(n) => n,
+        None if room == 0 => 1, // reported below as a context-length error
+        None => default_max_tokens.min(room),
+    };
+    if prompt.len().saturating_add(max_tokens) > s.context_len {
+        return ApiError::ContextLength {
+            context: s.context_len,
+            requested: prompt.len().saturating_add(max_tokens),
+            prompt: prompt.len(),
+            max_tokens,
+        }
+        .into_response();
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let submitted = s.scheduler.submit(GenerateRequest {
+        prompt,
+        max_tokens,
+        sampling: params.sampling,
+        seed: params.seed,
+        stop: params.stop.clone(),
+        ignore_eos: params.ignore_eos,
+        events: tx,
+    });
+    if let Err(e) = submitted {
+        return ApiError::from(e).into_response();
+    }
+    // Wait for the first event so a request that fails before producing anything gets a
+    // real error status rather than a 200 stream holding an error.
+    let first = match rx.recv().await {
+        Some(Event::Error(e)) => return ApiError::from(e).into_response(),
+        Some(ev) => ev,
+        None => {
+            return ApiError::Internal("generation ended without a result".into()).into_response();
+        }
+    };
+    let created = now();
+    if params.stream {
+        let stream = sse_stream(
+            kind,
+            id,
+            created,
+            s.model_name.clone(),
+            params.include_usage,
+            first,
+            rx,
+        );
+        Sse::new(stream)
+            .keep_alive(KeepAlive::default())
+            .into_response()
+    } else {
+        let mut text = String::new();
+        let mut ev = Some(first);
+        loop {
+            match ev {
+                Some(Event::Token { text: t, .. }) => text.push_str(&t),
+                Some(Event::Done {
+                    text: t,
+                    finish_reason,
+                    usage,
+                }) => {
+                    text.push_str(&t);
+                    return axum::Json(full_response(
+                        kind,
+                        &id,
+                        created,
+                        &s.model_name,
+                        &text,
+                        finish_reason,
+                        usage,
+                    ))
+                    .into_response();
+                }
+                Some(Event::Error(e)) => return ApiError::from(e).into_response(),
+                None => {
+                    return ApiError::Internal("generation ended without a result".into())
+                        .into_response();
+                }
+            }
+            ev = rx.recv().await;
+        }
+    }
+}
+
+fn full_response(
+    kind: Kind,
+    id: &str,
+    created: u64,
+    model: &str,
+    text: &str,
+    finish_reason: FinishReason,
+    usage: Usage,
+) -> Value {
+    match kind {
+        Kind::Completion => json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}],
+            "usage": usage,
+        }),
+        Kind::Chat => json!({
+            "id": id, "object": "chat.completion", "created": created, "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": null,
+                "finish_reason": finish_reason,
+            }],
+            "usage": usage,
+        }),
+    }
+}
+
+fn chunk(
+    kind: Kind,
+    id: &str,
+    created: u64,
+    model: &str,
+    text: Option<&str>,
+    finish: Option<FinishReason>,
+) -> Value {
+    match kind {
+        Kind::Completion => json!({
+            "id": id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
+        }),
+        Kind::Chat => {
+            let delta = match text {
+                Some(t) => json!({"content": t}),
+                None => json!({}),
+            };
+            json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
+            })
+        }
+    }
+}
+
+fn sse_stream(
+    kind: Kind,
+    id: String,
+    created: u64,
+    model: String,
+    include_usage: bool,
+    first: Event,
+    mut rx: mpsc::UnboundedReceiver<Event>,
+) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    async_stream(move |tx| async move {
+        let send = |v: Value| SseEvent::default().data(v.to_string());
+        if kind == Kind::Chat {
+            let opening = json!({
+                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}],
+            });
+            if tx.send(send(opening)).await.is_err() {
+                return;
+            }
+        }
+        let mut ev = Some(first);
+        loop {
+            let out = match ev.take() {
+                Some(Event::Token { text, .. }) => {
+                    if text.is_empty() {
+                        None
+                    } else {
+                        Some(send(chunk(kind, &id, created, &model, Some(&text), None)))
+                    }
+                }
+                Some(Event::Done {
+                    text,
+                    finish_reason,
+                    usage,
+                }) => {
+                    if !text.is_empty()
+                        && tx
+                            .send(send(chunk(kind, &id, created, &model, Some(&text), None)))
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                    let mut last = chunk(kind, &id, created, &model, None, Some(finish_reason));
+                    if kind == Kind::Completion {
+                        last["choices"][0]["text"] = json!("");
+                    }
+                    if tx.send(send(last)).await.is_err() {
+                        return;
+                    }
+                    if include_usage {
+                        let object = if kind == Kind::Chat {
+                            "chat.completion.chunk"
+                        } else {
+                            "text_completion"
+                        };
+                        let u = json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage});
+                        if tx.send(send(u)).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+                    return;
+                }
+                Some(Event::Error(e)) => {
+                    let _ = tx.send(send(ApiError::from(e).body())).await;
+                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+                    return;
+                }
+                None => return,
+            };
+            if let Some(event) = out
+                && tx.send(event).await.is_err()
+            {
+                // The client went away: dropping `rx` tells the scheduler to free it.
+                return;
+            }
+            ev = rx.recv().await;
+            if ev.is_none() {
+                return;
+            }
+        }
+    })
+}
+
+/// A stream fed by a task through a small channel; the task ends (dropping what it
+/// holds) when the stream is dropped.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(mpsc::Sender<SseEvent>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(16);
+    let task = tokio::spawn(f(tx));
+    let abort = AbortOnDrop(task);
+    futures::stream::unfold((rx, abort), |(mut rx, abort)| async move {
+        rx.recv().await.map(|ev| (Ok(ev), (rx, abort)))
+    })
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

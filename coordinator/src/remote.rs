@@ -1,0 +1,347 @@
+//! Experts on other processes: one long-lived Forward stream per node, every layer's work
+//! multiplexed on it by request id.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use switchyard_engine::{ExpertError, Experts, Routing};
+use switchyard_proto::pb::{ExpertRef, ExpertsRequest, ForwardRequest, ForwardResponse};
+use switchyard_proto::{
+    ExpertServiceClient, MAX_MESSAGE_BYTES, WireFormat, decode_activations, encode_activations,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{instrument, warn};
+
+use crate::dispatch::plan;
+use crate::placement::Placement;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    #[error("invalid node address `{addr}`: {reason}")]
+    Address { addr: String, reason: String },
+    #[error("cannot reach expert node {addr}: {reason}")]
+    Connect { addr: String, reason: String },
+    #[error("expert node {addr} refused to load experts: {reason}")]
+    Load { addr: String, reason: String },
+}
+
+type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ForwardResponse>>>>;
+
+/// The coordinator's end of one node's Forward stream.
+pub struct NodeLink {
+    addr: String,
+    client: ExpertServiceClient<Channel>,
+    tx: mpsc::Sender<ForwardRequest>,
+    pending: Pending,
+    next_id: AtomicU64,
+    alive: Arc<AtomicBool>,
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, RemoteError> {
+    let uri = if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    };
+    Ok(Endpoint::from_shared(uri)
+        .map_err(|e| RemoteError::Address {
+            addr: addr.to_owned(),
+            reason: e.to_string(),
+        })?
+        .tcp_nodelay(true)
+        .connect_timeout(Duration::from_secs(5))
+        // Activations of a prefill chunk are megabytes: small default windows would
+        // make every layer wait for window updates.
+        .initial_stream_window_size(16 << 20)
+        .initial_connection_window_size(64 << 20)
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_while_idle(true))
+}
+
+impl NodeLink {
+    pub async fn connect(addr: &str) -> Result<Self, RemoteError> {
+        let channel = endpoint(addr)?
+            .connect()
+            .await
+            .map_err(|e| RemoteError::Connect {
+                addr: addr.to_owned(),
+                reason: e.to_string(),
+            })?;
+        let client = ExpertServiceClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        let (tx, rx) = mpsc::channel::<ForwardRequest>(64);
+        let mut responses = client
+            .clone()
+            .forward(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| RemoteError::Connect {
+                addr: addr.to_owned(),
+                reason: e.message().to_owned(),
+            })?
+            .into_inner();
+        let pending: Pending = Arc::default();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (pending_rx, alive_rx, addr_rx) = (pending.clone(), alive.clone(), addr.to_owned());
+        tokio::spawn(async move {
+            loop {
+                match responses.next().await {
+                    Some(Ok(resp)) => {
+                        let waiter = pending_rx.lock().ok().and_then(|mut p| p.remove(&resp.id));
+                        if let Some(w) = waiter {
+                            let _ = w.send(resp);
+                        }
+                    }
+                    Some(Err(status)) => {
+                        warn!(node = %addr_rx, %status, "forward stream failed");
+                        break;
+                    }
+                    None => {
+                        warn!(node = %addr_rx, "forward stream closed by node");
+                        break;
+                    }
+                }
+            }
+            alive_rx.store(false, Ordering::SeqCst);
+            // Dropping the waiters wakes every caller with an error.
+            if let Ok(mut p) = pending_rx.lock() {
+                p.clear();
+            }
+        });
+        Ok(NodeLink {
+            addr: addr.to_owned(),
+            client,
+            tx,
+            pending,
+            next_id: AtomicU64::new(1),
+            alive,
+        })
+    }
+
+    pub fn addr(&self) -> &str {
+        &self.addr
+    }
+
+    pub fn is_alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
+
+    #[instrument(skip(self, experts), fields(node = %self.addr, n = experts.len()))]
+    pub async fn load(&self, experts: &[(usize, usize)]) -> Result<(), RemoteError> {
+        let req = ExpertsRequest {
+            experts: experts
+                .iter()
+                .map(|&(l, e)| ExpertRef {
+                    layer: l as u32,
+                    expert: e as u32,
+                })
+                .collect(),
+            epoch: 0,
+        };
+        self.client
+            .clone()
+            .load_experts(req)
+            .await
+            .map_err(|s| RemoteError::Load {
+                addr: self.addr.clone(),
+                reason: s.message().to_owned(),
+            })?;
+        Ok(())
+    }
+
+    /// Sends one request on the stream and waits for its answer.
+    async fn call(
+        &self,
+        mut req: ForwardRequest,
+        timeout: Duration,
+    ) -> Result<ForwardResponse, String> {
+        if !self.is_alive() {
+            return Err(format!("node {} is down", self.addr));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        req.id = id;
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .map_err(|_| "pending map poisoned".to_string())?
+            .insert(id, tx);
+        let result = async {
+            self.tx
+                .send(req)
+                .await
+                .map_err(|_| format!("stream to node {} is closed", self.addr))?;
+            rx.await
+                .map_err(|_| format!("node {} went away mid-request", self.addr))
+        };
+        let out = tokio::time::timeout(timeout, result)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "node {} did not answer within {timeout:?}",
+                    self.addr
+                ))
+            });
+        if out.is_err()
+            && let Ok(mut p) = self.pending.lock()
+        {
+            p.remove(&id);
+        }
+        out
+    }
+}
+
+/// Timing of the last layer dispatched, for the dispatch-overhead benchmark.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct DispatchStats {
+    pub layers: u64,
+    pub round_trip_micros: u64,
+    pub max_compute_micros: u64,
+    pub bytes_sent: u64,
+}
+
+/// [`Experts`] implemented by expert nodes over gRPC.
+pub struct RemoteExperts {
+    runtime: tokio::runtime::Handle,
+    nodes: Vec<NodeLink>,
+    placement: Placement,
+    hidden: usize,
+    wire: WireFormat,
+    timeout: Duration,
+    stats: Mutex<DispatchStats>,
+}
+
+impl RemoteExperts {
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        nodes: Vec<NodeLink>,
+        placement: Placement,
+        hidden: usize,
+        wire: WireFormat,
+        timeout: Duration,
+    ) -> Self {
+        RemoteExperts {
+            runtime,
+            nodes,
+            placement,
+            hidden,
+            wire,
+            timeout,
+            stats: Mutex::new(DispatchStats::default()),
+        }
+    }
+
+    /// Connects to every node and has each load its share of the placement.
+    pub async fn connect_static(
+        addrs: &[String],
+        placement: &Placement,
+    ) -> Result<Vec<NodeLink>, RemoteError> {
+        let links = join_all(addrs.iter().map(|a| NodeLink::connect(a)))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        let loads = links
+            .iter()
+            .enumerate()
+            .map(|(i, link)| async move { link.load(&placement.experts_of(i)).await });
+        join_all(loads)
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(links)
+    }
+
+    pub fn nodes(&self) -> &[NodeLink] {
+        &self.nodes
+    }
+
+    /// Accumulated dispatch timings since the last call (reset on read).
+    pub fn take_stats(&self) -> DispatchStats {
+        self.stats
+            .lock()
+            .map(|mut s| std::mem::take(&mut *s))
+            .unwrap_or_default()
+    }
+
+    async fn dispatch(
+        &self,
+        layer: usize,
+        x: &[f32],
+        routing: &Routing,
+    ) -> Result<Vec<f32>, ExpertError> {
+        let h = self.hidden;
+        let live: Vec<bool> = self.nodes.iter().map(NodeLink::is_alive).collect();
+        let work = plan(layer, routing, &self.placement, &live).map_err(|(l, e)| {
+            ExpertError::Unavailable(format!("no live node holds expert {e} of layer {l}"))
+        })?;
+        let started = Instant::now();
+        let mut bytes_sent = 0u64;
+        let calls = work
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !w.is_empty())
+            .map(|(node, w)| {
+                let mut rows = Vec::with_capacity(w.tokens.len() * h);
+                for &t in &w.tokens {
+                    rows.extend_from_slice(&x[t as usize * h..(t as usize + 1) * h]);
+                }
+                let activations = encode_activations(&rows, self.wire);
+                bytes_sent += activations.len() as u64;
+                let req = ForwardRequest {
+                    id: 0,
+                    layer: layer as u32,
+                    num_tokens: w.tokens.len() as u32,
+                    dtype: self.wire.to_proto() as i32,
+                    activations,
+                    token: w.assignments.iter().map(|a| a.token).collect(),
+                    expert: w.assignments.iter().map(|a| a.expert).collect(),
+                    weight: w.assignments.iter().map(|a| a.weight).collect(),
+                };
+                async move { (node, self.nodes[node].call(req, self.timeout).await) }
+            });
+        let answers = join_all(calls).await;
+        let mut out = vec![0.0f32; routing.tokens() * h];
+        let mut max_compute = 0;
+        for (node, answer) in answers {
+            let link = &self.nodes[node];
+            let resp = answer.map_err(ExpertError::Unavailable)?;
+            if resp.error_code != 0 {
+                return Err(ExpertError::Unavailable(format!(
+                    "node {} answered error {}: {}",
+                    link.addr, resp.error_code, resp.error
+                )));
+            }
+            let format = WireFormat::from_proto(resp.dtype)
+                .map_err(|e| ExpertError::Unavailable(format!("node {}: {e}", link.addr)))?;
+            let tokens = &work[node].tokens;
+            let y = decode_activations(&resp.output, format, tokens.len(), h)
+                .map_err(|e| ExpertError::Unavailable(format!("node {}: {e}", link.addr)))?;
+            for (row, &t) in y.chunks_exact(h).zip(tokens) {
+                let t = t as usize;
+                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(row) {
+                    *o += v;
+                }
+            }
+            max_compute = max_compute.max(resp.compute_micros);
+        }
+        if let Ok(mut s) = self.stats.lock() {
+            s.layers += 1;
+            s.round_trip_micros += started.elapsed().as_micros() as u64;
+            s.max_compute_micros += max_compute;
+            s.bytes_sent += bytes_sent;
+        }
+        Ok(out)
+    }
+}
+
+impl Experts for RemoteExperts {
+    fn forward(&self, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError> {
+        // Called from the scheduler's own thread, never from a runtime worker.
+        self.runtime.block_on(self.dispatch(layer, x, routing))
+    }
+}

@@ -1,0 +1,62 @@
+//! What the HTTP layer hands the scheduler, and what comes back.
+
+use switchyard_engine::SamplingParams;
+use tokio::sync::mpsc;
+
+/// A validated, tokenised generation request.
+#[derive(Debug)]
+pub struct GenerateRequest {
+    pub prompt: Vec<u32>,
+    pub max_tokens: usize,
+    pub sampling: SamplingParams,
+    /// `None`: a fresh random seed.
+    pub seed: Option<u64>,
+    pub stop: Vec<String>,
+    pub ignore_eos: bool,
+    /// Where tokens go. Dropping the receiver (client gone) cancels the request.
+    pub events: mpsc::UnboundedSender<Event>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+    pub total_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// One sampled token and the text it completed (possibly empty).
+    Token {
+        id: u32,
+        text: String,
+    },
+    /// Final event of a successful request; `text` is what was held back until the end.
+    Done {
+        text: String,
+        finish_reason: FinishReason,
+        usage: Usage,
+    },
+    Error(GenerateError),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum GenerateError {
+    #[error("the waiting queue is full ({0} requests); retry later")]
+    QueueFull(usize),
+    #[error("request needs {needed} KV-cache blocks but the server has {total}")]
+    TooLargeForCache { needed: usize, total: usize },
+    #[error("experts unavailable: {0}")]
+    ExpertsUnavailable(String),
+    #[error("the scheduler has stopped")]
+    ShuttingDown,
+    #[error("internal error: {0}")]
+    Internal(String),
+}

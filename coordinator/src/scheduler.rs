@@ -1,0 +1,413 @@
+//! Continuous batching. One thread owns the model, the KV cache and every sequence; the
+//! HTTP layer talks to it over a channel (the actor pattern of TGI's queue).
+//!
+//! Each step: drop sequences whose client went away, admit waiting requests while KV
+//! blocks last (a request reserves blocks for prompt + max_tokens up front, so a running
+//! sequence never runs out mid-generation and nothing needs preempting; requests that do
+//! not fit wait), then build one batch under the token budget: one token for every
+//! decoding sequence first, then prompt chunks of the prefilling ones, so long prompts
+//! are prefilled in pieces while running decodes keep streaming.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc;
+
+use switchyard_engine::tokenizer::Tokenizer;
+use switchyard_engine::{
+    Experts, LogitsFor, Mixtral, ModelError, PagedKvCache, Sampler, SeqCache, SeqChunk,
+};
+use tracing::{debug, debug_span, warn};
+
+use crate::output::TextOutput;
+use crate::request::{Event, FinishReason, GenerateError, GenerateRequest, Usage};
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// Tokens (decode tokens + prefill chunk tokens) in one step.
+    pub max_batch_tokens: usize,
+    /// Sequences in the running batch.
+    pub max_running: usize,
+    /// Requests waiting for admission before new ones are refused (HTTP 429).
+    pub max_waiting: usize,
+    pub kv_block_size: usize,
+    pub kv_cache_bytes: usize,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            max_batch_tokens: 512,
+            max_running: 64,
+            max_waiting: 256,
+            kv_block_size: 16,
+            kv_cache_bytes: 256 << 20,
+        }
+    }
+}
+
+/// Live numbers the scheduler publishes for `/health` and `/metrics`.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    pub running: AtomicUsize,
+    pub waiting: AtomicUsize,
+    pub kv_total_blocks: AtomicUsize,
+    pub kv_free_blocks: AtomicUsize,
+    pub steps: AtomicU64,
+    pub last_batch_tokens: AtomicUsize,
+}
+
+#[derive(Clone)]
+pub struct SchedulerHandle {
+    tx: mpsc::Sender<GenerateRequest>,
+    stats: Arc<SchedulerStats>,
+    max_waiting: usize,
+    kv_blocks: usize,
+    kv_block_size: usize,
+}
+
+impl SchedulerHandle {
+    /// Queues a request; refuses it at once if the waiting queue is full or it could
+    /// never fit in the KV cache.
+    pub fn submit(&self, req: GenerateRequest) -> Result<(), GenerateError> {
+        let needed = (req.prompt.len() + req.max_tokens).div_ceil(self.kv_block_size);
+        if needed > self.kv_blocks {
+            return Err(GenerateError::TooLargeForCache {
+                needed,
+                total: self.kv_blocks,
+            });
+        }
+        let waiting = &self.stats.waiting;
+        if waiting
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| {
+                (w < self.max_waiting).then_some(w + 1)
+            })
+            .is_err()
+        {
+            return Err(GenerateError::QueueFull(self.max_waiting));
+        }
+        self.tx.send(req).map_err(|_| {
+            waiting.fetch_sub(1, Ordering::SeqCst);
+            GenerateError::ShuttingDown
+        })
+    }
+
+    pub fn stats(&self) -> &SchedulerStats {
+        &self.stats
+    }
+}
+
+struct Sequence {
+    prompt: Vec<u32>,
+    /// Prompt tokens already fed to the model.
+    fed: usize,
+    /// Sampled but not yet fed.
+    next_input: Option<u32>,
+    generated: usize,
+    max_tokens: usize,
+    ignore_eos: bool,
+    cache: SeqCache,
+    sampler: Sampler,
+    output: TextOutput,
+    events: tokio::sync::mpsc::UnboundedSender<Event>,
+}
+
+impl Sequence {
+    fn prefilling(&self) -> bool {
+        self.fed < self.prompt.len()
+    }
+}
+
+pub struct Scheduler {
+    model: Arc<Mixtral>,
+    experts: Arc<dyn Experts>,
+    tokenizer: Arc<Tokenizer>,
+    config: SchedulerConfig,
+    kv: PagedKvCache,
+    rx: mpsc::Receiver<GenerateRequest>,
+    waiting: VecDeque<GenerateRequest>,
+    running: Vec<Sequence>,
+    stats: Arc<SchedulerStats>,
+    eos: Vec<u32>,
+    seed_counter: u64,
+}
+
+/// Starts the scheduler thread. It runs until every handle is dropped.
+pub fn spawn(
+    model: Arc<Mixtral>,
+    experts: Arc<dyn Experts>,
+    tokenizer: Arc<Tokenizer>,
+    config: SchedulerConfig,
+) -> std::io::Result<SchedulerHandle> {
+    let kv = model.new_kv_cache(config.kv_block_size, config.kv_cache_bytes);
+    let (tx, rx) = mpsc::channel();
+    let stats = Arc::new(SchedulerStats::default());
+    stats
+        .kv_total_blocks
+        .store(kv.num_blocks(), Ordering::Relaxed);
+    stats
+        .kv_free_blocks
+        .store(kv.free_blocks(), Ordering::Relaxed);
+    let handle = SchedulerHandle {
+        tx,
+        stats: stats.clone(),
+        max_waiting: config.max_waiting,
+        kv_blocks: kv.num_blocks(),
+        kv_block_size: config.kv_block_size,
+    };
+    let mut eos: Vec<u32> = tokenizer.eos_token_ids().to_vec();
+    eos.extend(&model.config().eos_token_ids);
+    eos.sort_unstable();
+    eos.dedup();
+    let scheduler = Scheduler {
+        model,
+        experts,
+        tokenizer,
+        config: SchedulerConfig {
+            // Every running sequence must be able to decode in every step.
+            max_batch_tokens: config.max_batch_tokens.max(config.max_running),
+            ..config
+        },
+        kv,
+        rx,
+        waiting: VecDeque::new(),
+        running: Vec::new(),
+        stats,
+        eos,
+        seed_counter: u64::from(std::process::id()) << 32,
+    };
+    std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || scheduler.run())?;
+    Ok(handle)
+}
+
+impl Scheduler {
+    fn run(mut self) {
+        loop {
+            if self.running.is_empty() && self.waiting.is_empty() {
+                // Idle: block until work arrives, or stop when every handle is gone.
+                match self.rx.recv() {
+                    Ok(req) => self.waiting.push_back(req),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(req) = self.rx.try_recv() {
+                self.waiting.push_back(req);
+            }
+            self.drop_cancelled();
+            self.admit();
+            self.step();
+            self.publish();
+        }
+    }
+
+    fn publish(&self) {
+        self.stats
+            .running
+            .store(self.running.len(), Ordering::Relaxed);
+        self.stats
+            .kv_free_blocks
+            .store(self.kv.free_blocks(), Ordering::Relaxed);
+    }
+
+    fn drop_cancelled(&mut self) {
+        let before = self.waiting.len();
+        self.waiting.retain(|r| !r.events.is_closed());
+        self.stats
+            .waiting
+            .fetch_sub(before - self.waiting.len(), Ordering::SeqCst);
+        let kv = &mut self.kv;
+        self.running.retain_mut(|s| {
+            if s.events.is_closed() {
+                debug!("client went away: freeing its sequence");
+                kv.release(&mut s.cache);
+                false
+            } else {
+                true
+            }
+        });
+    }
+
+    fn admit(&mut self) {
+        while self.running.len() < self.config.max_running {
+            let Some(front) = self.waiting.front() else {
+                break;
+            };
+            let len = front.prompt.len() + front.max_tokens;
+            if self.kv.blocks_for(len) > self.kv.free_blocks() {
+                break; // wait for blocks to come back; first come, first served
+            }
+            let Some(req) = self.waiting.pop_front() else {
+                break;
+            };
+            self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            let mut cache = SeqCache::new();
+            if let Err(e) = self.kv.reserve(&mut cache, len) {
+                let _ = req
+                    .events
+                    .send(Event::Error(GenerateError::Internal(e.to_string())));
+                continue;
+            }
+            let seed = req.seed.unwrap_or_else(|| {
+                self.seed_counter += 1;
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                self.seed_counter ^ now
+            });
+            let output = TextOutput::new(req.stop, &req.prompt);
+            self.running.push(Sequence {
+                prompt: req.prompt,
+                fed: 0,
+                next_input: None,
+                generated: 0,
+                max_tokens: req.max_tokens,
+                ignore_eos: req.ignore_eos,
+                cache,
+                sampler: Sampler::new(req.sampling, seed),
+                output,
+                events: req.events,
+            });
+        }
+    }
+
+    fn step(&mut self) {
+        if self.running.is_empty() {
+            return;
+        }
+        // (sequence index, input tokens) in batch order: decodes first, then prefill chunks.
+        let mut plan: Vec<(usize, Vec<u32>)> = Vec::new();
+        let mut budget = self.config.max_batch_tokens;
+        for (i, s) in self.running.iter().enumerate() {
+            if let Some(t) = s.next_input.filter(|_| !s.prefilling()) {
+                plan.push((i, vec![t]));
+                budget -= 1;
+            }
+        }
+        for (i, s) in self.running.iter().enumerate() {
+            if budget == 0 {
+                break;
+            }
+            if s.prefilling() {
+                let take = (s.prompt.len() - s.fed).min(budget);
+                plan.push((i, s.prompt[s.fed..s.fed + take].to_vec()));
+                budget -= take;
+            }
+        }
+        let total: usize = plan.iter().map(|(_, t)| t.len()).sum();
+        let _span = debug_span!("step", sequences = plan.len(), tokens = total).entered();
+        self.stats.last_batch_tokens.store(total, Ordering::Relaxed);
+        self.stats.steps.fetch_add(1, Ordering::Relaxed);
+
+        let result = {
+            let mut slots: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
+            let mut batch: Vec<SeqChunk<'_>> = Vec::with_capacity(plan.len());
+            for (i, tokens) in &plan {
+                if let Some(s) = slots[*i].take() {
+                    batch.push(SeqChunk {
+                        tokens,
+                        cache: &mut s.cache,
+                    });
+                }
+            }
+            self.model.forward(
+                &mut self.kv,
+                self.experts.as_ref(),
+                &mut batch,
+                LogitsFor::LastToken,
+                false,
+            )
+        };
+        let out = match result {
+            Ok(out) => out,
+            Err(e) => {
+                let err = match &e {
+                    ModelError::Experts(x) => GenerateError::ExpertsUnavailable(x.to_string()),
+                    other => GenerateError::Internal(other.to_string()),
+                };
+                warn!(error = %e, "step failed: failing its sequences");
+                let failed = plan
+                    .iter()
+                    .map(|(i, _)| (*i, Event::Error(err.clone())))
+                    .collect();
+                self.finish_many(failed);
+                return;
+            }
+        };
+
+        let mut finished: Vec<(usize, Event)> = Vec::new();
+        for (row, (i, tokens)) in plan.iter().enumerate() {
+            let s = &mut self.running[*i];
+            if s.prefilling() {
+                s.fed += tokens.len();
+                if s.prefilling() {
+                    continue; // a middle chunk of the prompt: its logits are not needed
+                }
+            }
+            let id = s.sampler.sample(out.row(row));
+            s.generated += 1;
+            s.next_input = Some(id);
+            let usage = Usage {
+                prompt_tokens: s.prompt.len(),
+                completion_tokens: s.generated,
+                total_tokens: s.prompt.len() + s.generated,
+            };
+            let is_eos = !s.ignore_eos && self.eos.contains(&id);
+            let delta = if is_eos {
+                Ok(Default::default())
+            } else {
+                s.output.push(&self.tokenizer, id)
+            };
+            let delta = match delta {
+                Ok(d) => d,
+                Err(e) => {
+                    finished.push((*i, Event::Error(GenerateError::Internal(e.to_string()))));
+                    continue;
+                }
+            };
+            let reason = if is_eos || delta.stopped {
+                Some(FinishReason::Stop)
+            } else if s.generated >= s.max_tokens {
+                Some(FinishReason::Length)
+            } else {
+                None
+            };
+            let _ = s.events.send(Event::Token {
+                id,
+                text: delta.text,
+            });
+            if let Some(finish_reason) = reason {
+                let text = if delta.stopped {
+                    String::new()
+                } else {
+                    s.output
+                        .finish(&self.tokenizer)
+                        .map(|d| d.text)
+                        .unwrap_or_default()
+                };
+                finished.push((
+                    *i,
+                    Event::Done {
+                        text,
+                        finish_reason,
+                        usage,
+                    },
+                ));
+            }
+        }
+        self.finish_many(finished);
+    }
+
+    /// Sends each listed sequence its final event and frees it.
+    fn finish_many(&mut self, mut items: Vec<(usize, Event)>) {
+        // Remove from the back so the indices still to come stay valid under swap_remove.
+        items.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
+        for (i, ev) in items {
+            let mut s = self.running.swap_remove(i);
+            self.kv.release(&mut s.cache);
+            let _ = s.events.send(ev);
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Wiring: load the dense model, connect the experts, start the scheduler, serve HTTP.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use switchyard_engine::tokenizer::{Tokenizer, TokenizerError};
+use switchyard_engine::{ExpertSelection, ExpertStore, Experts, Mixtral, ModelError};
+use switchyard_proto::WireFormat;
+use tokio::net::TcpListener;
+use tracing::info;
+
+use crate::http::{AppState, HealthCheck, router};
+use crate::placement::{Placement, PlacementError};
+use crate::remote::{RemoteError, RemoteExperts};
+use crate::scheduler::{SchedulerConfig, spawn};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoordinatorError {
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    Placement(#[from] PlacementError),
+    #[error(transparent)]
+    Remote(#[from] RemoteError),
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Config(String),
+}
+
+/// Where the experts run.
+#[derive(Debug, Clone)]
+pub enum ExpertsAt {
+    InProcess,
+    Nodes {
+        addrs: Vec<String>,
+        replicas: usize,
+        wire: WireFormat,
+        timeout: Duration,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct CoordinatorConfig {
+    pub model_dir: PathBuf,
+    pub served_model_name: Option<String>,
+    pub experts: ExpertsAt,
+    pub scheduler: SchedulerConfig,
+}
+
+/// A coordinator ready to serve.
+pub struct Coordinator {
+    state: AppState,
+}
+
+impl Coordinator {
+    pub async fn start(cfg: CoordinatorConfig) -> Result<Self, CoordinatorError> {
+        let dir = cfg.model_dir.clone();
+        let in_process = matches!(cfg.experts, ExpertsAt::InProcess);
+        let (model, store) = tokio::task::spawn_blocking(move || -> Result<_, CoordinatorError> {
+            let (model, ckpt) = Mixtral::load(&dir)?;
+            let store = if in_process {
+                Some(
+                    ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All)
+                        .map_err(ModelError::from)?,
+                )
+            } else {
+                None
+            };
+            Ok((model, store))
+        })
+        .await
+        .map_err(|e| CoordinatorError::Config(format!("model loading panicked: {e}")))??;
+        let tokenizer = Arc::new(Tokenizer::from_dir(&cfg.model_dir)?);
+        let mc = model.config().clone();
+        if tokenizer.vocab_size() > mc.vocab_size {
+            return Err(CoordinatorError::Config(format!(
+                "tokenizer has {} tokens but the model's vocabulary is {}",
+                tokenizer.vocab_size(),
+                mc.vocab_size
+            )));
+        }
+
+        let (experts, health): (Arc<dyn Experts>, HealthCheck) = match (&cfg.experts, store) {
+            (
+                ExpertsAt::Nodes {
+                    addrs,
+                    replicas,
+                    wire,
+                    timeout,
+                },
+                _,
+            ) => {
+                let placement =
+                    Placement::round_robin(mc.num_layers, mc.num_experts, addrs.len(), *replicas)?;
+                let links = RemoteExperts::connect_static(addrs, &placement).await?;
+                info!(
+                    nodes = addrs.len(),
+                    replicas,
+                    ?wire,
+                    "experts placed on nodes"
+                );
+                let remote = Arc::new(RemoteExperts::new(
+                    tokio::runtime::Handle::current(),
+                    links,
+                    placement,
+                    mc.hidden_size,
+                    *wire,
+                    *timeout,
+                ));
+                let r = remote.clone();
+                let health: HealthCheck = Arc::new(move || {
+                    let down: Vec<&str> = r
+                        .nodes()
+                        .iter()
+                        .filter(|n| !n.is_alive())
+                        .map(|n| n.addr())
+                        .collect();
+                    if down.is_empty() {
+                        Ok(())
+                    } else {
+                        Err(format!("expert nodes down: {}", down.join(", ")))
+                    }
+                });
+                (remote, health)
+            }
+            (ExpertsAt::InProcess, Some(store)) => (Arc::new(store), Arc::new(|| Ok(()))),
+            (ExpertsAt::InProcess, None) => {
+                return Err(CoordinatorError::Config(
+                    "in-process experts were not loaded".into(),
+                ));
+            }
+        };
+
+        let model_name = cfg.served_model_name.clone().unwrap_or_else(|| {
+            cfg.model_dir
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let context_len = mc.max_position_embeddings;
+        let scheduler = spawn(
+            Arc::new(model),
+            experts,
+            tokenizer.clone(),
+            cfg.scheduler.clone(),
+        )?;
+        Ok(Coordinator {
+            state: AppState {
+                scheduler,
+                tokenizer,
+                model_name,
+                context_len,
+                vocab_size: mc.vocab_size,
+                health,
+            },
+        })
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves the HTTP API on `listener` until `shutdown` resolves.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), CoordinatorError> {
+        axum::serve(listener, router(self.state))
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,316 @@
+//! The node's state: the model's shape, the checkpoint (opened once, memory-mapped), the
+//! experts it holds, and the placement epoch it has been told about.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use switchyard_engine::experts::load_expert;
+use switchyard_engine::{Checkpoint, ExpertSelection, ExpertStore, ModelConfig};
+use switchyard_proto::pb::{ExpertRef, ForwardRequest, ForwardResponse, NodeInfo};
+use tokio::task::spawn_blocking;
+
+use crate::NodeError;
+use crate::forward::{ForwardError, Work, answer, refusal};
+
+/// What an expert node serves.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// A Hub-style checkpoint directory (`config.json`, safetensors weights).
+    pub model_dir: PathBuf,
+    /// How this node names itself to coordinators.
+    pub node_id: String,
+    /// The experts loaded at start-up; only their bytes are read.
+    pub initial: ExpertSelection,
+}
+
+pub struct ExpertNode {
+    config: Arc<ModelConfig>,
+    checkpoint: Arc<Checkpoint>,
+    store: Arc<RwLock<ExpertStore>>,
+    node_id: String,
+    model: String,
+    /// A copy of the store's held set, so that Describe never waits behind a long
+    /// forward pass holding the store's read lock.
+    held: Mutex<BTreeSet<(usize, usize)>>,
+    epoch: AtomicU64,
+    /// Serialises placement changes, so that an epoch check and the change it guards
+    /// cannot interleave with another change.
+    placement: tokio::sync::Mutex<()>,
+}
+
+impl ExpertNode {
+    /// Reads the config and checkpoint headers, then the initial experts' weights.
+    pub fn open(cfg: NodeConfig) -> Result<Self, NodeError> {
+        let config = ModelConfig::from_dir(&cfg.model_dir)?;
+        if let ExpertSelection::Only(set) = &cfg.initial
+            && let Some(&(layer, expert)) = set
+                .iter()
+                .find(|(l, e)| *l >= config.num_layers || *e >= config.num_experts)
+        {
+            return Err(no_such_expert(&config, layer as u64, expert as u64));
+        }
+        let checkpoint = Checkpoint::open(&cfg.model_dir)?;
+        let store = ExpertStore::load(&checkpoint, &config, &cfg.initial)?;
+        let model = std::fs::canonicalize(&cfg.model_dir)
+            .ok()
+            .as_deref()
+            .and_then(|p| p.file_name())
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| cfg.model_dir.display().to_string());
+        let held = store.held().into_iter().collect();
+        tracing::info!(
+            node = %cfg.node_id,
+            model = %model,
+            experts = store.held().len(),
+            "expert node opened"
+        );
+        Ok(ExpertNode {
+            config: Arc::new(config),
+            checkpoint: Arc::new(checkpoint),
+            store: Arc::new(RwLock::new(store)),
+            node_id: cfg.node_id,
+            model,
+            held: Mutex::new(held),
+            epoch: AtomicU64::new(0),
+            placement: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The highest placement epoch any accepted request carried.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
+    /// (layer, expert) pairs held, in order.
+    pub fn held(&self) -> Vec<(usize, usize)> {
+        self.held
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Weight bytes one expert occupies in the f32 CPU store (gate, up and down).
+    pub fn bytes_per_expert(&self) -> u64 {
+        3 * self.config.hidden_size as u64 * self.config.intermediate_size as u64 * 4
+    }
+
+    pub fn describe(&self) -> NodeInfo {
+        let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
+        NodeInfo {
+            node_id: self.node_id.clone(),
+            model: self.model.clone(),
+            num_layers: to_u32(self.config.num_layers),
+            num_experts: to_u32(self.config.num_experts),
+            hidden_size: to_u32(self.config.hidden_size),
+            held: self
+                .held()
+                .into_iter()
+                .map(|(l, e)| ExpertRef {
+                    layer: to_u32(l),
+                    expert: to_u32(e),
+                })
+                .collect(),
+            bytes_per_expert: self.bytes_per_expert(),
+            epoch: self.epoch(),
+            device: "cpu".into(),
+        }
+    }
+
+    /// Answers one forward request. Never fails: a bad request gets an in-band error.
+    pub async fn forward(&self, req: ForwardRequest) -> ForwardResponse {
+        let work = match Work::check(&req, &self.config) {
+            Ok(work) => work,
+            Err(e) => return self.refuse(&req, e),
+        };
+        let store = Arc::clone(&self.store);
+        // The expert math is CPU-bound: keep it off the async workers that drive I/O.
+        let result = spawn_blocking(move || {
+            let store = store.read().unwrap_or_else(PoisonError::into_inner);
+            work.run(&store)
+                .map(|(output, micros)| (work.format, output, micros))
+        })
+        .await;
+        match result {
+            Ok(Ok((format, output, micros))) => answer(req.id, format, output, micros),
+            Ok(Err(e)) => self.refuse(&req, e),
+            Err(join) => self.refuse(
+                &req,
+                ForwardError::Internal(format!("expert computation failed: {join}")),
+            ),
+        }
+    }
+
+    fn refuse(&self, req: &ForwardRequest, e: ForwardError) -> ForwardResponse {
+        tracing::warn!(id = req.id, layer = req.layer, code = ?e.code(), "forward request refused: {e}");
+        refusal(req.id, req.dtype, &e)
+    }
+
+    /// Loads the experts not yet held (idempotent) and returns the node's new state.
+    /// All of them become usable at once, or none do.
+    pub async fn load_experts(
+        &self,
+        experts: &[ExpertRef],
+        epoch: u64,
+    ) -> Result<NodeInfo, NodeError> {
+        let _guard = self.placement.lock().await;
+        self.check_epoch(epoch)?;
+        let wanted = self.checked_refs(experts)?;
+        let held = self.held();
+        let missing: Vec<(usize, usize)> = wanted
+            .into_iter()
+            .filter(|pair| !held.contains(pair))
+            .collect();
+        if !missing.is_empty() {
+            let (ckpt, config, store) = (
+                Arc::clone(&self.checkpoint),
+                Arc::clone(&self.config),
+                Arc::clone(&self.store),
+            );
+            let to_load = missing.clone();
+            // Reading weights and taking the write lock (which waits for running forward
+            // passes) both block.
+            spawn_blocking(move || -> Result<(), NodeError> {
+                let mut loaded = Vec::with_capacity(to_load.len());
+                for &(layer, expert) in &to_load {
+                    loaded.push((layer, expert, load_expert(&ckpt, &config, layer, expert)?));
+                }
+                let mut store = store.write().unwrap_or_else(PoisonError::into_inner);
+                for (layer, expert, ffn) in loaded {
+                    store.insert(layer, expert, ffn);
+                }
+                Ok(())
+            })
+            .await
+            .map_err(|e| NodeError::Internal(format!("loading experts failed: {e}")))??;
+            self.held
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .extend(missing.iter().copied());
+            tracing::info!(node = %self.node_id, loaded = ?missing, epoch, "experts loaded");
+        }
+        self.record_epoch(epoch);
+        Ok(self.describe())
+    }
+
+    /// Drops the given experts (those not held are ignored) and returns the new state.
+    pub async fn unload_experts(
+        &self,
+        experts: &[ExpertRef],
+        epoch: u64,
+    ) -> Result<NodeInfo, NodeError> {
+        let _guard = self.placement.lock().await;
+        self.check_epoch(epoch)?;
+        let unwanted = self.checked_refs(experts)?;
+        let store = Arc::clone(&self.store);
+        let to_remove = unwanted.clone();
+        spawn_blocking(move || {
+            let mut store = store.write().unwrap_or_else(PoisonError::into_inner);
+            for &(layer, expert) in &to_remove {
+                store.remove(layer, expert);
+            }
+        })
+        .await
+        .map_err(|e| NodeError::Internal(format!("unloading experts failed: {e}")))?;
+        {
+            let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
+            for pair in &unwanted {
+                held.remove(pair);
+            }
+        }
+        tracing::info!(node = %self.node_id, unloaded = ?unwanted, epoch, "experts unloaded");
+        self.record_epoch(epoch);
+        Ok(self.describe())
+    }
+
+    /// A leader that lost an election may still send commands: refuse anything older than
+    /// the newest placement we have acted on.
+    fn check_epoch(&self, epoch: u64) -> Result<(), NodeError> {
+        let current = self.epoch();
+        if epoch < current {
+            return Err(NodeError::StaleEpoch {
+                got: epoch,
+                current,
+            });
+        }
+        Ok(())
+    }
+
+    fn record_epoch(&self, epoch: u64) {
+        self.epoch.fetch_max(epoch, Ordering::SeqCst);
+    }
+
+    fn checked_refs(&self, refs: &[ExpertRef]) -> Result<BTreeSet<(usize, usize)>, NodeError> {
+        refs.iter()
+            .map(|r| {
+                let (layer, expert) = (r.layer as usize, r.expert as usize);
+                if layer >= self.config.num_layers || expert >= self.config.num_experts {
+                    return Err(no_such_expert(
+                        &self.config,
+                        r.layer.into(),
+                        r.expert.into(),
+                    ));
+                }
+                Ok((layer, expert))
+            })
+            .collect()
+    }
+}
+
+fn no_such_expert(config: &ModelConfig, layer: u64, expert: u64) -> NodeError {
+    NodeError::NoSuchExpert {
+        layer,
+        expert,
+        layers: config.num_layers,
+        experts: config.num_experts,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(initial: ExpertSelection) -> NodeConfig {
+        NodeConfig {
+            model_dir: PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../tests/fixtures/mixtral-tiny"),
+            node_id: "n".into(),
+            initial,
+        }
+    }
+
+    #[test]
+    fn opens_with_only_the_selected_experts() {
+        let sel = ExpertSelection::Only([(0, 1), (3, 7)].into_iter().collect());
+        let node = ExpertNode::open(config(sel)).unwrap();
+        assert_eq!(node.held(), vec![(0, 1), (3, 7)]);
+        let info = node.describe();
+        assert_eq!(info.held.len(), 2);
+        assert_eq!((info.held[1].layer, info.held[1].expert), (3, 7));
+        assert_eq!(info.model, "mixtral-tiny");
+    }
+
+    #[test]
+    fn refuses_experts_the_model_lacks_and_missing_checkpoints() {
+        for pair in [(4, 0), (0, 8)] {
+            let sel = ExpertSelection::Only([pair].into_iter().collect());
+            let err = ExpertNode::open(config(sel)).err().unwrap();
+            assert!(matches!(err, NodeError::NoSuchExpert { .. }), "{err}");
+        }
+        let mut cfg = config(ExpertSelection::All);
+        cfg.model_dir = cfg.model_dir.join("no-such-dir");
+        let err = ExpertNode::open(cfg).err().unwrap();
+        assert!(err.to_string().contains("no-such-dir"), "{err}");
+    }
+}

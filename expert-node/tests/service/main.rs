@@ -1,0 +1,9 @@
+//! The expert node over real sockets: the server runs in-process on 127.0.0.1:0 and the
+//! tests talk to it with the generated tonic client, as a coordinator would.
+
+mod harness;
+
+mod bad_input;
+mod control;
+mod forward;
+mod robustness;

@@ -1,0 +1,108 @@
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use switchyard_engine::ModelConfig;
+use switchyard_expert_node::{ExpertNode, NodeConfig, parse_expert_spec, serve};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Checkpoint directory (config.json and safetensors weights).
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to serve gRPC on; port 0 picks a free port (printed on stdout).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    listen: String,
+    /// Experts to load at start: `all`, `none`, ids or ranges for every layer (`0,5`,
+    /// `0-3`), or `LAYER:EXPERT` pairs (`0:1,3:2-4`).
+    #[arg(long, default_value = "none")]
+    experts: String,
+    /// Name reported to coordinators [default: derived from the listen address].
+    #[arg(long)]
+    node_id: Option<String>,
+}
+
+pub fn run(args: Args) -> Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(serve_node(args))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve_node(args: Args) -> Result<()> {
+    let config = ModelConfig::from_dir(&args.model)
+        .with_context(|| format!("reading {}", args.model.display()))?;
+    let initial = parse_expert_spec(&args.experts, config.num_layers, config.num_experts)?;
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let node_id = args.node_id.unwrap_or_else(|| default_node_id(addr));
+    let model_dir = args.model.clone();
+    // Reading expert weights blocks; keep it off the runtime's workers.
+    let node = tokio::task::spawn_blocking(move || {
+        ExpertNode::open(NodeConfig {
+            model_dir,
+            node_id,
+            initial,
+        })
+    })
+    .await
+    .context("loading experts")?
+    .with_context(|| format!("loading experts from {}", args.model.display()))?;
+
+    // `switchyard up` starts nodes on port 0 and waits for exactly this line; it is only
+    // printed once the initial experts are loaded.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "listening on {addr}")?;
+    stdout.flush()?;
+    drop(stdout);
+
+    serve(node, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+/// The bound address, with the machine's host name in place of a wildcard IP so that
+/// nodes on different hosts listening on `0.0.0.0:PORT` still get distinct names.
+fn default_node_id(addr: SocketAddr) -> String {
+    if addr.ip().is_unspecified() {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|h| h.trim().to_owned())
+            .filter(|h| !h.is_empty())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "localhost".into());
+        format!("{host}:{}", addr.port())
+    } else {
+        addr.to_string()
+    }
+}
+
+/// Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
