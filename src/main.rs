@@ -1,5 +1,6 @@
 //! `switchyard`: one binary, one subcommand per role. Thin glue over the library crates.
 
+mod bundled;
 mod cmd;
 
 use anyhow::Result;
@@ -21,6 +22,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start a coordinator and N expert nodes on this machine and serve the HTTP API.
+    Up(cmd::up::Args),
+    /// Serve the HTTP API, running the dense layers here and the experts on nodes.
+    Coordinator(cmd::coordinator::Args),
     /// Check a checkpoint against its golden.safetensors reference outputs.
     Verify(cmd::verify::Args),
     /// Serve a subset of a model's experts over gRPC.
@@ -35,6 +40,8 @@ fn main() -> Result<std::process::ExitCode> {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
     match cli.command {
+        Command::Up(args) => cmd::up::run(args),
+        Command::Coordinator(args) => cmd::coordinator::run(args),
         Command::Verify(args) => cmd::verify::run(args),
         Command::ExpertNode(args) => cmd::expert_node::run(args),
         Command::Generate(args) => cmd::generate::run(args),

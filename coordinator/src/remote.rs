@@ -345,3 +345,34 @@ impl Experts for RemoteExperts {
         self.runtime.block_on(self.dispatch(layer, x, routing))
     }
 }
+
+/// Polls a node's `grpc.health.v1` until it reports SERVING or `timeout` passes.
+pub async fn wait_healthy(addr: &str, timeout: Duration) -> Result<(), RemoteError> {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let deadline = Instant::now() + timeout;
+    let mut last = String::from("not tried");
+    while Instant::now() < deadline {
+        match endpoint(addr)?.connect().await {
+            Ok(channel) => {
+                let reply = HealthClient::new(channel)
+                    .check(HealthCheckRequest {
+                        service: String::new(),
+                    })
+                    .await;
+                match reply {
+                    Ok(r) if r.get_ref().status == ServingStatus::Serving as i32 => return Ok(()),
+                    Ok(r) => last = format!("status {}", r.get_ref().status),
+                    Err(s) => last = s.message().to_owned(),
+                }
+            }
+            Err(e) => last = e.to_string(),
+        }
+        // A node that is still loading answers NOT_SERVING or refuses the connection.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err(RemoteError::Connect {
+        addr: addr.to_owned(),
+        reason: format!("not healthy within {timeout:?}: {last}"),
+    })
+}

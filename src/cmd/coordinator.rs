@@ -1,0 +1,63 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
+
+use super::serve_args::{ServeArgs, print_ready, shutdown_signal};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Expert nodes, `HOST:PORT,...`; every expert of every layer is placed on them.
+    #[arg(long, value_delimiter = ',')]
+    nodes: Vec<String>,
+    /// Run the experts in this process instead of on nodes.
+    #[arg(long, conflicts_with = "nodes")]
+    in_process: bool,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let experts = if a.in_process {
+        ExpertsAt::InProcess
+    } else if a.nodes.is_empty() {
+        bail!("give --nodes HOST:PORT,... or --in-process");
+    } else {
+        ExpertsAt::Nodes {
+            addrs: a.nodes.clone(),
+            replicas: a.serve.replicas,
+            wire: a.serve.wire_dtype,
+            timeout: a.serve.expert_timeout(),
+        }
+    };
+    let cfg = CoordinatorConfig {
+        model_dir: a.model.clone(),
+        served_model_name: a.serve.served_model_name.clone(),
+        experts,
+        scheduler: a.serve.scheduler()?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        let coordinator = Coordinator::start(cfg).await?;
+        let listener = tokio::net::TcpListener::bind((a.serve.host.as_str(), a.serve.port))
+            .await
+            .with_context(|| format!("binding {}:{}", a.serve.host, a.serve.port))?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let what = if a.in_process {
+            "experts in process".to_string()
+        } else {
+            format!("{} expert nodes", a.nodes.len())
+        };
+        print_ready(&url, &coordinator.state().model_name, &what);
+        coordinator.serve(listener, shutdown_signal()).await?;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,235 @@
+//! `switchyard up`: a whole cluster on this machine. N expert-node processes on loopback,
+//! a coordinator in this process, everything stopped together.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use switchyard_coordinator::remote::wait_healthy;
+use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
+use tracing::{info, warn};
+
+use super::serve_args::{ServeArgs, print_ready, shutdown_signal};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Checkpoint directory [default: the bundled tiny Mixtral].
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Expert-node processes to start.
+    #[arg(long, default_value_t = 3)]
+    nodes: usize,
+    /// Run the experts inside the coordinator, no nodes.
+    #[arg(long)]
+    in_process: bool,
+    /// How long to wait for the nodes to load and report healthy.
+    #[arg(long, default_value_t = 120)]
+    startup_timeout_s: u64,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+/// The expert-node children; killed when this is dropped, however `up` ends.
+struct Children(Vec<(usize, Child)>);
+
+impl Drop for Children {
+    fn drop(&mut self) {
+        for (_, c) in &mut self.0 {
+            // SIGTERM first: nodes close their streams cleanly.
+            #[cfg(unix)]
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for (_, c) in &mut self.0 {
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Children {
+    /// The first child that has exited, if any.
+    fn exited(&mut self) -> Option<(usize, std::process::ExitStatus)> {
+        self.0
+            .iter_mut()
+            .find_map(|(i, c)| c.try_wait().ok().flatten().map(|s| (*i, s)))
+    }
+}
+
+fn spawn_node(model: &PathBuf, index: usize) -> Result<(Child, mpsc::Receiver<Result<String>>)> {
+    let exe = std::env::current_exe().context("locating the switchyard binary")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("expert-node")
+        .arg("--model")
+        .arg(model)
+        .arg("--listen")
+        .arg("127.0.0.1:0")
+        .arg("--node-id")
+        .arg(format!("node-{index}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe. With it the kernel kills the node if `up`
+        // dies in any way (even SIGKILL), so no node outlives it. It is tied to the
+        // spawning thread, which is the main thread: it lives as long as `up`.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may already have died before prctl took effect.
+                if libc::getppid() == 1 {
+                    libc::raise(libc::SIGKILL);
+                }
+                Ok(())
+            });
+        }
+    }
+    let mut child = cmd.spawn().context("starting an expert node")?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow!("expert node has no stdout"))?;
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        let first = match lines.next() {
+            Some(Ok(line)) => line
+                .strip_prefix("listening on ")
+                .map(|a| a.trim().to_owned())
+                .ok_or_else(|| anyhow!("unexpected first line from expert node: {line}")),
+            Some(Err(e)) => Err(e.into()),
+            None => Err(anyhow!("expert node exited before listening")),
+        };
+        let _ = tx.send(first);
+        // Keep draining so the node never blocks on a full pipe.
+        for _ in lines {}
+    });
+    Ok((child, rx))
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let model = match &a.model {
+        Some(m) => m.clone(),
+        None => crate::bundled::materialize().context("unpacking the bundled model")?,
+    };
+    if !a.in_process && a.nodes == 0 {
+        bail!("--nodes must be at least 1 (or use --in-process)");
+    }
+    let scheduler = a.serve.scheduler()?;
+    let started = Instant::now();
+    let timeout = Duration::from_secs(a.startup_timeout_s);
+
+    // Children are spawned from this (the main) thread: see spawn_node.
+    let mut children = Children(Vec::new());
+    let mut addrs = Vec::new();
+    if !a.in_process {
+        let mut pending = Vec::new();
+        for i in 0..a.nodes {
+            let (child, rx) = spawn_node(&model, i)?;
+            children.0.push((i, child));
+            pending.push(rx);
+        }
+        for (i, rx) in pending.into_iter().enumerate() {
+            let left = timeout.saturating_sub(started.elapsed());
+            let addr = rx
+                .recv_timeout(left)
+                .map_err(|_| anyhow!("expert node {i} did not start within {timeout:?}"))??;
+            info!(node = i, %addr, "expert node listening");
+            addrs.push(addr);
+        }
+    }
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let result = runtime.block_on(async {
+        for addr in &addrs {
+            let left = timeout.saturating_sub(started.elapsed());
+            wait_healthy(addr, left).await?;
+        }
+        let experts = if a.in_process {
+            ExpertsAt::InProcess
+        } else {
+            ExpertsAt::Nodes {
+                addrs: addrs.clone(),
+                replicas: a.serve.replicas,
+                wire: a.serve.wire_dtype,
+                timeout: a.serve.expert_timeout(),
+            }
+        };
+        let coordinator = Coordinator::start(CoordinatorConfig {
+            model_dir: model.clone(),
+            served_model_name: a.serve.served_model_name.clone(),
+            experts,
+            scheduler,
+        })
+        .await?;
+        let listener = tokio::net::TcpListener::bind((a.serve.host.as_str(), a.serve.port))
+            .await
+            .with_context(|| format!("binding {}:{}", a.serve.host, a.serve.port))?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let what = if a.in_process {
+            "experts in process".to_string()
+        } else {
+            format!("coordinator + {} expert nodes", addrs.len())
+        };
+        print_ready(&url, &coordinator.state().model_name, &what);
+
+        // Stop on Ctrl-C/SIGTERM, or as soon as a node dies.
+        let (died_tx, died_rx) = tokio::sync::oneshot::channel::<String>();
+        let stop_watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watch = {
+            let mut kids = Children(std::mem::take(&mut children.0));
+            let stop = stop_watching.clone();
+            tokio::task::spawn_blocking(move || {
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    if let Some((i, status)) = kids.exited() {
+                        let _ = died_tx.send(format!("expert node {i} exited unexpectedly ({status})"));
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                kids
+            })
+        };
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(coordinator.serve(listener, async {
+            let _ = stop_rx.await;
+        }));
+        let outcome = tokio::select! {
+            _ = shutdown_signal() => Ok(()),
+            reason = died_rx => Err(anyhow!(reason.unwrap_or_else(|_| "node watcher stopped".into()))),
+        };
+        let _ = stop_tx.send(());
+        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        stop_watching.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Ok(kids) = watch.await {
+            children = kids;
+        }
+        outcome
+    });
+    drop(children);
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            warn!("{e:#}");
+            Err(e)
+        }
+    }
+}
