@@ -109,7 +109,7 @@ impl PagedKvCache {
 
     /// Returns every block of `seq` to the pool.
     pub fn release(&mut self, seq: &mut SeqCache) {
-        self.free.extend(seq.blocks.drain(..));
+        self.free.append(&mut seq.blocks);
         seq.len = 0;
     }
 

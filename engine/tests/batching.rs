@@ -89,10 +89,7 @@ fn batch_of_different_lengths_gives_each_its_solo_result_and_the_reference_greed
         let mut batch: Vec<SeqChunk> = chunk_caches
             .iter_mut()
             .zip(&inputs)
-            .map(|((_, cache), (_, tokens))| SeqChunk {
-                tokens,
-                cache: &mut **cache,
-            })
+            .map(|((_, cache), (_, tokens))| SeqChunk { tokens, cache })
             .collect();
         let out = model
             .forward(&mut kv, &experts, &mut batch, LogitsFor::LastToken, false)

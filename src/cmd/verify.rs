@@ -24,16 +24,8 @@ pub fn run(args: Args) -> Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "{:>6} {:>6} | {:>12} {:>8} {:>7} | {:>12} {:>8} {:>7} | {}",
-            "prompt",
-            "tokens",
-            "whole err",
-            "router",
-            "greedy",
-            "kv-cache err",
-            "router",
-            "greedy",
-            "result"
+            "{:>6} {:>6} | {:>12} {:>8} {:>7} | {:>12} {:>8} {:>7} | result",
+            "prompt", "tokens", "whole err", "router", "greedy", "kv-cache err", "router", "greedy",
         );
         for p in &report.prompts {
             let (w, i) = (&p.whole, &p.incremental);

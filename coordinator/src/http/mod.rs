@@ -68,9 +68,22 @@ fn request_id(prefix: &str) -> String {
     )
 }
 
+/// 200 with the scheduler's numbers while every expert is reachable, else 503.
 async fn health(State(s): State<AppState>) -> Response {
+    use std::sync::atomic::Ordering::Relaxed;
     match (s.health)() {
-        Ok(()) => axum::Json(json!({"status": "ok"})).into_response(),
+        Ok(()) => {
+            let st = s.scheduler.stats();
+            axum::Json(json!({
+                "status": "ok",
+                "running": st.running.load(Relaxed),
+                "waiting": st.waiting.load(Relaxed),
+                "kv_total_blocks": st.kv_total_blocks.load(Relaxed),
+                "kv_free_blocks": st.kv_free_blocks.load(Relaxed),
+                "steps": st.steps.load(Relaxed),
+            }))
+            .into_response()
+        }
         Err(reason) => ApiError::Unavailable(reason).into_response(),
     }
 }

@@ -174,11 +174,8 @@ impl Sampling {
                 ));
             }
         };
-        let seed = match self.seed {
-            None => None,
-            // Negative seeds are accepted by OpenAI; fold them into u64.
-            Some(s) => Some(s as u64),
-        };
+        // Negative seeds are accepted by OpenAI; fold them into u64.
+        let seed = self.seed.map(|s| s as u64);
         let stop = match &self.stop {
             None => Vec::new(),
             Some(Stop::One(s)) => vec![s.clone()],
