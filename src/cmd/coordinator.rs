@@ -4,7 +4,8 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
 
-use super::serve_args::{ServeArgs, print_ready, shutdown_signal};
+use super::serve_args::{ServeArgs, print_ready};
+use super::shutdown_signal;
 
 #[derive(clap::Args)]
 pub struct Args {

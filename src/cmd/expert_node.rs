@@ -62,7 +62,7 @@ async fn serve_node(args: Args) -> Result<()> {
     stdout.flush()?;
     drop(stdout);
 
-    serve(node, listener, shutdown_signal()).await?;
+    serve(node, listener, super::shutdown_signal()).await?;
     Ok(())
 }
 
@@ -79,30 +79,5 @@ fn default_node_id(addr: SocketAddr) -> String {
         format!("{host}:{}", addr.port())
     } else {
         addr.to_string()
-    }
-}
-
-/// Ctrl-C or SIGTERM (what `docker stop` and Kubernetes send).
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if tokio::signal::ctrl_c().await.is_err() {
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let term = async {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        _ = ctrl_c => {},
-        _ = term => {},
     }
 }

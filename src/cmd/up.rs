@@ -12,7 +12,8 @@ use switchyard_coordinator::remote::wait_healthy;
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
 use tracing::{info, warn};
 
-use super::serve_args::{ServeArgs, print_ready, shutdown_signal};
+use super::serve_args::{ServeArgs, print_ready};
+use super::shutdown_signal;
 
 #[derive(clap::Args)]
 pub struct Args {
