@@ -5,6 +5,7 @@
 
 pub mod dispatch;
 pub mod http;
+pub mod metrics;
 pub mod output;
 pub mod placement;
 pub mod remote;

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use tracing::{instrument, warn};
 
 use crate::dispatch::plan;
+use crate::metrics::Metrics;
 use crate::placement::Placement;
 
 #[derive(Debug, thiserror::Error)]
@@ -214,6 +215,7 @@ pub struct RemoteExperts {
     wire: WireFormat,
     timeout: Duration,
     stats: Mutex<DispatchStats>,
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl RemoteExperts {
@@ -233,6 +235,25 @@ impl RemoteExperts {
             wire,
             timeout,
             stats: Mutex::new(DispatchStats::default()),
+            metrics: None,
+        }
+    }
+
+    /// Records per-node dispatch latency, bytes and liveness in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self.refresh_metrics();
+        self
+    }
+
+    /// Brings the per-node gauges up to date (called when metrics are scraped).
+    pub fn refresh_metrics(&self) {
+        if let Some(m) = &self.metrics {
+            for n in &self.nodes {
+                m.node_up
+                    .with_label_values(&[n.addr()])
+                    .set(i64::from(n.is_alive()));
+            }
         }
     }
 
@@ -302,13 +323,26 @@ impl RemoteExperts {
                     expert: w.assignments.iter().map(|a| a.expert).collect(),
                     weight: w.assignments.iter().map(|a| a.weight).collect(),
                 };
-                async move { (node, self.nodes[node].call(req, self.timeout).await) }
+                async move {
+                    let t = Instant::now();
+                    let answer = self.nodes[node].call(req, self.timeout).await;
+                    let received = bytes_len_of(&answer);
+                    (node, answer, t.elapsed(), received)
+                }
             });
         let answers = join_all(calls).await;
         let mut out = vec![0.0f32; routing.tokens() * h];
         let mut max_compute = 0;
-        for (node, answer) in answers {
+        for (node, answer, elapsed, received) in answers {
             let link = &self.nodes[node];
+            if let Some(m) = &self.metrics {
+                m.dispatch_seconds
+                    .with_label_values(&[link.addr()])
+                    .observe(elapsed.as_secs_f64());
+                m.dispatch_bytes
+                    .with_label_values(&[link.addr(), "received"])
+                    .inc_by(received);
+            }
             let resp = answer.map_err(ExpertError::Unavailable)?;
             if resp.error_code != 0 {
                 return Err(ExpertError::Unavailable(format!(
@@ -337,6 +371,10 @@ impl RemoteExperts {
         }
         Ok(out)
     }
+}
+
+fn bytes_len_of(answer: &Result<ForwardResponse, String>) -> u64 {
+    answer.as_ref().map(|r| r.output.len() as u64).unwrap_or(0)
 }
 
 impl Experts for RemoteExperts {

@@ -13,6 +13,8 @@ pub struct GenerateRequest {
     pub seed: Option<u64>,
     pub stop: Vec<String>,
     pub ignore_eos: bool,
+    /// When the request reached the server, for latency metrics.
+    pub arrived: std::time::Instant,
     /// Where tokens go. Dropping the receiver (client gone) cancels the request.
     pub events: mpsc::UnboundedSender<Event>,
 }

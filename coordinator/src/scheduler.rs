@@ -12,6 +12,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
+use std::time::Instant;
 
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_engine::{
@@ -19,6 +20,7 @@ use switchyard_engine::{
 };
 use tracing::{debug, debug_span, warn};
 
+use crate::metrics::Metrics;
 use crate::output::TextOutput;
 use crate::request::{Event, FinishReason, GenerateError, GenerateRequest, Usage};
 
@@ -110,6 +112,8 @@ struct Sequence {
     sampler: Sampler,
     output: TextOutput,
     events: tokio::sync::mpsc::UnboundedSender<Event>,
+    arrived: Instant,
+    first_token_at: Option<Instant>,
 }
 
 impl Sequence {
@@ -128,6 +132,7 @@ pub struct Scheduler {
     waiting: VecDeque<GenerateRequest>,
     running: Vec<Sequence>,
     stats: Arc<SchedulerStats>,
+    metrics: Arc<Metrics>,
     eos: Vec<u32>,
     seed_counter: u64,
 }
@@ -138,6 +143,7 @@ pub fn spawn(
     experts: Arc<dyn Experts>,
     tokenizer: Arc<Tokenizer>,
     config: SchedulerConfig,
+    metrics: Arc<Metrics>,
 ) -> std::io::Result<SchedulerHandle> {
     let kv = model.new_kv_cache(config.kv_block_size, config.kv_cache_bytes);
     let (tx, rx) = mpsc::channel();
@@ -173,6 +179,7 @@ pub fn spawn(
         waiting: VecDeque::new(),
         running: Vec::new(),
         stats,
+        metrics,
         eos,
         seed_counter: u64::from(std::process::id()) << 32,
     };
@@ -209,6 +216,13 @@ impl Scheduler {
         self.stats
             .kv_free_blocks
             .store(self.kv.free_blocks(), Ordering::Relaxed);
+        let m = &self.metrics;
+        m.running.set(self.running.len() as i64);
+        m.waiting
+            .set(self.stats.waiting.load(Ordering::Relaxed) as i64);
+        m.kv_total_blocks.set(self.kv.num_blocks() as i64);
+        m.kv_used_blocks
+            .set((self.kv.num_blocks() - self.kv.free_blocks()) as i64);
     }
 
     fn drop_cancelled(&mut self) {
@@ -242,6 +256,7 @@ impl Scheduler {
                 break;
             };
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
+            self.metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
             let mut cache = SeqCache::new();
             if let Err(e) = self.kv.reserve(&mut cache, len) {
                 let _ = req
@@ -269,6 +284,8 @@ impl Scheduler {
                 sampler: Sampler::new(req.sampling, seed),
                 output,
                 events: req.events,
+                arrived: req.arrived,
+                first_token_at: None,
             });
         }
     }
@@ -300,6 +317,8 @@ impl Scheduler {
         let _span = debug_span!("step", sequences = plan.len(), tokens = total).entered();
         self.stats.last_batch_tokens.store(total, Ordering::Relaxed);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
+        self.metrics.batch_tokens.observe(total as f64);
+        self.metrics.batch_sequences.observe(plan.len() as f64);
 
         let result = {
             let mut slots: Vec<Option<&mut Sequence>> = self.running.iter_mut().map(Some).collect();
@@ -348,6 +367,14 @@ impl Scheduler {
             }
             let id = s.sampler.sample(out.row(row));
             s.generated += 1;
+            self.metrics.generation_tokens.inc();
+            if s.first_token_at.is_none() {
+                let now = Instant::now();
+                s.first_token_at = Some(now);
+                self.metrics
+                    .time_to_first_token
+                    .observe((now - s.arrived).as_secs_f64());
+            }
             s.next_input = Some(id);
             let usage = Usage {
                 prompt_tokens: s.prompt.len(),
@@ -379,6 +406,16 @@ impl Scheduler {
                 text: delta.text,
             });
             if let Some(finish_reason) = reason {
+                let e2e = s.arrived.elapsed();
+                self.metrics.e2e_latency.observe(e2e.as_secs_f64());
+                if let Some(first) = s.first_token_at
+                    && s.generated > 1
+                {
+                    let decode = e2e.saturating_sub(first - s.arrived);
+                    self.metrics
+                        .time_per_output_token
+                        .observe(decode.as_secs_f64() / (s.generated - 1) as f64);
+                }
                 let text = if delta.stopped {
                     String::new()
                 } else {

@@ -11,7 +11,8 @@ use switchyard_proto::WireFormat;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::http::{AppState, HealthCheck, router};
+use crate::http::{AppState, HealthCheck, Refresh, router};
+use crate::metrics::{CountingExperts, Metrics};
 use crate::placement::{Placement, PlacementError};
 use crate::remote::{RemoteError, RemoteExperts};
 use crate::scheduler::{SchedulerConfig, spawn};
@@ -85,56 +86,70 @@ impl Coordinator {
             )));
         }
 
-        let (experts, health): (Arc<dyn Experts>, HealthCheck) = match (&cfg.experts, store) {
-            (
-                ExpertsAt::Nodes {
-                    addrs,
-                    replicas,
-                    wire,
-                    timeout,
-                },
-                _,
-            ) => {
-                let placement =
-                    Placement::round_robin(mc.num_layers, mc.num_experts, addrs.len(), *replicas)?;
-                let links = RemoteExperts::connect_static(addrs, &placement).await?;
-                info!(
-                    nodes = addrs.len(),
-                    replicas,
-                    ?wire,
-                    "experts placed on nodes"
-                );
-                let remote = Arc::new(RemoteExperts::new(
-                    tokio::runtime::Handle::current(),
-                    links,
-                    placement,
-                    mc.hidden_size,
-                    *wire,
-                    *timeout,
-                ));
-                let r = remote.clone();
-                let health: HealthCheck = Arc::new(move || {
-                    let down: Vec<&str> = r
-                        .nodes()
-                        .iter()
-                        .filter(|n| !n.is_alive())
-                        .map(|n| n.addr())
-                        .collect();
-                    if down.is_empty() {
-                        Ok(())
-                    } else {
-                        Err(format!("expert nodes down: {}", down.join(", ")))
-                    }
-                });
-                (remote, health)
-            }
-            (ExpertsAt::InProcess, Some(store)) => (Arc::new(store), Arc::new(|| Ok(()))),
-            (ExpertsAt::InProcess, None) => {
-                return Err(CoordinatorError::Config(
-                    "in-process experts were not loaded".into(),
-                ));
-            }
-        };
+        let metrics =
+            Metrics::new().map_err(|e| CoordinatorError::Config(format!("metrics: {e}")))?;
+        let (experts, health, refresh): (Arc<dyn Experts>, HealthCheck, Refresh) =
+            match (&cfg.experts, store) {
+                (
+                    ExpertsAt::Nodes {
+                        addrs,
+                        replicas,
+                        wire,
+                        timeout,
+                    },
+                    _,
+                ) => {
+                    let placement = Placement::round_robin(
+                        mc.num_layers,
+                        mc.num_experts,
+                        addrs.len(),
+                        *replicas,
+                    )?;
+                    let links = RemoteExperts::connect_static(addrs, &placement).await?;
+                    info!(
+                        nodes = addrs.len(),
+                        replicas,
+                        ?wire,
+                        "experts placed on nodes"
+                    );
+                    let remote = Arc::new(
+                        RemoteExperts::new(
+                            tokio::runtime::Handle::current(),
+                            links,
+                            placement,
+                            mc.hidden_size,
+                            *wire,
+                            *timeout,
+                        )
+                        .with_metrics(metrics.clone()),
+                    );
+                    let r = remote.clone();
+                    let health: HealthCheck = Arc::new(move || {
+                        let down: Vec<&str> = r
+                            .nodes()
+                            .iter()
+                            .filter(|n| !n.is_alive())
+                            .map(|n| n.addr())
+                            .collect();
+                        if down.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(format!("expert nodes down: {}", down.join(", ")))
+                        }
+                    });
+                    let r = remote.clone();
+                    let refresh: Refresh = Arc::new(move || r.refresh_metrics());
+                    (remote, health, refresh)
+                }
+                (ExpertsAt::InProcess, Some(store)) => {
+                    (Arc::new(store), Arc::new(|| Ok(())), Arc::new(|| {}))
+                }
+                (ExpertsAt::InProcess, None) => {
+                    return Err(CoordinatorError::Config(
+                        "in-process experts were not loaded".into(),
+                    ));
+                }
+            };
 
         let model_name = cfg.served_model_name.clone().unwrap_or_else(|| {
             cfg.model_dir
@@ -143,11 +158,18 @@ impl Coordinator {
                 .unwrap_or_else(|| "model".into())
         });
         let context_len = mc.max_position_embeddings;
+        let experts = Arc::new(CountingExperts::new(
+            experts,
+            metrics.clone(),
+            mc.num_layers,
+            mc.num_experts,
+        ));
         let scheduler = spawn(
             Arc::new(model),
             experts,
             tokenizer.clone(),
             cfg.scheduler.clone(),
+            metrics.clone(),
         )?;
         Ok(Coordinator {
             state: AppState {
@@ -157,6 +179,8 @@ impl Coordinator {
                 context_len,
                 vocab_size: mc.vocab_size,
                 health,
+                metrics,
+                refresh_metrics: refresh,
             },
         })
     }

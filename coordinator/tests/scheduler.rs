@@ -36,11 +36,13 @@ fn setup(config: SchedulerConfig) -> Setup {
         cfg.experts_per_token,
     )
     .unwrap();
+    let metrics = switchyard_coordinator::metrics::Metrics::new().unwrap();
     let handle = spawn(
         Arc::new(model),
         Arc::new(experts),
         tokenizer.clone(),
         config,
+        metrics,
     )
     .unwrap();
     Setup {
@@ -60,6 +62,7 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> (GenerateRequest, mpsc::Unbounde
             seed: Some(0),
             stop: Vec::new(),
             ignore_eos: true,
+            arrived: Instant::now(),
             events: tx,
         },
         rx,
@@ -94,6 +97,20 @@ fn collect_after(
 
 fn collect(rx: &mut mpsc::UnboundedReceiver<Event>) -> (Vec<u32>, FinishReason) {
     collect_after(rx, 0)
+}
+
+/// Waits (bounded) until no sequence runs and every KV block is back in the pool. The
+/// scheduler publishes its numbers after sending the final events, hence the wait.
+fn wait_until_idle(handle: &SchedulerHandle) {
+    let stats = handle.stats();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while stats.kv_free_blocks.load(Ordering::SeqCst)
+        != stats.kv_total_blocks.load(Ordering::SeqCst)
+        || stats.running.load(Ordering::SeqCst) != 0
+    {
+        assert!(Instant::now() < deadline, "blocks were not freed");
+        std::thread::yield_now();
+    }
 }
 
 #[test]
@@ -163,11 +180,7 @@ fn requests_wait_for_kv_blocks_instead_of_failing() {
     for (g, mut rx) in pending {
         assert_eq!(collect(&mut rx).0, g.greedy_ids);
     }
-    let stats = s.handle.stats();
-    assert_eq!(
-        stats.kv_free_blocks.load(Ordering::SeqCst),
-        stats.kv_total_blocks.load(Ordering::SeqCst)
-    );
+    wait_until_idle(&s.handle);
     // A request that could never fit is refused at once.
     let (req, _rx) = greedy(&s.golden[5].input_ids, 8);
     assert!(matches!(
@@ -200,15 +213,7 @@ fn a_full_waiting_queue_refuses_and_a_dropped_client_frees_its_blocks() {
     for mut rx in queued {
         assert_eq!(collect(&mut rx).0.len(), 4);
     }
-    let stats = s.handle.stats();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while stats.kv_free_blocks.load(Ordering::SeqCst)
-        != stats.kv_total_blocks.load(Ordering::SeqCst)
-        || stats.running.load(Ordering::SeqCst) != 0
-    {
-        assert!(Instant::now() < deadline, "blocks were not freed");
-        std::thread::yield_now();
-    }
+    wait_until_idle(&s.handle);
 }
 
 #[test]

@@ -48,7 +48,7 @@ pub(crate) struct Work {
     pub tokens: usize,
     pub format: WireFormat,
     activations: Bytes,
-    assignments: Vec<Assignment>,
+    pub assignments: Vec<Assignment>,
 }
 
 impl Work {

@@ -8,12 +8,14 @@
 
 mod error;
 mod forward;
+mod metrics;
 mod node;
 mod server;
 mod service;
 mod spec;
 
 pub use error::NodeError;
+pub use metrics::NodeMetrics;
 pub use node::{ExpertNode, NodeConfig};
 pub use server::serve;
 pub use spec::parse_expert_spec;

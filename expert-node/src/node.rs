@@ -11,6 +11,8 @@ use switchyard_engine::{Checkpoint, ExpertSelection, ExpertStore, ModelConfig};
 use switchyard_proto::pb::{ExpertRef, ForwardRequest, ForwardResponse, NodeInfo};
 use tokio::task::spawn_blocking;
 
+use crate::metrics::NodeMetrics;
+
 use crate::NodeError;
 use crate::forward::{ForwardError, Work, answer, refusal};
 
@@ -38,6 +40,7 @@ pub struct ExpertNode {
     /// Serialises placement changes, so that an epoch check and the change it guards
     /// cannot interleave with another change.
     placement: tokio::sync::Mutex<()>,
+    metrics: Arc<NodeMetrics>,
 }
 
 impl ExpertNode {
@@ -60,6 +63,8 @@ impl ExpertNode {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| cfg.model_dir.display().to_string());
         let held = store.held().into_iter().collect();
+        let metrics = NodeMetrics::new(config.num_layers, config.num_experts)
+            .map_err(|e| NodeError::Internal(format!("metrics: {e}")))?;
         tracing::info!(
             node = %cfg.node_id,
             model = %model,
@@ -75,6 +80,7 @@ impl ExpertNode {
             held: Mutex::new(held),
             epoch: AtomicU64::new(0),
             placement: tokio::sync::Mutex::new(()),
+            metrics: Arc::new(metrics),
         })
     }
 
@@ -135,11 +141,14 @@ impl ExpertNode {
             Err(e) => return self.refuse(&req, e),
         };
         let store = Arc::clone(&self.store);
+        let metrics = Arc::clone(&self.metrics);
         // The expert math is CPU-bound: keep it off the async workers that drive I/O.
         let result = spawn_blocking(move || {
             let store = store.read().unwrap_or_else(PoisonError::into_inner);
-            work.run(&store)
-                .map(|(output, micros)| (work.format, output, micros))
+            work.run(&store).map(|(output, micros)| {
+                metrics.computed(work.layer, &work.assignments, micros);
+                (work.format, output, micros)
+            })
         })
         .await;
         match result {
@@ -152,7 +161,13 @@ impl ExpertNode {
         }
     }
 
+    /// This node's metrics, to serve over HTTP.
+    pub fn metrics(&self) -> Arc<NodeMetrics> {
+        Arc::clone(&self.metrics)
+    }
+
     fn refuse(&self, req: &ForwardRequest, e: ForwardError) -> ForwardResponse {
+        self.metrics.refused();
         tracing::warn!(id = req.id, layer = req.layer, code = ?e.code(), "forward request refused: {e}");
         refusal(req.id, req.dtype, &e)
     }

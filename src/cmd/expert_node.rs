@@ -19,6 +19,9 @@ pub struct Args {
     /// `0-3`), or `LAYER:EXPERT` pairs (`0:1,3:2-4`).
     #[arg(long, default_value = "none")]
     experts: String,
+    /// Also serve Prometheus metrics over HTTP at this address (`/metrics`).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Name reported to coordinators [default: derived from the listen address].
     #[arg(long)]
     node_id: Option<String>,
@@ -62,6 +65,24 @@ async fn serve_node(args: Args) -> Result<()> {
     stdout.flush()?;
     drop(stdout);
 
+    if let Some(addr) = &args.metrics_listen {
+        let metrics = node.metrics();
+        let http = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr} for metrics"))?;
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let m = metrics.clone();
+                async move { m.render() }
+            }),
+        );
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(http, app).await {
+                tracing::warn!("metrics endpoint stopped: {e}");
+            }
+        });
+    }
     serve(node, listener, super::shutdown_signal()).await?;
     Ok(())
 }

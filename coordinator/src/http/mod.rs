@@ -6,11 +6,13 @@ pub mod openai;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::header;
+use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,6 +22,7 @@ use switchyard_engine::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 use tracing::{Instrument, info_span};
 
+use crate::metrics::Metrics;
 use crate::request::{Event, FinishReason, GenerateRequest, Usage};
 use crate::scheduler::SchedulerHandle;
 use error::ApiError;
@@ -29,6 +32,8 @@ use openai::{ChatRequest, CompletionRequest, Params, parse_body};
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
 pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+/// Brings scrape-time gauges (node liveness) up to date.
+pub type Refresh = Arc<dyn Fn() + Send + Sync>;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -38,6 +43,8 @@ pub struct AppState {
     pub context_len: usize,
     pub vocab_size: usize,
     pub health: HealthCheck,
+    pub metrics: Arc<Metrics>,
+    pub refresh_metrics: Refresh,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -46,9 +53,41 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/chat/completions", post(chat_completions))
         .route("/v1/models", get(models))
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound })
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            count_requests,
+        ))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
+}
+
+/// Counts every response by endpoint and status.
+async fn count_requests(State(s): State<AppState>, req: Request, next: Next) -> Response {
+    let endpoint = match req.uri().path() {
+        "/v1/completions" => "completions",
+        "/v1/chat/completions" => "chat_completions",
+        "/v1/models" => "models",
+        "/health" => "health",
+        "/metrics" => "metrics",
+        _ => "other",
+    };
+    let resp = next.run(req).await;
+    s.metrics
+        .requests
+        .with_label_values(&[endpoint, resp.status().as_str()])
+        .inc();
+    resp
+}
+
+async fn metrics(State(s): State<AppState>) -> Response {
+    (s.refresh_metrics)();
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        s.metrics.render(),
+    )
+        .into_response()
 }
 
 fn now() -> u64 {
@@ -110,6 +149,7 @@ enum Kind {
 }
 
 async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
+    let arrived = Instant::now();
     let id = request_id("cmpl");
     let span = info_span!("request", %id, endpoint = "completions");
     async move {
@@ -151,7 +191,9 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
         }
         .await;
         match result {
-            Ok((prompt, params)) => generate(s, Kind::Completion, id, prompt, params, 16).await,
+            Ok((prompt, params)) => {
+                generate(s, Kind::Completion, id, arrived, prompt, params, 16).await
+            }
             Err(e) => e.into_response(),
         }
     }
@@ -160,6 +202,7 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
 }
 
 async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Response {
+    let arrived = Instant::now();
     let id = request_id("chatcmpl");
     let span = info_span!("request", %id, endpoint = "chat");
     async move {
@@ -183,7 +226,9 @@ async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Response {
         .await;
         match result {
             // Chat defaults to "as long as the context allows", like vLLM.
-            Ok((prompt, params)) => generate(s, Kind::Chat, id, prompt, params, usize::MAX).await,
+            Ok((prompt, params)) => {
+                generate(s, Kind::Chat, id, arrived, prompt, params, usize::MAX).await
+            }
             Err(e) => e.into_response(),
         }
     }
@@ -195,6 +240,7 @@ async fn generate(
     s: AppState,
     kind: Kind,
     id: String,
+    arrived: Instant,
     prompt: Vec<u32>,
     params: Params,
     default_max_tokens: usize,
@@ -222,6 +268,7 @@ async fn generate(
         seed: params.seed,
         stop: params.stop.clone(),
         ignore_eos: params.ignore_eos,
+        arrived,
         events: tx,
     });
     if let Err(e) = submitted {

@@ -1,0 +1,173 @@
+//! The coordinator's Prometheus metrics. Label sets are bounded: endpoints and statuses
+//! are fixed lists, nodes are the configured nodes, (layer, expert) is the model's shape.
+
+use std::sync::Arc;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+use switchyard_engine::{ExpertError, Experts, Routing};
+
+pub struct Metrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub time_to_first_token: Histogram,
+    pub time_per_output_token: Histogram,
+    pub e2e_latency: Histogram,
+    pub prompt_tokens: IntCounter,
+    pub generation_tokens: IntCounter,
+    pub running: IntGauge,
+    pub waiting: IntGauge,
+    pub kv_total_blocks: IntGauge,
+    pub kv_used_blocks: IntGauge,
+    pub batch_tokens: Histogram,
+    pub batch_sequences: Histogram,
+    pub routed_tokens: IntCounterVec,
+    pub dispatch_seconds: HistogramVec,
+    pub dispatch_bytes: IntCounterVec,
+    pub node_up: IntGaugeVec,
+}
+
+fn latency_buckets() -> Vec<f64> {
+    // 1 ms .. ~65 s.
+    prometheus::exponential_buckets(0.001, 2.0, 17).unwrap_or_default()
+}
+
+impl Metrics {
+    pub fn new() -> Result<Arc<Self>, prometheus::Error> {
+        let registry = Registry::new_custom(Some("switchyard".into()), None)?;
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let counter = |name: &str, help: &str| -> Result<IntCounter, prometheus::Error> {
+            let c = IntCounter::new(name, help)?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let gauge = |name: &str, help: &str| -> Result<IntGauge, prometheus::Error> {
+            let g = IntGauge::new(name, help)?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let histogram =
+            |name: &str, help: &str, buckets: Vec<f64>| -> Result<Histogram, prometheus::Error> {
+                let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
+                registry.register(Box::new(h.clone()))?;
+                Ok(h)
+            };
+        let sizes = prometheus::exponential_buckets(1.0, 2.0, 14)?;
+        let dispatch_seconds = HistogramVec::new(
+            HistogramOpts::new("dispatch_seconds", "One MoE layer's round trip to a node")
+                .buckets(prometheus::exponential_buckets(0.00005, 2.0, 16)?),
+            &["node"],
+        )?;
+        registry.register(Box::new(dispatch_seconds.clone()))?;
+        let node_up = IntGaugeVec::new(
+            Opts::new("node_up", "1 while the node's stream is open"),
+            &["node"],
+        )?;
+        registry.register(Box::new(node_up.clone()))?;
+        Ok(Arc::new(Metrics {
+            requests: counter_vec(
+                "requests_total",
+                "HTTP requests by endpoint and status",
+                &["endpoint", "status"],
+            )?,
+            time_to_first_token: histogram(
+                "time_to_first_token_seconds",
+                "Request arrival to first token",
+                latency_buckets(),
+            )?,
+            time_per_output_token: histogram(
+                "time_per_output_token_seconds",
+                "(e2e - ttft) / (output tokens - 1), per request",
+                prometheus::exponential_buckets(0.0005, 2.0, 16)?,
+            )?,
+            e2e_latency: histogram(
+                "e2e_request_latency_seconds",
+                "Request arrival to last token",
+                latency_buckets(),
+            )?,
+            prompt_tokens: counter("prompt_tokens_total", "Prompt tokens of finished requests")?,
+            generation_tokens: counter("generation_tokens_total", "Tokens generated")?,
+            running: gauge("running_sequences", "Sequences in the running batch")?,
+            waiting: gauge("waiting_requests", "Requests waiting for admission")?,
+            kv_total_blocks: gauge("kv_cache_blocks_total", "KV-cache blocks")?,
+            kv_used_blocks: gauge("kv_cache_blocks_used", "KV-cache blocks held by sequences")?,
+            batch_tokens: histogram("batch_tokens", "Tokens per scheduler step", sizes.clone())?,
+            batch_sequences: histogram("batch_sequences", "Sequences per scheduler step", sizes)?,
+            routed_tokens: counter_vec(
+                "routed_tokens_total",
+                "Tokens routed to each expert",
+                &["layer", "expert"],
+            )?,
+            dispatch_seconds,
+            dispatch_bytes: counter_vec(
+                "dispatch_bytes_total",
+                "Activation bytes to and from each node",
+                &["node", "direction"],
+            )?,
+            node_up,
+            registry,
+        }))
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+/// Counts routed tokens per (layer, expert), then hands the work on.
+pub struct CountingExperts {
+    inner: Arc<dyn Experts>,
+    metrics: Arc<Metrics>,
+    /// Pre-resolved counters, indexed `layer * experts + expert`.
+    counters: Vec<IntCounter>,
+    num_experts: usize,
+}
+
+impl CountingExperts {
+    pub fn new(
+        inner: Arc<dyn Experts>,
+        metrics: Arc<Metrics>,
+        num_layers: usize,
+        num_experts: usize,
+    ) -> Self {
+        let counters = (0..num_layers * num_experts)
+            .map(|i| {
+                metrics.routed_tokens.with_label_values(&[
+                    &(i / num_experts).to_string(),
+                    &(i % num_experts).to_string(),
+                ])
+            })
+            .collect();
+        CountingExperts {
+            inner,
+            metrics,
+            counters,
+            num_experts,
+        }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+}
+
+impl Experts for CountingExperts {
+    fn forward(&self, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError> {
+        for &e in &routing.experts {
+            if let Some(c) = self.counters.get(layer * self.num_experts + e as usize) {
+                c.inc();
+            }
+        }
+        self.inner.forward(layer, x, routing)
+    }
+}
