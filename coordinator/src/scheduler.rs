@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_engine::{
-    Experts, LogitsFor, Mixtral, ModelError, PagedKvCache, Sampler, SeqCache, SeqChunk,
+    ExpertError, Experts, LogitsFor, Mixtral, ModelError, PagedKvCache, Sampler, SeqCache, SeqChunk,
 };
 use tracing::{debug, debug_span, warn};
 
@@ -343,6 +343,9 @@ impl Scheduler {
             Ok(out) => out,
             Err(e) => {
                 let err = match &e {
+                    ModelError::Experts(ExpertError::Unavailable(why)) => {
+                        GenerateError::ExpertsUnavailable(why.clone())
+                    }
                     ModelError::Experts(x) => GenerateError::ExpertsUnavailable(x.to_string()),
                     other => GenerateError::Internal(other.to_string()),
                 };

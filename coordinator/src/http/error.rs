@@ -34,6 +34,8 @@ pub enum ApiError {
     Internal(String),
     #[error("Not found")]
     NotFound,
+    #[error("Method not allowed")]
+    MethodNotAllowed,
 }
 
 impl ApiError {
@@ -48,6 +50,7 @@ impl ApiError {
         match self {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::ContextLength { .. } | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -67,6 +70,7 @@ impl ApiError {
             ApiError::Unavailable(_) => ("service_unavailable_error", Some("experts_unavailable")),
             ApiError::Internal(_) => ("internal_error", None),
             ApiError::NotFound => ("invalid_request_error", Some("not_found")),
+            ApiError::MethodNotAllowed => ("invalid_request_error", Some("method_not_allowed")),
         }
     }
 

@@ -10,8 +10,9 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -55,6 +56,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
@@ -148,13 +150,28 @@ enum Kind {
     Chat,
 }
 
-async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
+/// The body, or the error a client should see when it could not be read (too large:
+/// 413; otherwise 400), in OpenAI's shape rather than axum's plain text.
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|rejection| {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge(format!("request body exceeds {MAX_BODY_BYTES} bytes"))
+        } else {
+            ApiError::BadRequest {
+                message: format!("cannot read the request body: {}", rejection.body_text()),
+                param: None,
+            }
+        }
+    })
+}
+
+async fn completions(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
     let id = request_id("cmpl");
     let span = info_span!("request", %id, endpoint = "completions");
     async move {
         let result = async {
-            let req: CompletionRequest = parse_body(&body)?;
+            let req: CompletionRequest = parse_body(&read_body(body)?)?;
             let params = req.sampling.validate(&s.model_name)?;
             let prompt = match req.prompt.single()? {
                 Ok(text) => {
@@ -201,13 +218,16 @@ async fn completions(State(s): State<AppState>, body: Bytes) -> Response {
     .await
 }
 
-async fn chat_completions(State(s): State<AppState>, body: Bytes) -> Response {
+async fn chat_completions(
+    State(s): State<AppState>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
     let arrived = Instant::now();
     let id = request_id("chatcmpl");
     let span = info_span!("request", %id, endpoint = "chat");
     async move {
         let result = async {
-            let req: ChatRequest = parse_body(&body)?;
+            let req: ChatRequest = parse_body(&read_body(body)?)?;
             let params = req.sampling.validate(&s.model_name)?;
             if req.messages.is_empty() {
                 return Err(ApiError::bad("messages must not be empty", "messages"));

@@ -1,0 +1,101 @@
+"""Drives a Switchyard server with the official `openai` Python package, unchanged.
+
+Usage: python3 tests/openai_client.py http://127.0.0.1:PORT
+
+Exits 0 when every check passes. Run by tests/serving.rs against its cluster; needs
+`pip install openai`.
+"""
+
+import sys
+
+from openai import OpenAI
+
+MAX_TOKENS = 16
+
+
+def main(url: str) -> None:
+    # No retries: a retried failure would hide a server error behind a late success.
+    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+
+    models = client.models.list()
+    ids = [m.id for m in models.data]
+    assert len(ids) == 1, ids
+    model = ids[0]
+    assert models.data[0].object == "model", models.data[0]
+
+    # ignore_eos is vLLM's extension: it makes the length exact.
+    greedy = dict(temperature=0, max_tokens=MAX_TOKENS, extra_body={"ignore_eos": True})
+
+    # /v1/completions
+    prompt = "Mixture of Experts"
+    c = client.completions.create(model=model, prompt=prompt, **greedy)
+    assert c.object == "text_completion", c
+    assert c.model == model, c
+    assert len(c.choices) == 1, c
+    assert c.choices[0].index == 0, c
+    assert c.choices[0].finish_reason == "length", c
+    text = c.choices[0].text
+    assert isinstance(text, str) and text, c
+    assert c.usage.completion_tokens == MAX_TOKENS, c.usage
+    assert c.usage.total_tokens == c.usage.prompt_tokens + MAX_TOKENS, c.usage
+
+    pieces, finish, usage = [], None, None
+    for chunk in client.completions.create(
+        model=model,
+        prompt=prompt,
+        stream=True,
+        stream_options={"include_usage": True},
+        **greedy,
+    ):
+        assert chunk.object == "text_completion", chunk
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            pieces.append(choice.text)
+            finish = choice.finish_reason or finish
+    assert "".join(pieces) == text, ("".join(pieces), text)
+    assert finish == "length", finish
+    assert usage is not None and usage.completion_tokens == MAX_TOKENS, usage
+    assert usage.prompt_tokens == c.usage.prompt_tokens, usage
+
+    # /v1/chat/completions
+    messages = [{"role": "user", "content": "What is a Mixture of Experts?"}]
+    r = client.chat.completions.create(model=model, messages=messages, **greedy)
+    assert r.object == "chat.completion", r
+    assert r.choices[0].message.role == "assistant", r
+    assert r.choices[0].finish_reason == "length", r
+    answer = r.choices[0].message.content
+    assert isinstance(answer, str) and answer, r
+    assert r.usage.completion_tokens == MAX_TOKENS, r.usage
+
+    pieces, roles, finish, usage = [], [], None, None
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=messages,
+        stream=True,
+        stream_options={"include_usage": True},
+        **greedy,
+    ):
+        assert chunk.object == "chat.completion.chunk", chunk
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.delta.role is not None:
+                roles.append(choice.delta.role)
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            finish = choice.finish_reason or finish
+    assert roles[:1] == ["assistant"], roles
+    assert "".join(pieces) == answer, ("".join(pieces), answer)
+    assert finish == "length", finish
+    assert usage is not None, "no usage chunk"
+    assert usage.completion_tokens == MAX_TOKENS, usage
+    assert usage.prompt_tokens == r.usage.prompt_tokens, usage
+
+    print("openai client: all checks passed")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])
