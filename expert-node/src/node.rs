@@ -142,15 +142,24 @@ impl ExpertNode {
         };
         let store = Arc::clone(&self.store);
         let metrics = Arc::clone(&self.metrics);
-        // The expert math is CPU-bound: keep it off the async workers that drive I/O.
-        let result = spawn_blocking(move || {
+        let compute = move || {
             let store = store.read().unwrap_or_else(PoisonError::into_inner);
             work.run(&store).map(|(output, micros)| {
                 metrics.computed(work.layer, &work.assignments, micros);
                 (work.format, output, micros)
             })
-        })
-        .await;
+        };
+        // The expert math is CPU-bound and on the critical path of every layer. On a
+        // multi-threaded runtime it runs right here, with the worker's other tasks moved
+        // away (block_in_place), saving a hand-off to the blocking pool per request;
+        // elsewhere it goes to the blocking pool.
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let result = if multi_thread {
+            Ok(tokio::task::block_in_place(compute))
+        } else {
+            spawn_blocking(compute).await
+        };
         match result {
             Ok(Ok((format, output, micros))) => answer(req.id, format, output, micros),
             Ok(Err(e)) => self.refuse(&req, e),
