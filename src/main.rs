@@ -34,6 +34,8 @@ enum Command {
     Generate(cmd::generate::Args),
     /// Write a random checkpoint of any Mixtral shape, with a tokenizer.
     Synth(cmd::synth::Args),
+    /// Load-test any OpenAI-compatible server (flags and result keys of `vllm bench serve`).
+    Bench(cmd::bench::Args),
 }
 
 fn main() -> Result<std::process::ExitCode> {
@@ -46,6 +48,7 @@ fn main() -> Result<std::process::ExitCode> {
         Command::ExpertNode(args) => cmd::expert_node::run(args),
         Command::Generate(args) => cmd::generate::run(args),
         Command::Synth(args) => cmd::synth::run(args),
+        Command::Bench(args) => cmd::bench::run(args),
     }
 }
 

@@ -1,3 +1,4 @@
+pub mod bench;
 pub mod coordinator;
 pub mod expert_node;
 pub mod generate;
