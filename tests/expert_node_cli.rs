@@ -2,6 +2,7 @@
 //! gRPC, refuses a bad expert spec, and exits cleanly on SIGTERM.
 
 use std::io::{BufRead, BufReader};
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -102,4 +103,108 @@ fn expert_node_refuses_a_bad_expert_spec() {
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
+}
+
+/// Counts of tokens per (layer, expert) on the node's `/metrics` equal what was sent.
+#[test]
+fn expert_node_metrics_count_the_tokens_each_expert_computed() {
+    use switchyard_coordinator::placement::Placement;
+    use switchyard_coordinator::remote::{NodeLink, RemoteExperts};
+    use switchyard_engine::{Experts, Routing};
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_switchyard"))
+        .args([
+            "expert-node",
+            "--experts",
+            "all",
+            "--metrics-listen",
+            "127.0.0.1:0",
+            "--model",
+        ])
+        .arg(fixture())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _node = Node(child);
+    let mut lines = BufReader::new(stdout).lines();
+    let grpc = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .to_owned();
+    let metrics = lines
+        .next()
+        .unwrap()
+        .unwrap()
+        .strip_prefix("metrics on ")
+        .unwrap()
+        .to_owned();
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let link = runtime.block_on(NodeLink::connect(&grpc)).unwrap();
+    let placement = Placement::round_robin(4, 8, 1, 1).unwrap();
+    let experts = RemoteExperts::new(
+        runtime.handle().clone(),
+        vec![link],
+        placement,
+        64,
+        switchyard_proto::WireFormat::F32,
+        Duration::from_secs(10),
+    );
+    // Three tokens of layer 1 choosing (2, 7), (7, 2), (5, 2): expert 2 sees 3 tokens, 7 two, 5 one.
+    let routing = Routing {
+        k: 2,
+        experts: vec![2, 7, 7, 2, 5, 2],
+        weights: vec![0.5; 6],
+    };
+    let x: Vec<f32> = (0..3 * 64).map(|i| (i as f32 * 0.01).sin()).collect();
+    let y = experts.forward(1, &x, &routing).unwrap();
+    assert_eq!(y.len(), x.len());
+
+    let scrape = http_get(&metrics, "/metrics");
+    let count = |layer: u32, expert: u32| -> u64 {
+        let key = format!(
+            "switchyard_node_expert_tokens_total{{expert=\"{expert}\",layer=\"{layer}\"}} "
+        );
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("no {key} in:\n{scrape}"))
+    };
+    assert_eq!(count(1, 2), 3);
+    assert_eq!(count(1, 7), 2);
+    assert_eq!(count(1, 5), 1);
+    assert_eq!(count(0, 2), 0);
+    assert!(
+        scrape.contains("switchyard_node_forward_requests_total{outcome=\"ok\"} 1"),
+        "{scrape}"
+    );
+    assert!(
+        scrape.contains("switchyard_node_compute_seconds_count 1"),
+        "{scrape}"
+    );
+}
+
+/// A plain HTTP/1.0 GET, enough for a metrics page.
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(
+        out.starts_with("HTTP/1.0 200") || out.starts_with("HTTP/1.1 200"),
+        "{out}"
+    );
+    out
 }

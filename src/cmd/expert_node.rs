@@ -70,6 +70,8 @@ async fn serve_node(args: Args) -> Result<()> {
         let http = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding {addr} for metrics"))?;
+        // After the `listening on` line, which is what `up` waits for.
+        println!("metrics on {}", http.local_addr()?);
         let app = axum::Router::new().route(
             "/metrics",
             axum::routing::get(move || {
