@@ -206,6 +206,12 @@ pub struct DispatchStats {
     pub bytes_sent: u64,
 }
 
+/// Nodes that failed one attempt at a layer, and why.
+struct DispatchFailure {
+    failed: Vec<usize>,
+    error: ExpertError,
+}
+
 /// [`Experts`] implemented by expert nodes over gRPC.
 pub struct RemoteExperts {
     runtime: tokio::runtime::Handle,
@@ -289,17 +295,47 @@ impl RemoteExperts {
             .unwrap_or_default()
     }
 
+    /// One layer's work. When nodes fail (stream gone, deadline passed, an error answer),
+    /// the layer is planned again without them and sent again at once, so a token whose
+    /// expert has a replica elsewhere still gets its answer in this step. Only when some
+    /// expert has no usable holder left does the layer fail.
+    #[instrument(level = "debug", skip_all, fields(layer))]
     async fn dispatch(
         &self,
         layer: usize,
         x: &[f32],
         routing: &Routing,
     ) -> Result<Vec<f32>, ExpertError> {
+        let mut usable: Vec<bool> = self.nodes.iter().map(NodeLink::is_alive).collect();
+        loop {
+            match self.dispatch_once(layer, x, routing, &usable).await {
+                Ok(out) => return Ok(out),
+                Err(DispatchFailure { failed, error }) if !failed.is_empty() => {
+                    warn!(layer, %error, "dispatch failed on {} node(s): retrying on replicas", failed.len());
+                    for node in failed {
+                        usable[node] = false;
+                    }
+                }
+                Err(DispatchFailure { error, .. }) => return Err(error),
+            }
+        }
+    }
+
+    async fn dispatch_once(
+        &self,
+        layer: usize,
+        x: &[f32],
+        routing: &Routing,
+        usable: &[bool],
+    ) -> Result<Vec<f32>, DispatchFailure> {
         let h = self.hidden;
-        let live: Vec<bool> = self.nodes.iter().map(NodeLink::is_alive).collect();
-        let work = plan(layer, routing, &self.placement, &live).map_err(|(l, e)| {
-            ExpertError::Unavailable(format!("no live node holds expert {e} of layer {l}"))
-        })?;
+        let work =
+            plan(layer, routing, &self.placement, usable).map_err(|(l, e)| DispatchFailure {
+                failed: Vec::new(),
+                error: ExpertError::Unavailable(format!(
+                    "no live node holds expert {e} of layer {l}"
+                )),
+            })?;
         let started = Instant::now();
         let mut bytes_sent = 0u64;
         let calls = work
@@ -333,6 +369,8 @@ impl RemoteExperts {
         let answers = join_all(calls).await;
         let mut out = vec![0.0f32; routing.tokens() * h];
         let mut max_compute = 0;
+        let mut failed = Vec::new();
+        let mut first_error = None;
         for (node, answer, elapsed, received) in answers {
             let link = &self.nodes[node];
             if let Some(m) = &self.metrics {
@@ -343,25 +381,41 @@ impl RemoteExperts {
                     .with_label_values(&[link.addr(), "received"])
                     .inc_by(received);
             }
-            let resp = answer.map_err(ExpertError::Unavailable)?;
-            if resp.error_code != 0 {
-                return Err(ExpertError::Unavailable(format!(
-                    "node {} answered error {}: {}",
-                    link.addr, resp.error_code, resp.error
-                )));
-            }
-            let format = WireFormat::from_proto(resp.dtype)
-                .map_err(|e| ExpertError::Unavailable(format!("node {}: {e}", link.addr)))?;
+            let decoded = answer.and_then(|resp| {
+                if resp.error_code != 0 {
+                    return Err(format!(
+                        "node {} answered error {}: {}",
+                        link.addr, resp.error_code, resp.error
+                    ));
+                }
+                let format = WireFormat::from_proto(resp.dtype)
+                    .map_err(|e| format!("node {}: {e}", link.addr))?;
+                let y = decode_activations(&resp.output, format, work[node].tokens.len(), h)
+                    .map_err(|e| format!("node {}: {e}", link.addr))?;
+                Ok((y, resp.compute_micros))
+            });
+            let (y, compute_micros) = match decoded {
+                Ok(v) => v,
+                Err(e) => {
+                    failed.push(node);
+                    first_error.get_or_insert(e);
+                    continue;
+                }
+            };
             let tokens = &work[node].tokens;
-            let y = decode_activations(&resp.output, format, tokens.len(), h)
-                .map_err(|e| ExpertError::Unavailable(format!("node {}: {e}", link.addr)))?;
             for (row, &t) in y.chunks_exact(h).zip(tokens) {
                 let t = t as usize;
                 for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(row) {
                     *o += v;
                 }
             }
-            max_compute = max_compute.max(resp.compute_micros);
+            max_compute = max_compute.max(compute_micros);
+        }
+        if let Some(e) = first_error {
+            return Err(DispatchFailure {
+                failed,
+                error: ExpertError::Unavailable(e),
+            });
         }
         if let Ok(mut s) = self.stats.lock() {
             s.layers += 1;

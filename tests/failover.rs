@@ -1,0 +1,60 @@
+//! With replicas, losing an expert node mid-serving loses nothing: every request, those in
+//! flight included, completes with the output it would have had.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::{Cluster, expert_node, golden, golden_texts, greedy, post_ok, text_of};
+use serde_json::json;
+
+#[test]
+fn killing_a_node_with_replicas_fails_no_request_and_changes_no_output() {
+    let nodes: Vec<_> = (0..3).map(expert_node).collect();
+    let addrs: Vec<String> = nodes.iter().map(|(_, a)| a.clone()).collect();
+    let mut nodes: Vec<_> = nodes.into_iter().map(|(p, _)| p).collect();
+    let c = Arc::new(Cluster::coordinator(
+        &addrs,
+        &["--wire-dtype", "f32", "--replicas", "2"],
+    ));
+    let prompts: Vec<Vec<u32>> = golden().iter().map(|g| g.input_ids.clone()).collect();
+    let expected = golden_texts();
+    let lengths: Vec<usize> = golden().iter().map(|g| g.greedy_ids.len()).collect();
+
+    // Four clients keep sending the golden prompts; the node dies while they do.
+    let done = Arc::new(AtomicUsize::new(0));
+    let rounds = 6;
+    let clients: Vec<_> = (0..4)
+        .map(|client_index| {
+            let (c, done) = (c.clone(), done.clone());
+            let (prompts, expected, lengths) = (prompts.clone(), expected.clone(), lengths.clone());
+            std::thread::spawn(move || {
+                let client = c.client();
+                for round in 0..rounds {
+                    let i = (client_index + round) % prompts.len();
+                    let body = greedy(&c.model, json!(prompts[i]), lengths[i]);
+                    let v = post_ok(&client, "/v1/completions", &body);
+                    assert_eq!(text_of(&v), expected[i], "prompt {i}, round {round}");
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    // Kill once some requests have completed, so others are surely in flight.
+    while done.load(Ordering::SeqCst) < 4 {
+        std::thread::yield_now();
+    }
+    nodes[1].kill9();
+    for t in clients {
+        t.join().expect("a client saw a failure");
+    }
+    assert_eq!(done.load(Ordering::SeqCst), 4 * rounds);
+    // Every expert still has a live replica: the cluster keeps answering after the loss.
+    let v = post_ok(
+        &c.client(),
+        "/v1/completions",
+        &greedy(&c.model, json!(prompts[0]), lengths[0]),
+    );
+    assert_eq!(text_of(&v), expected[0]);
+}
