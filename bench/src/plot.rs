@@ -139,9 +139,11 @@ fn series(
         .x_label_area_size(36)
         .y_label_area_size(60)
         .build_cartesian_2d(0f64..right, 0f64..top)?;
+    // Small counts get ticks at fractions: show a decimal so labels do not repeat.
+    let decimals = if top < 10.0 { 1 } else { 0 };
     chart
         .configure_mesh()
-        .y_label_formatter(&|v| format!("{v:.0}"))
+        .y_label_formatter(&|v| format!("{v:.decimals$}"))
         .x_desc("seconds into the run")
         .y_desc(unit)
         .draw()?;
