@@ -36,6 +36,8 @@ enum Command {
     Synth(cmd::synth::Args),
     /// Load-test any OpenAI-compatible server (flags and result keys of `vllm bench serve`).
     Bench(cmd::bench::Args),
+    /// Write a development CA and certificates for mutual TLS between coordinator and nodes.
+    Certs(cmd::certs::Args),
 }
 
 fn main() -> Result<std::process::ExitCode> {
@@ -49,6 +51,7 @@ fn main() -> Result<std::process::ExitCode> {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Synth(args) => cmd::synth::run(args),
         Command::Bench(args) => cmd::bench::run(args),
+        Command::Certs(args) => cmd::certs::run(args),
     }
 }
 

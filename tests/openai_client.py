@@ -1,6 +1,9 @@
 """Drives a Switchyard server with the official `openai` Python package, unchanged.
 
-Usage: python3 tests/openai_client.py http://127.0.0.1:PORT
+Usage: python3 tests/openai_client.py http://127.0.0.1:PORT [API_KEY]
+
+With API_KEY, the client sends it (as `Authorization: Bearer`, which is what the package
+does with its api_key) and also checks that a wrong key is refused with 401.
 
 Exits 0 when every check passes. Run by tests/serving.rs against its cluster; needs
 `pip install openai`.
@@ -8,14 +11,25 @@ Exits 0 when every check passes. Run by tests/serving.rs against its cluster; ne
 
 import sys
 
+import openai
 from openai import OpenAI
 
 MAX_TOKENS = 16
 
 
-def main(url: str) -> None:
+def main(url: str, api_key: str | None) -> None:
     # No retries: a retried failure would hide a server error behind a late success.
-    client = OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
+    client = OpenAI(
+        base_url=url + "/v1", api_key=api_key or "unused", max_retries=0, timeout=30
+    )
+    if api_key is not None:
+        wrong = OpenAI(base_url=url + "/v1", api_key=api_key + "x", max_retries=0, timeout=30)
+        try:
+            wrong.models.list()
+            raise AssertionError("a wrong API key was accepted")
+        except openai.AuthenticationError as e:
+            assert e.status_code == 401, e
+            assert e.code == "invalid_api_key", e.body
 
     models = client.models.list()
     ids = [m.id for m in models.data]
@@ -96,6 +110,6 @@ def main(url: str) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) == 3 else None)

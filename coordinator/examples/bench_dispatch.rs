@@ -178,16 +178,18 @@ fn main() -> Result<(), BoxError> {
         let placement = Placement::round_robin(cfg.num_layers, cfg.num_experts, n, 1)?;
         let links = runtime.block_on(async {
             for a in &addrs {
-                wait_healthy(a, Duration::from_secs(60)).await?;
+                wait_healthy(a, Duration::from_secs(60), None).await?;
             }
-            RemoteExperts::connect_static(&addrs, &placement).await
+            RemoteExperts::connect_static(&addrs, &placement, None).await
         })?;
         let mut links = Some(links);
         for wire in [WireFormat::Bf16, WireFormat::F32] {
             // One set of links per wire format: rebuild from the same nodes.
             let l = match links.take() {
                 Some(l) => l,
-                None => runtime.block_on(RemoteExperts::connect_static(&addrs, &placement))?,
+                None => {
+                    runtime.block_on(RemoteExperts::connect_static(&addrs, &placement, None))?
+                }
             };
             let remote = Arc::new(RemoteExperts::new(
                 runtime.handle().clone(),

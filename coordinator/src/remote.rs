@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use switchyard_engine::{ExpertError, Experts, Routing};
 use switchyard_proto::pb::{ExpertRef, ExpertsRequest, ForwardRequest, ForwardResponse};
+use switchyard_proto::tls::{Tls, host_of};
 use switchyard_proto::{
     ExpertServiceClient, MAX_MESSAGE_BYTES, WireFormat, decode_activations, encode_activations,
 };
@@ -44,17 +45,27 @@ pub struct NodeLink {
     alive: Arc<AtomicBool>,
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, RemoteError> {
-    let uri = if addr.contains("://") {
-        addr.to_owned()
-    } else {
-        format!("http://{addr}")
+/// The endpoint of a node at `addr` (`HOST:PORT` or a URI). With `tls`, the connection
+/// is `https` and the node's certificate must chain to our CA and name `HOST`.
+fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, RemoteError> {
+    let bad = |reason: String| RemoteError::Address {
+        addr: addr.to_owned(),
+        reason,
     };
-    Ok(Endpoint::from_shared(uri)
-        .map_err(|e| RemoteError::Address {
-            addr: addr.to_owned(),
-            reason: e.to_string(),
-        })?
+    let rest = addr.split_once("://").map_or(addr, |(_, r)| r);
+    // tonic runs TLS only on `https` URIs and plaintext only on `http` ones: the scheme
+    // follows the configuration, whatever the address was written with.
+    let uri = match tls {
+        Some(_) => format!("https://{rest}"),
+        None => format!("http://{rest}"),
+    };
+    let mut endpoint = Endpoint::from_shared(uri).map_err(|e| bad(e.to_string()))?;
+    if let Some(tls) = tls {
+        endpoint = endpoint
+            .tls_config(tls.client_config(host_of(addr)))
+            .map_err(|e| bad(format!("TLS configuration: {e}")))?;
+    }
+    Ok(endpoint
         .tcp_nodelay(true)
         .connect_timeout(Duration::from_secs(5))
         // Activations of a prefill chunk are megabytes: small default windows would
@@ -66,13 +77,13 @@ fn endpoint(addr: &str) -> Result<Endpoint, RemoteError> {
 }
 
 impl NodeLink {
-    pub async fn connect(addr: &str) -> Result<Self, RemoteError> {
-        let channel = endpoint(addr)?
+    pub async fn connect(addr: &str, tls: Option<&Tls>) -> Result<Self, RemoteError> {
+        let channel = endpoint(addr, tls)?
             .connect()
             .await
             .map_err(|e| RemoteError::Connect {
                 addr: addr.to_owned(),
-                reason: e.to_string(),
+                reason: with_tls_hint(error_chain(&e), tls.is_some()),
             })?;
         let client = ExpertServiceClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -84,7 +95,9 @@ impl NodeLink {
             .await
             .map_err(|e| RemoteError::Connect {
                 addr: addr.to_owned(),
-                reason: e.message().to_owned(),
+                // A node that refuses our certificate does so after the handshake, so
+                // it shows here, with the reason in the status's sources.
+                reason: with_tls_hint(status_chain(&e), tls.is_some()),
             })?
             .into_inner();
         let pending: Pending = Arc::default();
@@ -267,8 +280,9 @@ impl RemoteExperts {
     pub async fn connect_static(
         addrs: &[String],
         placement: &Placement,
+        tls: Option<&Tls>,
     ) -> Result<Vec<NodeLink>, RemoteError> {
-        let links = join_all(addrs.iter().map(|a| NodeLink::connect(a)))
+        let links = join_all(addrs.iter().map(|a| NodeLink::connect(a, tls)))
             .await
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
@@ -438,14 +452,64 @@ impl Experts for RemoteExperts {
     }
 }
 
-/// Polls a node's `grpc.health.v1` until it reports SERVING or `timeout` passes.
-pub async fn wait_healthy(addr: &str, timeout: Duration) -> Result<(), RemoteError> {
+/// An error and its sources: tonic's transport error alone says only "transport error",
+/// its sources say why (refused, certificate not trusted, ...).
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        // Some layers repeat their source's text in their own.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
+/// A status's message and the sources under it (its own Display is a debug dump).
+fn status_chain(s: &tonic::Status) -> String {
+    use std::error::Error;
+    let mut out = s.message().to_owned();
+    let mut source = s.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
+
+/// A plaintext client talking to a TLS node sees only an HTTP/2 protocol error: say
+/// what it most likely means.
+fn with_tls_hint(reason: String, tls: bool) -> String {
+    if !tls && reason.contains("http2 error") {
+        format!(
+            "{reason} (if the node serves TLS, give the coordinator --tls-cert, --tls-key and --tls-ca)"
+        )
+    } else {
+        reason
+    }
+}
+
+/// Polls a node's `grpc.health.v1` until it reports SERVING or `timeout` passes (over
+/// mutual TLS when `tls` is given: a TLS node answers nothing else).
+pub async fn wait_healthy(
+    addr: &str,
+    timeout: Duration,
+    tls: Option<&Tls>,
+) -> Result<(), RemoteError> {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let deadline = Instant::now() + timeout;
     let mut last = String::from("not tried");
     while Instant::now() < deadline {
-        match endpoint(addr)?.connect().await {
+        match endpoint(addr, tls)?.connect().await {
             Ok(channel) => {
                 let reply = HealthClient::new(channel)
                     .check(HealthCheckRequest {
@@ -458,7 +522,7 @@ pub async fn wait_healthy(addr: &str, timeout: Duration) -> Result<(), RemoteErr
                     Err(s) => last = s.message().to_owned(),
                 }
             }
-            Err(e) => last = e.to_string(),
+            Err(e) => last = error_chain(&e),
         }
         // A node that is still loading answers NOT_SERVING or refuses the connection.
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -8,10 +8,11 @@ use std::time::Duration;
 use switchyard_engine::tokenizer::{Tokenizer, TokenizerError};
 use switchyard_engine::{ExpertSelection, ExpertStore, Experts, Mixtral, ModelError};
 use switchyard_proto::WireFormat;
+use switchyard_proto::tls::Tls;
 use tokio::net::TcpListener;
 use tracing::info;
 
-use crate::http::{AppState, HealthCheck, Refresh, router};
+use crate::http::{AppState, HealthCheck, HttpConfig, Refresh, router};
 use crate::metrics::{CountingExperts, Metrics};
 use crate::placement::{Placement, PlacementError};
 use crate::remote::{RemoteError, RemoteExperts};
@@ -42,6 +43,8 @@ pub enum ExpertsAt {
         replicas: usize,
         wire: WireFormat,
         timeout: Duration,
+        /// Mutual TLS to the nodes; `None` is plaintext.
+        tls: Option<Tls>,
     },
 }
 
@@ -51,6 +54,8 @@ pub struct CoordinatorConfig {
     pub served_model_name: Option<String>,
     pub experts: ExpertsAt,
     pub scheduler: SchedulerConfig,
+    /// API keys and request limits.
+    pub http: HttpConfig,
 }
 
 /// A coordinator ready to serve.
@@ -96,6 +101,7 @@ impl Coordinator {
                         replicas,
                         wire,
                         timeout,
+                        tls,
                     },
                     _,
                 ) => {
@@ -105,7 +111,8 @@ impl Coordinator {
                         addrs.len(),
                         *replicas,
                     )?;
-                    let links = RemoteExperts::connect_static(addrs, &placement).await?;
+                    let links =
+                        RemoteExperts::connect_static(addrs, &placement, tls.as_ref()).await?;
                     info!(
                         nodes = addrs.len(),
                         replicas,
@@ -181,6 +188,7 @@ impl Coordinator {
                 health,
                 metrics,
                 refresh_metrics: refresh,
+                http: Arc::new(cfg.http.clone()),
             },
         })
     }

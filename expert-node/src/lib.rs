@@ -17,5 +17,5 @@ mod spec;
 pub use error::NodeError;
 pub use metrics::NodeMetrics;
 pub use node::{ExpertNode, NodeConfig};
-pub use server::serve;
+pub use server::{serve, serve_with_tls};
 pub use spec::parse_expert_spec;

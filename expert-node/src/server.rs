@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_proto::tls::Tls;
 use switchyard_proto::{ExpertServiceServer, MAX_MESSAGE_BYTES};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
@@ -22,6 +23,10 @@ const CONNECTION_WINDOW_BYTES: u32 = 64 << 20;
 /// does not hold a stream (and its buffers) forever.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+/// A coordinator needs one Forward stream per node plus the odd unary call; a peer that
+/// opens hundreds on one connection is refused past this many, so one connection cannot
+/// queue unbounded work.
+const MAX_STREAMS_PER_CONNECTION: u32 = 32;
 /// How long shutdown waits for clients to finish the HTTP/2 goodbye. A client that is
 /// hung (or merely idle on a runtime nobody polls) never acknowledges it.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
@@ -33,6 +38,18 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub async fn serve(
     node: ExpertNode,
     listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), NodeError> {
+    serve_with_tls(node, listener, None, shutdown).await
+}
+
+/// [`serve`], with mutual TLS when `tls` is given: the listener then speaks TLS only
+/// (a plaintext client fails its handshake) and every client must present a certificate
+/// signed by the configured CA. A failed handshake drops that connection alone.
+pub async fn serve_with_tls(
+    node: ExpertNode,
+    listener: TcpListener,
+    tls: Option<&Tls>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let addr = listener.local_addr().ok();
@@ -65,12 +82,17 @@ pub async fn serve(
         let _ = drain_tx.send(());
     };
 
-    tracing::info!(node = %node.node_id(), addr = ?addr, "serving experts");
-    let server = Server::builder()
+    tracing::info!(node = %node.node_id(), addr = ?addr, tls = tls.is_some(), "serving experts");
+    let mut builder = Server::builder();
+    if let Some(tls) = tls {
+        builder = builder.tls_config(tls.server_config())?;
+    }
+    let server = builder
         .initial_stream_window_size(STREAM_WINDOW_BYTES)
         .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .add_service(health_service)
         .add_service(expert_service)
         .serve_with_incoming_shutdown(incoming, signal);

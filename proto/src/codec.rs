@@ -156,4 +156,63 @@ mod tests {
         assert!(WireFormat::from_proto(0).is_err());
         assert!(WireFormat::from_proto(99).is_err());
     }
+
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            // CI runs 1024 cases per property (a fraction of a second); PROPTEST_CASES raises it
+            // for a longer session (SECURITY.md).
+            #![proptest_config(ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(1024),
+                ..ProptestConfig::default()
+            })]
+
+            /// Any bytes with any declared shape: a length error, a non-finite error, or
+            /// exactly tokens x hidden values; never a panic or an allocation the bytes
+            /// do not justify.
+            #[test]
+            fn decoding_arbitrary_bytes_never_panics(
+                bytes in prop::collection::vec(any::<u8>(), 0..512),
+                tokens in prop_oneof![0usize..64, Just(usize::MAX), any::<usize>()],
+                hidden in prop_oneof![0usize..64, Just(usize::MAX / 2 + 1), any::<usize>()],
+                bf16 in any::<bool>(),
+            ) {
+                let format = if bf16 { WireFormat::Bf16 } else { WireFormat::F32 };
+                match decode_activations(&bytes, format, tokens, hidden) {
+                    Ok(v) => {
+                        prop_assert_eq!(v.len() * format.size(), bytes.len());
+                        prop_assert_eq!(Some(v.len()), tokens.checked_mul(hidden));
+                        prop_assert!(v.iter().all(|x| x.is_finite()));
+                    }
+                    Err(CodecError::Length { got, .. }) => prop_assert_eq!(got, bytes.len()),
+                    Err(CodecError::NonFinite(i)) => prop_assert!(i * format.size() < bytes.len()),
+                    Err(e) => prop_assert!(false, "unexpected {e}"),
+                }
+            }
+
+            /// Finite values survive the wire: exactly in f32, as bf16 rounds them in bf16.
+            #[test]
+            fn finite_values_round_trip(
+                values in prop::collection::vec(-1e30f32..1e30f32, 0..256),
+            ) {
+                let e = encode_activations(&values, WireFormat::F32);
+                prop_assert_eq!(decode_activations(&e, WireFormat::F32, 1, values.len()), Ok(values.clone()));
+                let e = encode_activations(&values, WireFormat::Bf16);
+                let d = decode_activations(&e, WireFormat::Bf16, values.len(), 1).unwrap();
+                for (a, b) in d.iter().zip(&values) {
+                    prop_assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
+                }
+            }
+
+            #[test]
+            fn any_dtype_number_is_known_or_refused(v in any::<i32>()) {
+                match WireFormat::from_proto(v) {
+                    Ok(f) => prop_assert_eq!(f.to_proto() as i32, v),
+                    Err(e) => prop_assert_eq!(e, CodecError::DType(v)),
+                }
+            }
+        }
+    }
 }

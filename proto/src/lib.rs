@@ -2,6 +2,7 @@
 //! `proto/expert.proto`) and the codec for activations on the wire.
 
 pub mod codec;
+pub mod tls;
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod pb {

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
 
-use super::serve_args::{ServeArgs, print_ready};
+use super::serve_args::{ServeArgs, TlsArgs, print_ready};
 use super::shutdown_signal;
 
 #[derive(clap::Args)]
@@ -20,6 +20,10 @@ pub struct Args {
     in_process: bool,
     #[command(flatten)]
     serve: ServeArgs,
+    /// Mutual TLS to the expert nodes: our client certificate, and the CA their
+    /// certificates must chain to (each must name the host given in --nodes).
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
@@ -33,6 +37,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             replicas: a.serve.replicas,
             wire: a.serve.wire_dtype,
             timeout: a.serve.expert_timeout(),
+            tls: a.tls.load()?,
         }
     };
     let cfg = CoordinatorConfig {
@@ -40,6 +45,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         served_model_name: a.serve.served_model_name.clone(),
         experts,
         scheduler: a.serve.scheduler()?,
+        http: a.serve.http()?,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -5,7 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, Result};
 use switchyard_engine::ModelConfig;
-use switchyard_expert_node::{ExpertNode, NodeConfig, parse_expert_spec, serve};
+use switchyard_expert_node::{ExpertNode, NodeConfig, parse_expert_spec, serve_with_tls};
+
+use super::serve_args::TlsArgs;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -25,6 +27,8 @@ pub struct Args {
     /// Name reported to coordinators [default: derived from the listen address].
     #[arg(long)]
     node_id: Option<String>,
+    #[command(flatten)]
+    tls: TlsArgs,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
@@ -40,6 +44,8 @@ async fn serve_node(args: Args) -> Result<()> {
     let config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let initial = parse_expert_spec(&args.experts, config.num_layers, config.num_experts)?;
+    // Before binding: a bad certificate path fails the start, not the first handshake.
+    let tls = args.tls.load()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
@@ -85,7 +91,7 @@ async fn serve_node(args: Args) -> Result<()> {
             }
         });
     }
-    serve(node, listener, super::shutdown_signal()).await?;
+    serve_with_tls(node, listener, tls.as_ref(), super::shutdown_signal()).await?;
     Ok(())
 }
 

@@ -1,4 +1,5 @@
 pub mod bench;
+pub mod certs;
 pub mod coordinator;
 pub mod expert_node;
 pub mod generate;

@@ -1,9 +1,45 @@
 //! Flags shared by `coordinator` and `up`.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
+use anyhow::Context;
+use switchyard_coordinator::http::HttpConfig;
+use switchyard_coordinator::http::auth::ApiKeys;
+use switchyard_coordinator::http::openai::Limits;
 use switchyard_coordinator::scheduler::SchedulerConfig;
 use switchyard_proto::WireFormat;
+use switchyard_proto::tls::{Tls, TlsFiles};
+
+/// Mutual TLS on the coordinator <-> expert-node gRPC link (`coordinator` and
+/// `expert-node`). All three or none; `switchyard certs` writes a development set.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub struct TlsArgs {
+    /// This process's certificate (PEM), signed by the --tls-ca.
+    #[arg(long, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA that must have signed the peer's certificate (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    pub fn files(&self) -> anyhow::Result<Option<TlsFiles>> {
+        Ok(TlsFiles::from_flags(
+            self.tls_cert.clone(),
+            self.tls_key.clone(),
+            self.tls_ca.clone(),
+        )?)
+    }
+
+    /// The loaded certificates, or `None` for plaintext.
+    pub fn load(&self) -> anyhow::Result<Option<Tls>> {
+        Ok(self.files()?.map(|f| f.load()).transpose()?)
+    }
+}
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {
@@ -40,6 +76,34 @@ pub struct ServeArgs {
     /// How long one layer's dispatch to an expert node may take before it counts as failed.
     #[arg(long, default_value_t = 30_000)]
     pub expert_timeout_ms: u64,
+    /// An API key clients must send as `Authorization: Bearer KEY` (repeat for several).
+    /// Keys in the comma-separated environment variable SWITCHYARD_API_KEYS count too,
+    /// and keep them out of `ps`. None given: the API is open.
+    #[arg(long = "api-key", value_name = "KEY")]
+    pub api_keys: Vec<String>,
+    /// Require the API key on /metrics too (/health is always open).
+    #[arg(long)]
+    pub metrics_require_key: bool,
+    /// Largest request body in bytes; larger ones get 413.
+    #[arg(long, default_value_t = 4 << 20)]
+    pub max_body_bytes: usize,
+    /// Longest prompt in tokens; longer ones get 413 [default: the model's context].
+    #[arg(long)]
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest `max_tokens` a request may ask for; more gets 400 [default: the model's
+    /// context]. Also caps the chat default ("as long as the context allows").
+    #[arg(long)]
+    pub max_completion_tokens: Option<usize>,
+    /// Most stop sequences in one request.
+    #[arg(long, default_value_t = 16)]
+    pub max_stop_sequences: usize,
+    /// Longest stop sequence, in bytes.
+    #[arg(long, default_value_t = 256)]
+    pub max_stop_bytes: usize,
+    /// Seconds a request may take from arrival to its last token; then its sequence is
+    /// cancelled and the client gets 504 (or a final error event when streaming). 0: none.
+    #[arg(long, default_value_t = 600.0)]
+    pub request_timeout_s: f64,
 }
 
 impl ServeArgs {
@@ -66,6 +130,45 @@ impl ServeArgs {
 
     pub fn expert_timeout(&self) -> Duration {
         Duration::from_millis(self.expert_timeout_ms)
+    }
+
+    /// API keys (flags, then SWITCHYARD_API_KEYS) and request limits.
+    pub fn http(&self) -> anyhow::Result<HttpConfig> {
+        let mut keys = self.api_keys.clone();
+        if let Ok(env) = std::env::var("SWITCHYARD_API_KEYS") {
+            keys.extend(ApiKeys::split_env(&env));
+        }
+        let api_keys = ApiKeys::new(keys).context("--api-key / SWITCHYARD_API_KEYS")?;
+        if self.metrics_require_key && api_keys.is_empty() {
+            anyhow::bail!(
+                "--metrics-require-key needs an API key (--api-key or SWITCHYARD_API_KEYS)"
+            );
+        }
+        for (name, v) in [
+            ("--max-body-bytes", Some(self.max_body_bytes)),
+            ("--max-prompt-tokens", self.max_prompt_tokens),
+            ("--max-completion-tokens", self.max_completion_tokens),
+        ] {
+            if v == Some(0) {
+                anyhow::bail!("{name} must be positive");
+            }
+        }
+        let t = self.request_timeout_s;
+        if !(t.is_finite() && t >= 0.0) {
+            anyhow::bail!("--request-timeout-s must be a number of seconds >= 0, got {t}");
+        }
+        Ok(HttpConfig {
+            api_keys,
+            metrics_require_key: self.metrics_require_key,
+            limits: Limits {
+                max_body_bytes: self.max_body_bytes,
+                max_prompt_tokens: self.max_prompt_tokens,
+                max_completion_tokens: self.max_completion_tokens,
+                max_stop_sequences: self.max_stop_sequences,
+                max_stop_bytes: self.max_stop_bytes,
+                request_timeout: (t > 0.0).then(|| Duration::from_secs_f64(t)),
+            },
+        })
     }
 }
 

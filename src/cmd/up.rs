@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use switchyard_coordinator::remote::wait_healthy;
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
+use switchyard_proto::tls::{TlsFiles, write_dev_certs};
 use tracing::{info, warn};
 
 use super::serve_args::{ServeArgs, print_ready};
@@ -29,6 +30,10 @@ pub struct Args {
     /// How long to wait for the nodes to load and report healthy.
     #[arg(long, default_value_t = 120)]
     startup_timeout_s: u64,
+    /// Mutual TLS between the coordinator and the nodes, with a development CA and
+    /// certificates made for this run in a temporary directory (removed on exit).
+    #[arg(long, conflicts_with = "in_process")]
+    tls: bool,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -68,7 +73,11 @@ impl Children {
     }
 }
 
-fn spawn_node(model: &PathBuf, index: usize) -> Result<(Child, mpsc::Receiver<Result<String>>)> {
+fn spawn_node(
+    model: &PathBuf,
+    index: usize,
+    tls: Option<&TlsFiles>,
+) -> Result<(Child, mpsc::Receiver<Result<String>>)> {
     let exe = std::env::current_exe().context("locating the switchyard binary")?;
     let mut cmd = Command::new(exe);
     cmd.arg("expert-node")
@@ -77,8 +86,16 @@ fn spawn_node(model: &PathBuf, index: usize) -> Result<(Child, mpsc::Receiver<Re
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--node-id")
-        .arg(format!("node-{index}"))
-        .stdin(Stdio::null())
+        .arg(format!("node-{index}"));
+    if let Some(t) = tls {
+        cmd.arg("--tls-cert")
+            .arg(&t.cert)
+            .arg("--tls-key")
+            .arg(&t.key)
+            .arg("--tls-ca")
+            .arg(&t.ca);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     #[cfg(target_os = "linux")]
@@ -132,6 +149,23 @@ pub fn run(a: Args) -> Result<ExitCode> {
         bail!("--nodes must be at least 1 (or use --in-process)");
     }
     let scheduler = a.serve.scheduler()?;
+    let http = a.serve.http()?;
+    // Kept until `up` returns; the nodes read their files at start-up.
+    let cert_dir = if a.tls {
+        let dir = tempfile::Builder::new()
+            .prefix("switchyard-up-tls-")
+            .tempdir()
+            .context("creating a directory for the development certificates")?;
+        let certs = write_dev_certs(dir.path(), a.nodes, &[])?;
+        info!(dir = %dir.path().display(), "mutual TLS with development certificates");
+        Some((dir, certs))
+    } else {
+        None
+    };
+    let coordinator_tls = match &cert_dir {
+        Some((_, certs)) => Some(certs.coordinator.load()?),
+        None => None,
+    };
     let started = Instant::now();
     let timeout = Duration::from_secs(a.startup_timeout_s);
 
@@ -141,7 +175,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if !a.in_process {
         let mut pending = Vec::new();
         for i in 0..a.nodes {
-            let (child, rx) = spawn_node(&model, i)?;
+            let tls = cert_dir.as_ref().map(|(_, c)| &c.nodes[i]);
+            let (child, rx) = spawn_node(&model, i, tls)?;
             children.0.push((i, child));
             pending.push(rx);
         }
@@ -162,7 +197,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let result = runtime.block_on(async {
         for addr in &addrs {
             let left = timeout.saturating_sub(started.elapsed());
-            wait_healthy(addr, left).await?;
+            wait_healthy(addr, left, coordinator_tls.as_ref()).await?;
         }
         let experts = if a.in_process {
             ExpertsAt::InProcess
@@ -172,6 +207,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 replicas: a.serve.replicas,
                 wire: a.serve.wire_dtype,
                 timeout: a.serve.expert_timeout(),
+                tls: coordinator_tls.clone(),
             }
         };
         let coordinator = Coordinator::start(CoordinatorConfig {
@@ -179,6 +215,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             served_model_name: a.serve.served_model_name.clone(),
             experts,
             scheduler,
+            http,
         })
         .await?;
         let listener = tokio::net::TcpListener::bind((a.serve.host.as_str(), a.serve.port))
@@ -188,7 +225,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let what = if a.in_process {
             "experts in process".to_string()
         } else {
-            format!("coordinator + {} expert nodes", addrs.len())
+            format!(
+                "coordinator + {} expert nodes{}",
+                addrs.len(),
+                if a.tls { ", mutual TLS" } else { "" }
+            )
         };
         print_ready(&url, &coordinator.state().model_name, &what);
 
@@ -226,6 +267,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         outcome
     });
     drop(children);
+    drop(cert_dir);
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
         Err(e) => {

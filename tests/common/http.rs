@@ -53,6 +53,8 @@ fn find_header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a st
 #[derive(Clone, Debug)]
 pub struct Client {
     addr: SocketAddr,
+    /// Sent with every request (e.g. `Authorization`).
+    headers: Vec<(String, String)>,
 }
 
 impl Client {
@@ -64,7 +66,22 @@ impl Client {
         let addr = hostport
             .parse()
             .unwrap_or_else(|e| panic!("{base_url}: not http://IP:PORT ({e})"));
-        Client { addr }
+        Client {
+            addr,
+            headers: Vec::new(),
+        }
+    }
+
+    /// The same client, sending `name: value` with every request.
+    pub fn with_header(&self, name: &str, value: &str) -> Client {
+        let mut c = self.clone();
+        c.headers.push((name.to_owned(), value.to_owned()));
+        c
+    }
+
+    /// The same client, sending `Authorization: Bearer KEY`.
+    pub fn with_key(&self, key: &str) -> Client {
+        self.with_header("Authorization", &format!("Bearer {key}"))
     }
 
     pub fn get(&self, path: &str) -> io::Result<Response> {
@@ -100,6 +117,9 @@ impl Client {
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: */*\r\n",
             self.addr
         );
+        for (name, value) in &self.headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
         if let Some(b) = body {
             req.push_str("Content-Type: application/json\r\n");
             req.push_str(&format!("Content-Length: {}\r\n", b.len()));

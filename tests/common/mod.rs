@@ -257,6 +257,16 @@ impl Cluster {
         Cluster::start("up", cmd)
     }
 
+    /// [`Cluster::up`] with extra environment variables.
+    pub fn up_env(args: &[&str], env: &[(&str, &str)]) -> Cluster {
+        let mut cmd = Command::new(exe());
+        cmd.args(["up", "--port", "0"]).args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        Cluster::start("up", cmd)
+    }
+
     /// `switchyard coordinator --port 0 --model DIR --nodes A,B,.. ARGS...`.
     pub fn coordinator(nodes: &[String], args: &[&str]) -> Cluster {
         let mut cmd = Command::new(exe());
@@ -299,6 +309,35 @@ pub fn expert_node(index: usize) -> (Proc, String) {
     cmd.args(["expert-node", "--listen", "127.0.0.1:0", "--model"])
         .arg(tiny_model());
     Proc::start(&format!("expert-node-{index}"), cmd, "listening on ")
+}
+
+/// Runs `cmd` to its end (at most `timeout`) and returns its status and stderr; for
+/// commands that must refuse to start.
+pub fn run_to_exit(mut cmd: Command, timeout: Duration) -> (std::process::ExitStatus, String) {
+    let log = tempfile::NamedTempFile::new().expect("creating a log file");
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log.reopen().expect("reopening the log file")));
+    let mut child = spawn_kept(cmd).expect("starting the command");
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "still running after {timeout:?}; stderr:\n{}",
+                std::fs::read_to_string(log.path()).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (
+        status,
+        std::fs::read_to_string(log.path()).unwrap_or_default(),
+    )
 }
 
 /// POSTs `body` and requires 200; returns the JSON body.

@@ -26,6 +26,12 @@ pub enum ApiError {
     },
     #[error("{0}")]
     TooLarge(String),
+    #[error("The prompt is {tokens} tokens long; this server accepts at most {limit}.")]
+    PromptTooLong { tokens: usize, limit: usize },
+    #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Timeout(String),
     #[error("{0}")]
     QueueFull(String),
     #[error("{0}")]
@@ -51,7 +57,11 @@ impl ApiError {
             ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
             ApiError::ModelNotFound(_) | ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::ContextLength { .. } | ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::ContextLength { .. }
+            | ApiError::TooLarge(_)
+            | ApiError::PromptTooLong { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
             ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -66,6 +76,10 @@ impl ApiError {
                 ("invalid_request_error", Some("context_length_exceeded"))
             }
             ApiError::TooLarge(_) => ("invalid_request_error", Some("request_too_large")),
+            ApiError::PromptTooLong { .. } => ("invalid_request_error", Some("prompt_too_long")),
+            // What OpenAI answers for a missing or wrong key.
+            ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
+            ApiError::Timeout(_) => ("timeout_error", Some("request_timeout")),
             ApiError::QueueFull(_) => ("rate_limit_error", Some("queue_full")),
             ApiError::Unavailable(_) => ("service_unavailable_error", Some("experts_unavailable")),
             ApiError::Internal(_) => ("internal_error", None),
@@ -81,6 +95,7 @@ impl ApiError {
             ApiError::BadRequest { param, .. } => *param,
             ApiError::ModelNotFound(_) => Some("model"),
             ApiError::ContextLength { .. } => Some("max_tokens"),
+            ApiError::PromptTooLong { .. } => Some("prompt"),
             _ => None,
         };
         json!({
@@ -112,6 +127,10 @@ impl IntoResponse for ApiError {
         if matches!(self, ApiError::QueueFull(_)) {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if matches!(self, ApiError::Unauthorized(_)) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         resp
     }

@@ -1,12 +1,13 @@
 //! The OpenAI-compatible HTTP API: `/v1/completions`, `/v1/chat/completions` (both with
 //! SSE streaming), `/v1/models`, `/health`.
 
+pub mod auth;
 pub mod error;
 pub mod openai;
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -26,11 +27,22 @@ use tracing::{Instrument, info_span};
 use crate::metrics::Metrics;
 use crate::request::{Event, FinishReason, GenerateRequest, Usage};
 use crate::scheduler::SchedulerHandle;
+use auth::ApiKeys;
 use error::ApiError;
-use openai::{ChatRequest, CompletionRequest, Params, parse_body};
+use openai::{InputContext, Limits, Params, chat_input, completion_input};
 
-/// Largest request body accepted.
+/// Largest request body accepted by default (`--max-body-bytes`).
 pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+/// Who may call the API and what a request may ask for.
+#[derive(Debug, Clone, Default)]
+pub struct HttpConfig {
+    /// Empty: no key needed.
+    pub api_keys: ApiKeys,
+    /// Whether `/metrics` needs a key too (it is open by default, for scrapers).
+    pub metrics_require_key: bool,
+    pub limits: Limits,
+}
 
 pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
 /// Brings scrape-time gauges (node liveness) up to date.
@@ -46,9 +58,11 @@ pub struct AppState {
     pub health: HealthCheck,
     pub metrics: Arc<Metrics>,
     pub refresh_metrics: Refresh,
+    pub http: Arc<HttpConfig>,
 }
 
 pub fn router(state: AppState) -> Router {
+    let body_limit = state.http.limits.max_body_bytes;
     Router::new()
         .route("/v1/completions", post(completions))
         .route("/v1/chat/completions", post(chat_completions))
@@ -57,11 +71,17 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::NotFound })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        // Inside the counter, so refusals show in the request metrics; before routing, so
+        // a caller without a key learns nothing, not even which paths exist.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_key,
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             count_requests,
         ))
-        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(DefaultBodyLimit::max(body_limit))
         .with_state(state)
 }
 
@@ -152,10 +172,10 @@ enum Kind {
 
 /// The body, or the error a client should see when it could not be read (too large:
 /// 413; otherwise 400), in OpenAI's shape rather than axum's plain text.
-fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::TooLarge(format!("request body exceeds {MAX_BODY_BYTES} bytes"))
+            ApiError::TooLarge(format!("request body exceeds {limit} bytes"))
         } else {
             ApiError::BadRequest {
                 message: format!("cannot read the request body: {}", rejection.body_text()),
@@ -165,46 +185,27 @@ fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
     })
 }
 
+/// What the input checks need from the server's state.
+fn input_context(s: &AppState) -> InputContext<'_> {
+    InputContext {
+        model_name: &s.model_name,
+        limits: &s.http.limits,
+        tokenizer: &s.tokenizer,
+        vocab_size: s.vocab_size,
+    }
+}
+
 async fn completions(State(s): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let arrived = Instant::now();
     let id = request_id("cmpl");
     let span = info_span!("request", %id, endpoint = "completions");
     async move {
         let result = async {
-            let req: CompletionRequest = parse_body(&read_body(body)?)?;
-            let params = req.sampling.validate(&s.model_name)?;
-            let prompt = match req.prompt.single()? {
-                Ok(text) => {
-                    if text.is_empty() {
-                        return Err(ApiError::bad("prompt must not be empty", "prompt"));
-                    }
-                    s.tokenizer
-                        .encode(&text, true)
-                        .map_err(|e| ApiError::Internal(e.to_string()))?
-                }
-                Err(ids) => {
-                    if ids.is_empty() {
-                        return Err(ApiError::bad("prompt must not be empty", "prompt"));
-                    }
-                    ids.iter()
-                        .map(|&t| {
-                            u32::try_from(t)
-                                .ok()
-                                .filter(|t| (*t as usize) < s.vocab_size)
-                                .ok_or_else(|| {
-                                    ApiError::bad(
-                                        format!(
-                                            "token id {t} is outside the vocabulary (0..{})",
-                                            s.vocab_size
-                                        ),
-                                        "prompt",
-                                    )
-                                })
-                        })
-                        .collect::<Result<Vec<u32>, _>>()?
-                }
-            };
-            Ok((prompt, params))
+            let body = read_body(body, s.http.limits.max_body_bytes)?;
+            let st = s.clone();
+            // Parsing and tokenising up to the body limit is CPU work: off the async
+            // workers, so one large request does not stall every other connection.
+            blocking(move || completion_input(&body, &input_context(&st))).await?
         }
         .await;
         match result {
@@ -227,21 +228,9 @@ async fn chat_completions(
     let span = info_span!("request", %id, endpoint = "chat");
     async move {
         let result = async {
-            let req: ChatRequest = parse_body(&read_body(body)?)?;
-            let params = req.sampling.validate(&s.model_name)?;
-            if req.messages.is_empty() {
-                return Err(ApiError::bad("messages must not be empty", "messages"));
-            }
-            let messages = req
-                .messages
-                .iter()
-                .map(|m| m.to_chat())
-                .collect::<Result<Vec<_>, _>>()?;
-            let prompt = s
-                .tokenizer
-                .encode_chat(&messages)
-                .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
-            Ok((prompt, params))
+            let body = read_body(body, s.http.limits.max_body_bytes)?;
+            let st = s.clone();
+            blocking(move || chat_input(&body, &input_context(&st))).await?
         }
         .await;
         match result {
@@ -265,12 +254,25 @@ async fn generate(
     params: Params,
     default_max_tokens: usize,
 ) -> Response {
+    let limits = &s.http.limits;
+    if let Some(limit) = limits.max_prompt_tokens
+        && prompt.len() > limit
+    {
+        return ApiError::PromptTooLong {
+            tokens: prompt.len(),
+            limit,
+        }
+        .into_response();
+    }
     let room = s.context_len.saturating_sub(prompt.len());
     let max_tokens = match params.max_tokens {
         Some(n) => n,
         None if room == 0 => 1, // reported below as a context-length error
-        None => default_max_tokens.min(room),
+        None => default_max_tokens
+            .min(room)
+            .min(limits.max_completion_tokens.unwrap_or(usize::MAX)),
     };
+    let deadline = Deadline::new(arrived, limits.request_timeout);
     if prompt.len().saturating_add(max_tokens) > s.context_len {
         return ApiError::ContextLength {
             context: s.context_len,
@@ -296,10 +298,11 @@ async fn generate(
     }
     // Wait for the first event so a request that fails before producing anything gets a
     // real error status rather than a 200 stream holding an error.
-    let first = match rx.recv().await {
-        Some(Event::Error(e)) => return ApiError::from(e).into_response(),
-        Some(ev) => ev,
-        None => {
+    let first = match deadline.recv(&mut rx).await {
+        Err(e) => return e.into_response(),
+        Ok(Some(Event::Error(e))) => return ApiError::from(e).into_response(),
+        Ok(Some(ev)) => ev,
+        Ok(None) => {
             return ApiError::Internal("generation ended without a result".into()).into_response();
         }
     };
@@ -311,8 +314,11 @@ async fn generate(
             created,
             s.model_name.clone(),
             params.include_usage,
-            first,
-            rx,
+            Generation {
+                first,
+                rx,
+                deadline,
+            },
         );
         Sse::new(stream)
             .keep_alive(KeepAlive::default())
@@ -346,9 +352,59 @@ async fn generate(
                         .into_response();
                 }
             }
-            ev = rx.recv().await;
+            // Returning drops `rx`, which tells the scheduler to drop the sequence and
+            // free its KV-cache blocks.
+            ev = match deadline.recv(&mut rx).await {
+                Ok(ev) => ev,
+                Err(e) => return e.into_response(),
+            };
         }
     }
+}
+
+/// When a request must be done by (`--request-timeout-s`).
+#[derive(Debug, Clone, Copy)]
+struct Deadline {
+    at: Option<tokio::time::Instant>,
+    limit: Duration,
+}
+
+impl Deadline {
+    /// Counted from arrival: time spent queued is part of the client's wait.
+    fn new(arrived: Instant, limit: Option<Duration>) -> Self {
+        Deadline {
+            at: limit
+                .and_then(|t| arrived.checked_add(t))
+                .map(tokio::time::Instant::from_std),
+            limit: limit.unwrap_or_default(),
+        }
+    }
+
+    /// The next event, or the time-out error once the deadline passes.
+    async fn recv(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<Event>,
+    ) -> Result<Option<Event>, ApiError> {
+        match self.at {
+            None => Ok(rx.recv().await),
+            Some(at) => tokio::time::timeout_at(at, rx.recv()).await.map_err(|_| {
+                ApiError::Timeout(format!(
+                    "the request did not finish within the server's limit of {} s (--request-timeout-s) and was cancelled",
+                    self.limit.as_secs_f64()
+                ))
+            }),
+        }
+    }
+}
+
+/// Runs CPU-bound work (parsing and tokenising a body of up to the size limit) on the
+/// blocking pool.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ApiError::Internal(format!("request parsing task failed: {e}")))
 }
 
 fn full_response(
@@ -405,15 +461,27 @@ fn chunk(
     }
 }
 
+/// A running generation as the response sees it: its first event, the rest, and when it
+/// must be done by.
+struct Generation {
+    first: Event,
+    rx: mpsc::UnboundedReceiver<Event>,
+    deadline: Deadline,
+}
+
 fn sse_stream(
     kind: Kind,
     id: String,
     created: u64,
     model: String,
     include_usage: bool,
-    first: Event,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    generation: Generation,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    let Generation {
+        first,
+        mut rx,
+        deadline,
+    } = generation;
     async_stream(move |tx| async move {
         let send = |v: Value| SseEvent::default().data(v.to_string());
         if kind == Kind::Chat {
@@ -482,7 +550,16 @@ fn sse_stream(
                 // The client went away: dropping `rx` tells the scheduler to free it.
                 return;
             }
-            ev = rx.recv().await;
+            ev = match deadline.recv(&mut rx).await {
+                Ok(ev) => ev,
+                Err(e) => {
+                    // The status line went out long ago: the error travels as the last
+                    // event, and returning drops `rx`, which cancels the sequence.
+                    let _ = tx.send(send(e.body())).await;
+                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+                    return;
+                }
+            };
             if ev.is_none() {
                 return;
             }

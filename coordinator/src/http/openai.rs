@@ -3,12 +3,40 @@
 use serde::Deserialize;
 use serde_json::Value;
 use switchyard_engine::SamplingParams;
-use switchyard_engine::tokenizer::ChatMessage;
+use switchyard_engine::tokenizer::{ChatMessage, Tokenizer};
 
 use super::error::ApiError;
 
-pub const MAX_STOP_SEQUENCES: usize = 16;
-pub const MAX_STOP_BYTES: usize = 256;
+/// What a request may ask for. Each is a flag of `up` and `coordinator` (README).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest request body, in bytes (`--max-body-bytes`).
+    pub max_body_bytes: usize,
+    /// Longest prompt in tokens (`--max-prompt-tokens`); `None`: the model's context.
+    pub max_prompt_tokens: Option<usize>,
+    /// Largest `max_tokens` (`--max-completion-tokens`); `None`: the model's context.
+    pub max_completion_tokens: Option<usize>,
+    /// Most stop sequences in one request (`--max-stop-sequences`).
+    pub max_stop_sequences: usize,
+    /// Longest stop sequence, in bytes (`--max-stop-bytes`): every step compares each
+    /// against the text's tail, so their size is per-token work.
+    pub max_stop_bytes: usize,
+    /// How long a request may run before it is cancelled (`--request-timeout-s`).
+    pub request_timeout: Option<std::time::Duration>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: super::MAX_BODY_BYTES,
+            max_prompt_tokens: None,
+            max_completion_tokens: None,
+            max_stop_sequences: 16,
+            max_stop_bytes: 256,
+            request_timeout: Some(std::time::Duration::from_secs(600)),
+        }
+    }
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
@@ -111,7 +139,7 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 }
 
 impl Sampling {
-    pub fn validate(&self, served_model: &str) -> Result<Params, ApiError> {
+    pub fn validate(&self, served_model: &str, limits: &Limits) -> Result<Params, ApiError> {
         if let Some(m) = &self.model
             && m != served_model
         {
@@ -150,6 +178,14 @@ impl Sampling {
                 ));
             }
         };
+        if let (Some(n), Some(limit)) = (max_tokens, limits.max_completion_tokens)
+            && n > limit
+        {
+            return Err(ApiError::bad(
+                format!("max_tokens must be at most {limit} on this server, got {n}"),
+                "max_tokens",
+            ));
+        }
         let temperature = self.temperature.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&temperature) {
             return Err(ApiError::bad(
@@ -157,8 +193,16 @@ impl Sampling {
                 "temperature",
             ));
         }
+        // Sampling divides logits by the temperature in f32: below 1e-5 that overflows to
+        // Inf and the distribution to NaN, so such temperatures mean greedy (as in vLLM).
+        let temperature = if temperature < 1e-5 {
+            0.0
+        } else {
+            temperature as f32
+        };
         let top_p = self.top_p.unwrap_or(1.0);
-        if !(top_p > 0.0 && top_p <= 1.0) {
+        // Checked as the f32 the sampler gets: a tiny positive f64 (1e-300) becomes 0.
+        if !(top_p > 0.0 && top_p <= 1.0 && top_p as f32 > 0.0) {
             return Err(ApiError::bad(
                 format!("top_p must be in (0, 1], got {top_p}"),
                 "top_p",
@@ -181,10 +225,11 @@ impl Sampling {
             Some(Stop::One(s)) => vec![s.clone()],
             Some(Stop::Many(v)) => v.clone(),
         };
-        if stop.len() > MAX_STOP_SEQUENCES {
+        if stop.len() > limits.max_stop_sequences {
             return Err(ApiError::bad(
                 format!(
-                    "at most {MAX_STOP_SEQUENCES} stop sequences, got {}",
+                    "at most {} stop sequences, got {}",
+                    limits.max_stop_sequences,
                     stop.len()
                 ),
                 "stop",
@@ -192,11 +237,12 @@ impl Sampling {
         }
         if let Some(s) = stop
             .iter()
-            .find(|s| s.len() > MAX_STOP_BYTES || s.is_empty())
+            .find(|s| s.len() > limits.max_stop_bytes || s.is_empty())
         {
             return Err(ApiError::bad(
                 format!(
-                    "stop sequences must be 1 to {MAX_STOP_BYTES} bytes, got {} bytes",
+                    "stop sequences must be 1 to {} bytes, got {} bytes",
+                    limits.max_stop_bytes,
                     s.len()
                 ),
                 "stop",
@@ -205,7 +251,7 @@ impl Sampling {
         Ok(Params {
             max_tokens,
             sampling: SamplingParams {
-                temperature: temperature as f32,
+                temperature,
                 top_p: top_p as f32,
                 top_k,
             },
@@ -219,6 +265,77 @@ impl Sampling {
                 .is_some_and(|o| o.include_usage),
         })
     }
+}
+
+/// What turning a body into a prompt needs to know about the server.
+pub struct InputContext<'a> {
+    pub model_name: &'a str,
+    pub limits: &'a Limits,
+    pub tokenizer: &'a Tokenizer,
+    pub vocab_size: usize,
+}
+
+/// A `/v1/completions` body to prompt tokens and parameters: parsing, every check that
+/// needs no scheduler, tokenisation. Synchronous and free of I/O, so it can be fuzzed;
+/// any input gives `Ok` or an [`ApiError`], never a panic.
+pub fn completion_input(
+    body: &[u8],
+    cx: &InputContext<'_>,
+) -> Result<(Vec<u32>, Params), ApiError> {
+    let req: CompletionRequest = parse_body(body)?;
+    let params = req.sampling.validate(cx.model_name, cx.limits)?;
+    let prompt = match req.prompt.single()? {
+        Ok(text) => {
+            if text.is_empty() {
+                return Err(ApiError::bad("prompt must not be empty", "prompt"));
+            }
+            cx.tokenizer
+                .encode(&text, true)
+                .map_err(|e| ApiError::Internal(e.to_string()))?
+        }
+        Err(ids) => {
+            if ids.is_empty() {
+                return Err(ApiError::bad("prompt must not be empty", "prompt"));
+            }
+            ids.iter()
+                .map(|&t| {
+                    u32::try_from(t)
+                        .ok()
+                        .filter(|t| (*t as usize) < cx.vocab_size)
+                        .ok_or_else(|| {
+                            ApiError::bad(
+                                format!(
+                                    "token id {t} is outside the vocabulary (0..{})",
+                                    cx.vocab_size
+                                ),
+                                "prompt",
+                            )
+                        })
+                })
+                .collect::<Result<Vec<u32>, _>>()?
+        }
+    };
+    Ok((prompt, params))
+}
+
+/// [`completion_input`] for `/v1/chat/completions`: messages rendered by the model's
+/// chat template, then tokenised.
+pub fn chat_input(body: &[u8], cx: &InputContext<'_>) -> Result<(Vec<u32>, Params), ApiError> {
+    let req: ChatRequest = parse_body(body)?;
+    let params = req.sampling.validate(cx.model_name, cx.limits)?;
+    if req.messages.is_empty() {
+        return Err(ApiError::bad("messages must not be empty", "messages"));
+    }
+    let messages = req
+        .messages
+        .iter()
+        .map(|m| m.to_chat())
+        .collect::<Result<Vec<_>, _>>()?;
+    let prompt = cx
+        .tokenizer
+        .encode_chat(&messages)
+        .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
+    Ok((prompt, params))
 }
 
 impl Prompt {
@@ -290,7 +407,7 @@ mod tests {
     use super::*;
 
     fn sampling(json: &str) -> Result<Params, ApiError> {
-        parse_body::<Sampling>(json.as_bytes())?.validate("m")
+        parse_body::<Sampling>(json.as_bytes())?.validate("m", &Limits::default())
     }
 
     #[test]
@@ -347,5 +464,221 @@ mod tests {
         assert_eq!(p.prompt.single().unwrap(), Ok("hi".to_string()));
         let p: CompletionRequest = parse_body(br#"{"prompt": ["a", "b"]}"#).unwrap();
         assert!(p.prompt.single().is_err());
+    }
+
+    /// Property tests: whatever bytes or JSON arrive, parsing and validation end in `Ok`
+    /// or an [`ApiError`] (never a panic), and every error renders OpenAI's shape with a
+    /// 4xx status. Case counts keep the whole module to a few seconds (SECURITY.md).
+    mod fuzz {
+        use super::*;
+        use proptest::prelude::*;
+        use serde_json::{Map, json};
+        use std::sync::OnceLock;
+
+        fn tokenizer() -> &'static Tokenizer {
+            static T: OnceLock<Tokenizer> = OnceLock::new();
+            T.get_or_init(|| {
+                let dir = concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/../tests/fixtures/mixtral-tiny"
+                );
+                Tokenizer::from_dir(std::path::Path::new(dir)).expect("fixture tokenizer")
+            })
+        }
+
+        fn limits() -> Limits {
+            Limits {
+                max_completion_tokens: Some(100),
+                ..Limits::default()
+            }
+        }
+
+        /// Runs both endpoints' input path and checks the outcome's shape.
+        fn check(body: &[u8]) {
+            let limits = limits();
+            let cx = InputContext {
+                model_name: "m",
+                limits: &limits,
+                tokenizer: tokenizer(),
+                vocab_size: 512,
+            };
+            for result in [completion_input(body, &cx), chat_input(body, &cx)] {
+                match result {
+                    Ok((prompt, params)) => {
+                        assert!(!prompt.is_empty());
+                        assert!(prompt.iter().all(|&t| (t as usize) < 512));
+                        let t = params.sampling.temperature;
+                        assert!(t == 0.0 || (1e-5..=2.0).contains(&t), "temperature {t}");
+                        assert!(params.sampling.top_p > 0.0 && params.sampling.top_p <= 1.0);
+                        assert!(params.max_tokens.is_none_or(|n| (1..=100).contains(&n)));
+                        assert!(params.stop.len() <= limits.max_stop_sequences);
+                    }
+                    Err(e) => {
+                        let status = e.status().as_u16();
+                        assert!((400..500).contains(&status), "{e:?} -> {status}");
+                        let body = e.body();
+                        assert!(body["error"]["message"].is_string(), "{body}");
+                        assert!(body["error"]["type"].is_string(), "{body}");
+                    }
+                }
+            }
+        }
+
+        /// Field names both endpoints read, so that random objects reach validation.
+        const KEYS: [&str; 16] = [
+            "model",
+            "prompt",
+            "messages",
+            "max_tokens",
+            "max_completion_tokens",
+            "temperature",
+            "top_p",
+            "top_k",
+            "seed",
+            "stop",
+            "n",
+            "stream",
+            "logprobs",
+            "role",
+            "content",
+            "ignore_eos",
+        ];
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just(String::new()),
+                Just("m".to_string()),
+                Just("user".to_string()),
+                Just("[INST] </s> {{ x }} {% if %}".to_string()),
+                "\\PC{0,40}",
+            ]
+        }
+
+        fn json_value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                (-3i64..600).prop_map(Value::from),
+                any::<f64>().prop_map(|f| json!(f)),
+                text().prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::from),
+                    prop::collection::vec((prop::sample::select(&KEYS[..]), inner), 0..6).prop_map(
+                        |kv| {
+                            Value::Object(
+                                kv.into_iter()
+                                    .map(|(k, v)| (k.to_string(), v))
+                                    .collect::<Map<_, _>>(),
+                            )
+                        }
+                    ),
+                ]
+            })
+        }
+
+        /// A plausible request with some fields replaced by arbitrary values.
+        fn request() -> impl Strategy<Value = Value> {
+            let messages = prop::collection::vec(
+                (
+                    prop::sample::select(
+                        &["user", "assistant", "system", "developer", "tool", ""][..],
+                    ),
+                    prop_oneof![text().prop_map(Value::from), json_value()],
+                ),
+                0..5,
+            )
+            .prop_map(|m| {
+                Value::from(
+                    m.into_iter()
+                        .map(|(role, content)| json!({"role": role, "content": content}))
+                        .collect::<Vec<_>>(),
+                )
+            });
+            (
+                prop_oneof![text().prop_map(Value::from), json_value()],
+                messages,
+                prop::collection::vec((prop::sample::select(&KEYS[..]), json_value()), 0..4),
+            )
+                .prop_map(|(prompt, messages, extra)| {
+                    let mut v = json!({"model": "m", "prompt": prompt, "messages": messages});
+                    for (k, x) in extra {
+                        v[k] = x;
+                    }
+                    v
+                })
+        }
+
+        proptest! {
+            // CI runs 512 cases per property (a fraction of a second); PROPTEST_CASES raises it
+            // for a longer session (SECURITY.md).
+            #![proptest_config(ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(512),
+                ..ProptestConfig::default()
+            })]
+
+            #[test]
+            fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                check(&bytes);
+            }
+
+            #[test]
+            fn arbitrary_json_never_panics(v in json_value()) {
+                check(v.to_string().as_bytes());
+            }
+
+            #[test]
+            fn near_valid_requests_never_panic(v in request()) {
+                check(v.to_string().as_bytes());
+            }
+
+            /// The chat template itself, on any roles and contents (including template
+            /// syntax, which must be data, never code).
+            #[test]
+            fn chat_template_renders_any_messages(
+                msgs in prop::collection::vec(("\\PC{0,12}", "\\PC{0,60}"), 0..8)
+            ) {
+                let msgs: Vec<ChatMessage> =
+                    msgs.into_iter().map(|(r, c)| ChatMessage::new(r, c)).collect();
+                if let Ok(text) = tokenizer().apply_chat_template(&msgs, true) {
+                    for m in msgs.iter().filter(|m| m.role == "user") {
+                        prop_assert!(text.contains(&m.content));
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn numbers_json_cannot_hold_are_refused_not_mangled() {
+            // Found by the properties above: f64 values that f32 rounds to 0.
+            check(br#"{"prompt": "m", "model": "m", "top_p": 1e-308}"#);
+            check(br#"{"prompt": "m", "model": "m", "temperature": 1e-40}"#);
+            check(br#"{"prompt": "a", "temperature": 1e400}"#);
+            check(br#"{"prompt": "a", "max_tokens": 1e400}"#);
+            check(br#"{"prompt": "a", "max_tokens": 18446744073709551616}"#);
+            let limits = Limits::default();
+            let cx = InputContext {
+                model_name: "m",
+                limits: &limits,
+                tokenizer: tokenizer(),
+                vocab_size: 512,
+            };
+            for body in [
+                &br#"{"prompt": "a", "temperature": 1e400}"#[..],
+                br#"{"prompt": "a", "top_p": -1e400}"#,
+                br#"{"prompt": "a", "max_tokens": 1e400}"#,
+                br#"{"prompt": "a", "max_tokens": 1.5}"#,
+            ] {
+                let e = completion_input(body, &cx).unwrap_err();
+                assert_eq!(
+                    e.status().as_u16(),
+                    400,
+                    "{}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
     }
 }

@@ -129,6 +129,22 @@ fn bad_requests() -> Vec<(&'static str, ForwardRequest, Code, &'static str)> {
             "activation bytes",
         ),
         (
+            "duplicate (token, expert) pair",
+            with(&|r| r.token[2] = 0),
+            Code::InvalidArgument,
+            "token 0 is assigned to expert 0 more than once",
+        ),
+        (
+            "more assignments than tokens x experts",
+            with(&|r| {
+                r.token = vec![0; 25];
+                r.expert = vec![0; 25];
+                r.weight = vec![0.5; 25];
+            }),
+            Code::InvalidArgument,
+            "25 assignments for 3 tokens",
+        ),
+        (
             "NaN activation",
             with(&|r| {
                 let mut x = vec![0.5f32; 3 * HIDDEN];

@@ -7,7 +7,7 @@ use std::time::Duration;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use switchyard_engine::{Assignment, Checkpoint, ExpertSelection, ExpertStore, ModelConfig};
-use switchyard_expert_node::{ExpertNode, NodeConfig, NodeError, serve};
+use switchyard_expert_node::{ExpertNode, NodeConfig, NodeError, serve_with_tls};
 use switchyard_proto::pb::{ForwardRequest, ForwardResponse};
 use switchyard_proto::{ExpertServiceClient, MAX_MESSAGE_BYTES, WireFormat, encode_activations};
 use tokio::sync::{mpsc, oneshot};
@@ -50,6 +50,11 @@ impl Running {
 
 /// A node holding [`HELD`] in every layer of the f32 fixture.
 pub async fn start() -> Running {
+    start_with_tls(None).await
+}
+
+/// [`start`], serving mutual TLS with `tls` when given.
+pub async fn start_with_tls(tls: Option<switchyard_proto::tls::Tls>) -> Running {
     let cfg = ModelConfig::from_dir(&fixture()).unwrap();
     let initial = ExpertSelection::in_every_layer(&HELD.map(|e| e as usize), cfg.num_layers);
     let node = ExpertNode::open(NodeConfig {
@@ -61,9 +66,12 @@ pub async fn start() -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
-    let server = tokio::spawn(serve(node, listener, async {
-        let _ = stopped.await;
-    }));
+    let server = tokio::spawn(async move {
+        serve_with_tls(node, listener, tls.as_ref(), async {
+            let _ = stopped.await;
+        })
+        .await
+    });
     Running {
         addr,
         stop: Some(stop),

@@ -7,3 +7,4 @@ mod bad_input;
 mod control;
 mod forward;
 mod robustness;
+mod tls;

@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use switchyard_proto::WireFormat;
+use bytes::Bytes;
+use switchyard_proto::pb::ForwardRequest;
+use switchyard_proto::{WireFormat, encode_activations};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::ServingStatus;
 use tonic_health::pb::HealthCheckRequest;
@@ -142,4 +144,83 @@ async fn shutdown_does_not_wait_forever_for_a_silent_client() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     node.shutdown().await;
     drop(sock);
+}
+
+/// A coordinator that lies: huge declared token counts over a few bytes, assignment
+/// arrays far longer than the tokens could need, duplicated pairs, activations that
+/// overflow. Each gets an in-band error quickly, nothing is allocated for what the message
+/// does not carry, and the node keeps serving good requests on the same stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_coordinator_cannot_crash_or_stall_the_node() {
+    let node = start().await;
+    let reference = full_store();
+    let mut client = client(node.addr).await;
+    let mut stream = ForwardStream::open(&mut client).await;
+    let hostile = |i: u64| -> ForwardRequest {
+        let f32s = WireFormat::F32.to_proto() as i32;
+        match i % 4 {
+            // 4 billion tokens declared, 8 bytes sent.
+            0 => ForwardRequest {
+                id: i,
+                layer: 0,
+                num_tokens: u32::MAX,
+                dtype: f32s,
+                activations: Bytes::from_static(&[0; 8]),
+                token: vec![0; 1000],
+                expert: vec![0; 1000],
+                weight: vec![1.0; 1000],
+            },
+            // One real token, a quarter of a million assignments to it.
+            1 => ForwardRequest {
+                id: i,
+                layer: 1,
+                num_tokens: 1,
+                dtype: f32s,
+                activations: encode_activations(&[0.5; HIDDEN], WireFormat::F32),
+                token: vec![0; 250_000],
+                expert: vec![0; 250_000],
+                weight: vec![1.0; 250_000],
+            },
+            // Within the count bound, but the same pair eight times.
+            2 => ForwardRequest {
+                id: i,
+                layer: 2,
+                num_tokens: 1,
+                dtype: f32s,
+                activations: encode_activations(&[0.5; HIDDEN], WireFormat::F32),
+                token: vec![0; 8],
+                expert: vec![5; 8],
+                weight: vec![1.0; 8],
+            },
+            // Finite activations whose expert output overflows.
+            _ => ForwardRequest {
+                id: i,
+                layer: 3,
+                num_tokens: 1,
+                dtype: f32s,
+                activations: encode_activations(&[f32::MAX; HIDDEN], WireFormat::F32),
+                token: vec![0],
+                expert: vec![0],
+                weight: vec![1.0],
+            },
+        }
+    };
+    let started = std::time::Instant::now();
+    for i in 0..400u64 {
+        let resp = stream.call(hostile(i)).await;
+        assert_eq!(resp.id, i);
+        assert_ne!(resp.error_code, 0, "hostile request {i} was accepted");
+        assert!(resp.output.is_empty());
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "400 hostile requests took {:?}",
+        started.elapsed()
+    );
+    let case = Case::random(9, 2, 4, HIDDEN, &HELD);
+    let resp = stream.call(case.request(10_000, WireFormat::F32)).await;
+    let got = output_of(&resp, 10_000, WireFormat::F32, 4, HIDDEN);
+    assert_eq!(got, case.expected(&reference, WireFormat::F32));
+    assert!(node.is_serving());
+    node.shutdown().await;
 }
