@@ -58,3 +58,48 @@ fn killing_a_node_with_replicas_fails_no_request_and_changes_no_output() {
     );
     assert_eq!(text_of(&v), expected[0]);
 }
+
+/// A node that dies and comes back on the same address is reconnected and given its
+/// experts again, without restarting the coordinator (what rolling restarts and
+/// certificate rotation rely on).
+#[test]
+fn a_restarted_node_is_reconnected_and_reloaded() {
+    let nodes: Vec<_> = (0..3).map(expert_node).collect();
+    let addrs: Vec<String> = nodes.iter().map(|(_, a)| a.clone()).collect();
+    let mut nodes: Vec<_> = nodes.into_iter().map(|(p, _)| p).collect();
+    let c = Cluster::coordinator(&addrs, &["--wire-dtype", "f32"]);
+    let g = &golden()[1];
+    let expected = &golden_texts()[1];
+    let body = greedy(&c.model, json!(g.input_ids), g.greedy_ids.len());
+    assert_eq!(
+        text_of(&post_ok(&c.client(), "/v1/completions", &body)),
+        *expected
+    );
+
+    nodes[1].kill9();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while c.health().status != 503 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the dead node was not noticed"
+        );
+        std::thread::yield_now();
+    }
+    // The same address again, with no experts loaded: the coordinator must reload them.
+    let mut cmd = std::process::Command::new(common::exe());
+    cmd.args(["expert-node", "--listen", &addrs[1], "--model"])
+        .arg(common::tiny_model());
+    let (_back, _) = common::Proc::start("expert-node-1-again", cmd, "listening on ");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while c.health().status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node was not reconnected"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(
+        text_of(&post_ok(&c.client(), "/v1/completions", &body)),
+        *expected
+    );
+}

@@ -38,10 +38,17 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ForwardResponse>>>>;
 /// The coordinator's end of one node's Forward stream.
 pub struct NodeLink {
     addr: String,
+    tls: Option<Tls>,
+    /// The current connection; replaced whole when a dead node is reconnected.
+    stream: std::sync::RwLock<Arc<NodeStream>>,
+    next_id: AtomicU64,
+}
+
+/// One connection to a node and the Forward stream open on it.
+struct NodeStream {
     client: ExpertServiceClient<Channel>,
     tx: mpsc::Sender<ForwardRequest>,
     pending: Pending,
-    next_id: AtomicU64,
     alive: Arc<AtomicBool>,
 }
 
@@ -78,6 +85,37 @@ fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, RemoteError> {
 
 impl NodeLink {
     pub async fn connect(addr: &str, tls: Option<&Tls>) -> Result<Self, RemoteError> {
+        let stream = NodeStream::open(addr, tls).await?;
+        Ok(NodeLink {
+            addr: addr.to_owned(),
+            tls: tls.cloned(),
+            stream: std::sync::RwLock::new(Arc::new(stream)),
+            next_id: AtomicU64::new(1),
+        })
+    }
+
+    fn current(&self) -> Arc<NodeStream> {
+        match self.stream.read() {
+            Ok(s) => Arc::clone(&s),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Opens a fresh connection to a node that went away, has it load `experts`, and
+    /// only then puts it in service, so no request reaches a node that lacks its experts.
+    pub async fn reconnect(&self, experts: &[(usize, usize)]) -> Result<(), RemoteError> {
+        let fresh = NodeStream::open(&self.addr, self.tls.as_ref()).await?;
+        load_on(&fresh.client, &self.addr, experts).await?;
+        match self.stream.write() {
+            Ok(mut s) => *s = Arc::new(fresh),
+            Err(poisoned) => *poisoned.into_inner() = Arc::new(fresh),
+        }
+        Ok(())
+    }
+}
+
+impl NodeStream {
+    async fn open(addr: &str, tls: Option<&Tls>) -> Result<Self, RemoteError> {
         let channel = endpoint(addr, tls)?
             .connect()
             .await
@@ -128,45 +166,53 @@ impl NodeLink {
                 p.clear();
             }
         });
-        Ok(NodeLink {
-            addr: addr.to_owned(),
+        Ok(NodeStream {
             client,
             tx,
             pending,
-            next_id: AtomicU64::new(1),
             alive,
         })
     }
+}
 
+async fn load_on(
+    client: &ExpertServiceClient<Channel>,
+    addr: &str,
+    experts: &[(usize, usize)],
+) -> Result<(), RemoteError> {
+    let req = ExpertsRequest {
+        experts: experts
+            .iter()
+            .map(|&(l, e)| ExpertRef {
+                layer: l as u32,
+                expert: e as u32,
+            })
+            .collect(),
+        epoch: 0,
+    };
+    client
+        .clone()
+        .load_experts(req)
+        .await
+        .map_err(|s| RemoteError::Load {
+            addr: addr.to_owned(),
+            reason: s.message().to_owned(),
+        })?;
+    Ok(())
+}
+
+impl NodeLink {
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
     pub fn is_alive(&self) -> bool {
-        self.alive.load(Ordering::SeqCst)
+        self.current().alive.load(Ordering::SeqCst)
     }
 
     #[instrument(skip(self, experts), fields(node = %self.addr, n = experts.len()))]
     pub async fn load(&self, experts: &[(usize, usize)]) -> Result<(), RemoteError> {
-        let req = ExpertsRequest {
-            experts: experts
-                .iter()
-                .map(|&(l, e)| ExpertRef {
-                    layer: l as u32,
-                    expert: e as u32,
-                })
-                .collect(),
-            epoch: 0,
-        };
-        self.client
-            .clone()
-            .load_experts(req)
-            .await
-            .map_err(|s| RemoteError::Load {
-                addr: self.addr.clone(),
-                reason: s.message().to_owned(),
-            })?;
-        Ok(())
+        load_on(&self.current().client, &self.addr, experts).await
     }
 
     /// Sends one request on the stream and waits for its answer.
@@ -175,18 +221,21 @@ impl NodeLink {
         mut req: ForwardRequest,
         timeout: Duration,
     ) -> Result<ForwardResponse, String> {
-        if !self.is_alive() {
+        let stream = self.current();
+        if !stream.alive.load(Ordering::SeqCst) {
             return Err(format!("node {} is down", self.addr));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         req.id = id;
         let (tx, rx) = oneshot::channel();
-        self.pending
+        stream
+            .pending
             .lock()
             .map_err(|_| "pending map poisoned".to_string())?
             .insert(id, tx);
         let result = async {
-            self.tx
+            stream
+                .tx
                 .send(req)
                 .await
                 .map_err(|_| format!("stream to node {} is closed", self.addr))?;
@@ -202,7 +251,7 @@ impl NodeLink {
                 ))
             });
         if out.is_err()
-            && let Ok(mut p) = self.pending.lock()
+            && let Ok(mut p) = stream.pending.lock()
         {
             p.remove(&id);
         }
@@ -219,6 +268,30 @@ pub struct DispatchStats {
     pub bytes_sent: u64,
 }
 
+/// How often dead nodes are retried.
+const RECONNECT_EVERY: Duration = Duration::from_millis(500);
+
+/// Brings back nodes whose stream died (a restarted process, a rotated certificate):
+/// reconnects, reloads the node's share of the placement, then puts it back in service.
+/// Ends when the `RemoteExperts` that owns the links is dropped.
+async fn reconnect_dead_nodes(nodes: std::sync::Weak<Vec<NodeLink>>, placement: Placement) {
+    loop {
+        tokio::time::sleep(RECONNECT_EVERY).await;
+        let Some(nodes) = nodes.upgrade() else {
+            return;
+        };
+        for (i, link) in nodes.iter().enumerate() {
+            if link.is_alive() {
+                continue;
+            }
+            match link.reconnect(&placement.experts_of(i)).await {
+                Ok(()) => tracing::info!(node = %link.addr(), "expert node reconnected"),
+                Err(e) => tracing::debug!(node = %link.addr(), "still down: {e}"),
+            }
+        }
+    }
+}
+
 /// Nodes that failed one attempt at a layer, and why.
 struct DispatchFailure {
     failed: Vec<usize>,
@@ -228,7 +301,7 @@ struct DispatchFailure {
 /// [`Experts`] implemented by expert nodes over gRPC.
 pub struct RemoteExperts {
     runtime: tokio::runtime::Handle,
-    nodes: Vec<NodeLink>,
+    nodes: Arc<Vec<NodeLink>>,
     placement: Placement,
     hidden: usize,
     wire: WireFormat,
@@ -246,6 +319,11 @@ impl RemoteExperts {
         wire: WireFormat,
         timeout: Duration,
     ) -> Self {
+        let nodes = Arc::new(nodes);
+        runtime.spawn(reconnect_dead_nodes(
+            Arc::downgrade(&nodes),
+            placement.clone(),
+        ));
         RemoteExperts {
             runtime,
             nodes,
@@ -268,7 +346,7 @@ impl RemoteExperts {
     /// Brings the per-node gauges up to date (called when metrics are scraped).
     pub fn refresh_metrics(&self) {
         if let Some(m) = &self.metrics {
-            for n in &self.nodes {
+            for n in self.nodes.iter() {
                 m.node_up
                     .with_label_values(&[n.addr()])
                     .set(i64::from(n.is_alive()));
