@@ -62,8 +62,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
         } else {
             format!("{} expert nodes", a.nodes.len())
         };
+        let stop = shutdown_signal();
         print_ready(&url, &coordinator.state().model_name, &what);
-        coordinator.serve(listener, shutdown_signal()).await?;
+        coordinator.serve(listener, stop).await?;
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -67,6 +67,7 @@ async fn serve_node(args: Args) -> Result<()> {
     // `switchyard up` starts nodes on port 0 and waits for exactly this line; it is only
     // printed once the initial experts are loaded.
     let mut stdout = std::io::stdout().lock();
+    let stop = super::shutdown_signal();
     writeln!(stdout, "listening on {addr}")?;
     stdout.flush()?;
     drop(stdout);
@@ -91,7 +92,7 @@ async fn serve_node(args: Args) -> Result<()> {
             }
         });
     }
-    serve_with_tls(node, listener, tls.as_ref(), super::shutdown_signal()).await?;
+    serve_with_tls(node, listener, tls.as_ref(), stop).await?;
     Ok(())
 }
 

@@ -231,6 +231,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 if a.tls { ", mutual TLS" } else { "" }
             )
         };
+        let stop_signal = shutdown_signal();
         print_ready(&url, &coordinator.state().model_name, &what);
 
         // Stop on Ctrl-C/SIGTERM, or as soon as a node dies.
@@ -255,7 +256,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             let _ = stop_rx.await;
         }));
         let outcome = tokio::select! {
-            _ = shutdown_signal() => Ok(()),
+            _ = stop_signal => Ok(()),
             reason = died_rx => Err(anyhow!(reason.unwrap_or_else(|_| "node watcher stopped".into()))),
         };
         let _ = stop_tx.send(());
