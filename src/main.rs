@@ -38,6 +38,8 @@ enum Command {
     Bench(cmd::bench::Args),
     /// Write a development CA and certificates for mutual TLS between coordinator and nodes.
     Certs(cmd::certs::Args),
+    /// Inspect and operate a cluster in etcd: status, drain a node.
+    Ctl(cmd::ctl::Args),
 }
 
 fn main() -> Result<std::process::ExitCode> {
@@ -52,6 +54,7 @@ fn main() -> Result<std::process::ExitCode> {
         Command::Synth(args) => cmd::synth::run(args),
         Command::Bench(args) => cmd::bench::run(args),
         Command::Certs(args) => cmd::certs::run(args),
+        Command::Ctl(args) => cmd::ctl::run(args),
     }
 }
 

@@ -52,6 +52,39 @@ impl Placement {
         })
     }
 
+    /// A placement given per expert (`layer * num_experts + expert`), as published by the
+    /// cluster leader. The caller has checked that every holder is below `num_nodes`.
+    pub fn from_holders(
+        num_layers: usize,
+        num_experts: usize,
+        num_nodes: usize,
+        holders: Vec<Vec<usize>>,
+    ) -> Self {
+        debug_assert_eq!(holders.len(), num_layers * num_experts);
+        Placement {
+            num_layers,
+            num_experts,
+            num_nodes,
+            holders,
+        }
+    }
+
+    /// Adds `node` as a holder of (layer, expert).
+    pub fn add_holder(&mut self, layer: usize, expert: usize, node: usize) {
+        let h = &mut self.holders[layer * self.num_experts + expert];
+        if !h.contains(&node) {
+            h.push(node);
+        }
+    }
+
+    pub fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
+    pub fn num_experts(&self) -> usize {
+        self.num_experts
+    }
+
     pub fn holders(&self, layer: usize, expert: usize) -> &[usize] {
         &self.holders[layer * self.num_experts + expert]
     }

@@ -31,6 +31,8 @@ pub enum RemoteError {
     Connect { addr: String, reason: String },
     #[error("expert node {addr} refused to load experts: {reason}")]
     Load { addr: String, reason: String },
+    #[error("cluster: {0}")]
+    Cluster(String),
 }
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ForwardResponse>>>>;
@@ -39,8 +41,9 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ForwardResponse>>>>;
 pub struct NodeLink {
     addr: String,
     tls: Option<Tls>,
-    /// The current connection; replaced whole when a dead node is reconnected.
-    stream: std::sync::RwLock<Arc<NodeStream>>,
+    /// The current connection (none before the first one succeeds); replaced whole
+    /// when a dead node is reconnected.
+    stream: std::sync::RwLock<Option<Arc<NodeStream>>>,
     next_id: AtomicU64,
 }
 
@@ -54,7 +57,7 @@ struct NodeStream {
 
 /// The endpoint of a node at `addr` (`HOST:PORT` or a URI). With `tls`, the connection
 /// is `https` and the node's certificate must chain to our CA and name `HOST`.
-fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, RemoteError> {
+pub(crate) fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, RemoteError> {
     let bad = |reason: String| RemoteError::Address {
         addr: addr.to_owned(),
         reason,
@@ -89,15 +92,25 @@ impl NodeLink {
         Ok(NodeLink {
             addr: addr.to_owned(),
             tls: tls.cloned(),
-            stream: std::sync::RwLock::new(Arc::new(stream)),
+            stream: std::sync::RwLock::new(Some(Arc::new(stream))),
             next_id: AtomicU64::new(1),
         })
     }
 
-    fn current(&self) -> Arc<NodeStream> {
+    /// A link to a node not reached yet: down until the reconnect loop reaches it.
+    pub fn unconnected(addr: &str, tls: Option<&Tls>) -> Self {
+        NodeLink {
+            addr: addr.to_owned(),
+            tls: tls.cloned(),
+            stream: std::sync::RwLock::new(None),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn current(&self) -> Option<Arc<NodeStream>> {
         match self.stream.read() {
-            Ok(s) => Arc::clone(&s),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
         }
     }
 
@@ -107,8 +120,8 @@ impl NodeLink {
         let fresh = NodeStream::open(&self.addr, self.tls.as_ref()).await?;
         load_on(&fresh.client, &self.addr, experts).await?;
         match self.stream.write() {
-            Ok(mut s) => *s = Arc::new(fresh),
-            Err(poisoned) => *poisoned.into_inner() = Arc::new(fresh),
+            Ok(mut s) => *s = Some(Arc::new(fresh)),
+            Err(poisoned) => *poisoned.into_inner() = Some(Arc::new(fresh)),
         }
         Ok(())
     }
@@ -180,7 +193,12 @@ async fn load_on(
     addr: &str,
     experts: &[(usize, usize)],
 ) -> Result<(), RemoteError> {
-    let req = ExpertsRequest {
+    load_at_epoch(client, addr, experts, 0).await
+}
+
+/// The body of LoadExperts and UnloadExperts.
+pub(crate) fn experts_request(experts: &[(usize, usize)], epoch: u64) -> ExpertsRequest {
+    ExpertsRequest {
         experts: experts
             .iter()
             .map(|&(l, e)| ExpertRef {
@@ -188,8 +206,18 @@ async fn load_on(
                 expert: e as u32,
             })
             .collect(),
-        epoch: 0,
-    };
+        epoch,
+    }
+}
+
+/// LoadExperts; epoch 0 is a recovery load, which nodes accept at any epoch.
+pub async fn load_at_epoch(
+    client: &ExpertServiceClient<Channel>,
+    addr: &str,
+    experts: &[(usize, usize)],
+    epoch: u64,
+) -> Result<(), RemoteError> {
+    let req = experts_request(experts, epoch);
     client
         .clone()
         .load_experts(req)
@@ -202,17 +230,29 @@ async fn load_on(
 }
 
 impl NodeLink {
+    /// A recovery load (epoch 0): accepted by a node at any epoch, it only adds.
+    pub async fn load_recovery(&self, experts: &[(usize, usize)]) -> Result<(), RemoteError> {
+        self.load(experts).await
+    }
+
     pub fn addr(&self) -> &str {
         &self.addr
     }
 
     pub fn is_alive(&self) -> bool {
-        self.current().alive.load(Ordering::SeqCst)
+        self.current()
+            .is_some_and(|s| s.alive.load(Ordering::SeqCst))
     }
 
     #[instrument(skip(self, experts), fields(node = %self.addr, n = experts.len()))]
     pub async fn load(&self, experts: &[(usize, usize)]) -> Result<(), RemoteError> {
-        load_on(&self.current().client, &self.addr, experts).await
+        let Some(stream) = self.current() else {
+            return Err(RemoteError::Connect {
+                addr: self.addr.clone(),
+                reason: "not connected".into(),
+            });
+        };
+        load_on(&stream.client, &self.addr, experts).await
     }
 
     /// Sends one request on the stream and waits for its answer.
@@ -221,10 +261,9 @@ impl NodeLink {
         mut req: ForwardRequest,
         timeout: Duration,
     ) -> Result<ForwardResponse, String> {
-        let stream = self.current();
-        if !stream.alive.load(Ordering::SeqCst) {
+        let Some(stream) = self.current().filter(|s| s.alive.load(Ordering::SeqCst)) else {
             return Err(format!("node {} is down", self.addr));
-        }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         req.id = id;
         let (tx, rx) = oneshot::channel();
@@ -273,21 +312,77 @@ const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
 /// Brings back nodes whose stream died (a restarted process, a rotated certificate):
 /// reconnects, reloads the node's share of the placement, then puts it back in service.
-/// Ends when the `RemoteExperts` that owns the links is dropped.
-async fn reconnect_dead_nodes(nodes: std::sync::Weak<Vec<NodeLink>>, placement: Placement) {
+/// Ends when the `RemoteExperts` is dropped.
+async fn reconnect_dead_nodes(topology: std::sync::Weak<TopologyCell>) {
     loop {
         tokio::time::sleep(RECONNECT_EVERY).await;
-        let Some(nodes) = nodes.upgrade() else {
+        let Some(cell) = topology.upgrade() else {
             return;
         };
-        for (i, link) in nodes.iter().enumerate() {
+        let topo = cell.get();
+        drop(cell);
+        for (i, link) in topo.links.iter().enumerate() {
             if link.is_alive() {
                 continue;
             }
-            match link.reconnect(&placement.experts_of(i)).await {
+            match link.reconnect(&topo.placement.experts_of(i)).await {
                 Ok(()) => tracing::info!(node = %link.addr(), "expert node reconnected"),
                 Err(e) => tracing::debug!(node = %link.addr(), "still down: {e}"),
             }
+        }
+    }
+}
+
+/// The nodes and who holds what: replaced whole when a new placement is published or
+/// a dead node's experts are loaded elsewhere.
+pub struct Topology {
+    /// The published placement epoch this follows (0 in static mode).
+    pub epoch: u64,
+    pub links: Vec<Arc<NodeLink>>,
+    pub placement: Placement,
+}
+
+impl Topology {
+    /// Experts that no live node holds, as "layer:expert".
+    pub fn uncovered(&self) -> Vec<String> {
+        let p = &self.placement;
+        (0..p.num_layers())
+            .flat_map(|l| (0..p.num_experts()).map(move |e| (l, e)))
+            .filter(|&(l, e)| !p.holders(l, e).iter().any(|&n| self.links[n].is_alive()))
+            .map(|(l, e)| format!("{l}:{e}"))
+            .collect()
+    }
+}
+
+/// The current topology, swapped atomically.
+pub struct TopologyCell(std::sync::RwLock<Arc<Topology>>);
+
+impl TopologyCell {
+    pub fn get(&self) -> Arc<Topology> {
+        match self.0.read() {
+            Ok(t) => Arc::clone(&t),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    fn set(&self, t: Arc<Topology>) {
+        match self.0.write() {
+            Ok(mut cur) => *cur = t,
+            Err(poisoned) => *poisoned.into_inner() = t,
+        }
+    }
+
+    /// Replaces `expected` by `new`; false if something else replaced it first.
+    fn swap_if(&self, expected: &Arc<Topology>, new: Arc<Topology>) -> bool {
+        let mut cur = match self.0.write() {
+            Ok(cur) => cur,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if Arc::ptr_eq(&cur, expected) {
+            *cur = new;
+            true
+        } else {
+            false
         }
     }
 }
@@ -301,8 +396,14 @@ struct DispatchFailure {
 /// [`Experts`] implemented by expert nodes over gRPC.
 pub struct RemoteExperts {
     runtime: tokio::runtime::Handle,
-    nodes: Arc<Vec<NodeLink>>,
-    placement: Placement,
+    topology: Arc<TopologyCell>,
+    /// Links by address, reused across topologies so a placement change does not
+    /// reconnect to nodes that stay.
+    links: Mutex<HashMap<String, Arc<NodeLink>>>,
+    tls: Option<Tls>,
+    /// Whether a layer whose experts have no live holder may load them on live nodes
+    /// (cluster mode) or fails (static mode: the operator chose the placement).
+    recover: bool,
     hidden: usize,
     wire: WireFormat,
     timeout: Duration,
@@ -319,15 +420,24 @@ impl RemoteExperts {
         wire: WireFormat,
         timeout: Duration,
     ) -> Self {
-        let nodes = Arc::new(nodes);
-        runtime.spawn(reconnect_dead_nodes(
-            Arc::downgrade(&nodes),
-            placement.clone(),
-        ));
+        let links: Vec<Arc<NodeLink>> = nodes.into_iter().map(Arc::new).collect();
+        let by_addr = links
+            .iter()
+            .map(|l| (l.addr().to_owned(), Arc::clone(l)))
+            .collect();
+        let tls = links.first().and_then(|l| l.tls.clone());
+        let topology = Arc::new(TopologyCell(std::sync::RwLock::new(Arc::new(Topology {
+            epoch: 0,
+            links,
+            placement,
+        }))));
+        runtime.spawn(reconnect_dead_nodes(Arc::downgrade(&topology)));
         RemoteExperts {
             runtime,
-            nodes,
-            placement,
+            topology,
+            links: Mutex::new(by_addr),
+            tls,
+            recover: false,
             hidden,
             wire,
             timeout,
@@ -343,10 +453,78 @@ impl RemoteExperts {
         self
     }
 
+    /// Lets a layer whose experts lost every holder load them on live nodes and go on
+    /// (cluster mode, where the leader will replan anyway).
+    pub fn with_recovery(mut self, tls: Option<Tls>) -> Self {
+        self.recover = true;
+        self.tls = tls;
+        self
+    }
+
+    /// The topology dispatch uses now.
+    pub fn topology(&self) -> Arc<Topology> {
+        self.topology.get()
+    }
+
+    /// Follows a published placement: `nodes` are (id, address) and `holders` index
+    /// them per `layer * num_experts + expert`. Connects to new nodes (a node that cannot
+    /// be reached yet starts down and is retried), then switches every later layer to
+    /// it. Ignored unless `epoch` is newer than the current one.
+    pub async fn install(
+        &self,
+        epoch: u64,
+        addrs: &[String],
+        num_layers: usize,
+        num_experts: usize,
+        holders: Vec<Vec<usize>>,
+    ) -> bool {
+        if epoch <= self.topology.get().epoch {
+            return false;
+        }
+        let known: HashMap<String, Arc<NodeLink>> =
+            self.links.lock().map(|m| m.clone()).unwrap_or_default();
+        let tls = self.tls.clone();
+        let connects = addrs.iter().map(|addr| {
+            let existing = known.get(addr).cloned();
+            let tls = tls.clone();
+            async move {
+                if let Some(link) = existing {
+                    return link;
+                }
+                match NodeLink::connect(addr, tls.as_ref()).await {
+                    Ok(link) => Arc::new(link),
+                    Err(e) => {
+                        warn!(node = %addr, "new node not reachable yet: {e}");
+                        Arc::new(NodeLink::unconnected(addr, tls.as_ref()))
+                    }
+                }
+            }
+        });
+        let links: Vec<Arc<NodeLink>> = join_all(connects).await;
+        if let Ok(mut m) = self.links.lock() {
+            m.retain(|a, _| addrs.contains(a));
+            for l in &links {
+                m.entry(l.addr().to_owned())
+                    .or_insert_with(|| Arc::clone(l));
+            }
+        }
+        let placement = Placement::from_holders(num_layers, num_experts, links.len(), holders);
+        // A concurrent install of a newer epoch wins.
+        if epoch <= self.topology.get().epoch {
+            return false;
+        }
+        self.topology.set(Arc::new(Topology {
+            epoch,
+            links,
+            placement,
+        }));
+        true
+    }
+
     /// Brings the per-node gauges up to date (called when metrics are scraped).
     pub fn refresh_metrics(&self) {
         if let Some(m) = &self.metrics {
-            for n in self.nodes.iter() {
+            for n in self.topology.get().links.iter() {
                 m.node_up
                     .with_label_values(&[n.addr()])
                     .set(i64::from(n.is_alive()));
@@ -375,8 +553,9 @@ impl RemoteExperts {
         Ok(links)
     }
 
-    pub fn nodes(&self) -> &[NodeLink] {
-        &self.nodes
+    /// The nodes of the current topology.
+    pub fn nodes(&self) -> Vec<Arc<NodeLink>> {
+        self.topology.get().links.clone()
     }
 
     /// Accumulated dispatch timings since the last call (reset on read).
@@ -389,8 +568,9 @@ impl RemoteExperts {
 
     /// One layer's work. When nodes fail (stream gone, deadline passed, an error answer),
     /// the layer is planned again without them and sent again at once, so a token whose
-    /// expert has a replica elsewhere still gets its answer in this step. Only when some
-    /// expert has no usable holder left does the layer fail.
+    /// expert has a replica elsewhere still gets its answer in this step. When some
+    /// expert has no usable holder left, cluster mode loads it on a live node and goes
+    /// on; static mode fails the layer.
     #[instrument(level = "debug", skip_all, fields(layer))]
     async fn dispatch(
         &self,
@@ -398,23 +578,116 @@ impl RemoteExperts {
         x: &[f32],
         routing: &Routing,
     ) -> Result<Vec<f32>, ExpertError> {
-        let mut usable: Vec<bool> = self.nodes.iter().map(NodeLink::is_alive).collect();
+        let mut topo = self.topology.get();
+        let mut usable: Vec<bool> = topo.links.iter().map(|l| l.is_alive()).collect();
+        let mut failed_addrs: Vec<String> = Vec::new();
+        let mut recoveries = 0;
         loop {
-            match self.dispatch_once(layer, x, routing, &usable).await {
+            match self.dispatch_once(&topo, layer, x, routing, &usable).await {
                 Ok(out) => return Ok(out),
                 Err(DispatchFailure { failed, error }) if !failed.is_empty() => {
                     warn!(layer, %error, "dispatch failed on {} node(s): retrying on replicas", failed.len());
                     for node in failed {
                         usable[node] = false;
+                        failed_addrs.push(topo.links[node].addr().to_owned());
                     }
                 }
+                Err(DispatchFailure { error, .. }) if self.recover && recoveries < 3 => {
+                    recoveries += 1;
+                    topo = self.recover_uncovered(&topo, &usable).await.map_err(|e| {
+                        warn!(layer, "cannot recover: {e} (after: {error})");
+                        e
+                    })?;
+                    usable = topo.links.iter().map(|l| l.is_alive()).collect();
+                }
                 Err(DispatchFailure { error, .. }) => return Err(error),
+            }
+            // A newer placement may already route around the failure.
+            let latest = self.topology.get();
+            if !Arc::ptr_eq(&latest, &topo) {
+                topo = latest;
+                usable = topo
+                    .links
+                    .iter()
+                    .map(|l| l.is_alive() && !failed_addrs.iter().any(|a| a == l.addr()))
+                    .collect();
             }
         }
     }
 
+    /// Loads every expert that no usable node holds onto usable nodes (fewest experts
+    /// first), with a recovery load (epoch 0), and installs the patched topology.
+    async fn recover_uncovered(
+        &self,
+        topo: &Arc<Topology>,
+        usable: &[bool],
+    ) -> Result<Arc<Topology>, ExpertError> {
+        let p = &topo.placement;
+        let missing: Vec<(usize, usize)> = (0..p.num_layers())
+            .flat_map(|l| (0..p.num_experts()).map(move |e| (l, e)))
+            .filter(|&(l, e)| !p.holders(l, e).iter().any(|&n| usable[n]))
+            .collect();
+        let mut live: Vec<usize> = (0..topo.links.len()).filter(|&n| usable[n]).collect();
+        if live.is_empty() {
+            return Err(ExpertError::Unavailable(
+                "no live expert node is left to run the experts".into(),
+            ));
+        }
+        live.sort_by_key(|&n| p.experts_of(n).len());
+        let mut placement = p.clone();
+        let mut pending = missing;
+        // Each pass gives every live node an even share of what is still missing; a node
+        // that refuses (memory) is dropped and its share tried on the others.
+        while !pending.is_empty() {
+            if live.is_empty() {
+                return Err(ExpertError::Unavailable(format!(
+                    "no live node has room for {} experts of a lost node",
+                    pending.len()
+                )));
+            }
+            let mut shares: Vec<Vec<(usize, usize)>> = vec![Vec::new(); live.len()];
+            for (i, x) in pending.iter().enumerate() {
+                shares[i % live.len()].push(*x);
+            }
+            let loads = live.iter().zip(&shares).map(|(&n, share)| async move {
+                (n, share, topo.links[n].load_recovery(share).await)
+            });
+            let mut still = Vec::new();
+            let mut refused = Vec::new();
+            for (n, share, result) in join_all(loads).await {
+                match result {
+                    Ok(()) => {
+                        for &(l, e) in share {
+                            placement.add_holder(l, e, n);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(node = %topo.links[n].addr(), "recovery load refused: {e}");
+                        refused.push(n);
+                        still.extend_from_slice(share);
+                    }
+                }
+            }
+            live.retain(|n| !refused.contains(n));
+            pending = still;
+        }
+        tracing::info!(
+            epoch = topo.epoch,
+            "experts of lost nodes loaded on live nodes"
+        );
+        let patched = Arc::new(Topology {
+            epoch: topo.epoch,
+            links: topo.links.clone(),
+            placement,
+        });
+        // A newer placement that arrived meanwhile wins; this layer still uses the patch.
+        self.topology.swap_if(topo, Arc::clone(&patched));
+        Ok(patched)
+    }
+
     async fn dispatch_once(
         &self,
+        topo: &Topology,
         layer: usize,
         x: &[f32],
         routing: &Routing,
@@ -422,7 +695,7 @@ impl RemoteExperts {
     ) -> Result<Vec<f32>, DispatchFailure> {
         let h = self.hidden;
         let work =
-            plan(layer, routing, &self.placement, usable).map_err(|(l, e)| DispatchFailure {
+            plan(layer, routing, &topo.placement, usable).map_err(|(l, e)| DispatchFailure {
                 failed: Vec::new(),
                 error: ExpertError::Unavailable(format!(
                     "no live node holds expert {e} of layer {l}"
@@ -453,7 +726,7 @@ impl RemoteExperts {
                 };
                 async move {
                     let t = Instant::now();
-                    let answer = self.nodes[node].call(req, self.timeout).await;
+                    let answer = topo.links[node].call(req, self.timeout).await;
                     let received = bytes_len_of(&answer);
                     (node, answer, t.elapsed(), received)
                 }
@@ -464,7 +737,7 @@ impl RemoteExperts {
         let mut failed = Vec::new();
         let mut first_error = None;
         for (node, answer, elapsed, received) in answers {
-            let link = &self.nodes[node];
+            let link = &topo.links[node];
             if let Some(m) = &self.metrics {
                 m.dispatch_seconds
                     .with_label_values(&[link.addr()])

@@ -12,6 +12,7 @@ use switchyard_proto::tls::Tls;
 use tokio::net::TcpListener;
 use tracing::info;
 
+use crate::cluster::{ClusterHandle, ClusterMode};
 use crate::http::{AppState, HealthCheck, HttpConfig, Refresh, router};
 use crate::metrics::{CountingExperts, Metrics};
 use crate::placement::{Placement, PlacementError};
@@ -46,6 +47,13 @@ pub enum ExpertsAt {
         /// Mutual TLS to the nodes; `None` is plaintext.
         tls: Option<Tls>,
     },
+    /// Nodes found in etcd; placement published by the elected coordinator.
+    Cluster {
+        mode: ClusterMode,
+        wire: WireFormat,
+        timeout: Duration,
+        tls: Option<Tls>,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -61,6 +69,8 @@ pub struct CoordinatorConfig {
 /// A coordinator ready to serve.
 pub struct Coordinator {
     state: AppState,
+    /// Cluster mode's lease and follower; `None` otherwise.
+    cluster: Option<ClusterHandle>,
 }
 
 impl Coordinator {
@@ -93,8 +103,73 @@ impl Coordinator {
 
         let metrics =
             Metrics::new().map_err(|e| CoordinatorError::Config(format!("metrics: {e}")))?;
+        let mut cluster = None;
         let (experts, health, refresh): (Arc<dyn Experts>, HealthCheck, Refresh) =
             match (&cfg.experts, store) {
+                (
+                    ExpertsAt::Cluster {
+                        mode,
+                        wire,
+                        timeout,
+                        tls,
+                    },
+                    _,
+                ) => {
+                    let (handle, placement) =
+                        crate::cluster::join(mode, mc.num_layers, mc.num_experts, tls.clone())
+                            .await?;
+                    let remote = Arc::new(
+                        RemoteExperts::new(
+                            tokio::runtime::Handle::current(),
+                            Vec::new(),
+                            Placement::from_holders(
+                                mc.num_layers,
+                                mc.num_experts,
+                                0,
+                                vec![Vec::new(); mc.num_layers * mc.num_experts],
+                            ),
+                            mc.hidden_size,
+                            *wire,
+                            *timeout,
+                        )
+                        .with_recovery(tls.clone())
+                        .with_metrics(metrics.clone()),
+                    );
+                    crate::cluster::install(&remote, &placement).await;
+                    crate::cluster::follow_placements(remote.clone(), handle.view.clone());
+                    crate::cluster::report_load(
+                        handle.session.clone(),
+                        mode,
+                        metrics.clone(),
+                        mc.num_layers,
+                        mc.num_experts,
+                        Duration::from_secs(2),
+                    );
+                    cluster = Some(handle);
+                    let r = remote.clone();
+                    // Healthy while every expert has a live holder: a lost node whose
+                    // experts have replicas (or were reloaded elsewhere) costs nothing.
+                    let health: HealthCheck = Arc::new(move || {
+                        let uncovered = r.topology().uncovered();
+                        if uncovered.is_empty() {
+                            Ok(())
+                        } else {
+                            Err(format!(
+                                "{} experts have no live node (layer:expert {})",
+                                uncovered.len(),
+                                uncovered
+                                    .iter()
+                                    .take(8)
+                                    .cloned()
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ))
+                        }
+                    });
+                    let r = remote.clone();
+                    let refresh: Refresh = Arc::new(move || r.refresh_metrics());
+                    (remote, health, refresh)
+                }
                 (
                     ExpertsAt::Nodes {
                         addrs,
@@ -132,8 +207,8 @@ impl Coordinator {
                     );
                     let r = remote.clone();
                     let health: HealthCheck = Arc::new(move || {
-                        let down: Vec<&str> = r
-                            .nodes()
+                        let nodes = r.nodes();
+                        let down: Vec<&str> = nodes
                             .iter()
                             .filter(|n| !n.is_alive())
                             .map(|n| n.addr())
@@ -190,6 +265,7 @@ impl Coordinator {
                 refresh_metrics: refresh,
                 http: Arc::new(cfg.http.clone()),
             },
+            cluster,
         })
     }
 
@@ -206,6 +282,10 @@ impl Coordinator {
         axum::serve(listener, router(self.state))
             .with_graceful_shutdown(shutdown)
             .await?;
+        // Leave the election and drop the load report now, not a TTL later.
+        if let Some(c) = self.cluster {
+            c.session.revoke().await;
+        }
         Ok(())
     }
 }

@@ -20,6 +20,10 @@ pub enum NodeError {
     },
     #[error("stale placement epoch {got}: this node is already at epoch {current}")]
     StaleEpoch { got: u64, current: u64 },
+    #[error("this node may hold {max} experts; holding {wanted} would exceed its memory budget")]
+    NoCapacity { wanted: usize, max: usize },
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("gRPC transport: {0}")]
@@ -31,9 +35,11 @@ impl From<NodeError> for Status {
         let code = match &e {
             NodeError::Spec { .. } | NodeError::NoSuchExpert { .. } => Code::InvalidArgument,
             NodeError::StaleEpoch { .. } => Code::FailedPrecondition,
+            NodeError::NoCapacity { .. } => Code::ResourceExhausted,
             NodeError::Config(_)
             | NodeError::Weights(_)
             | NodeError::Internal(_)
+            | NodeError::Cluster(_)
             | NodeError::Transport(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

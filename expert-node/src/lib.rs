@@ -8,6 +8,7 @@
 
 mod error;
 mod forward;
+mod membership;
 mod metrics;
 mod node;
 mod server;
@@ -15,6 +16,7 @@ mod service;
 mod spec;
 
 pub use error::NodeError;
+pub use membership::Membership;
 pub use metrics::NodeMetrics;
 pub use node::{ExpertNode, NodeConfig};
 pub use server::{serve, serve_with_tls};

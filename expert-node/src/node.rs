@@ -25,6 +25,8 @@ pub struct NodeConfig {
     pub node_id: String,
     /// The experts loaded at start-up; only their bytes are read.
     pub initial: ExpertSelection,
+    /// Most experts this node may hold (its memory budget); `None`: no limit.
+    pub max_experts: Option<usize>,
 }
 
 pub struct ExpertNode {
@@ -37,6 +39,7 @@ pub struct ExpertNode {
     /// forward pass holding the store's read lock.
     held: Mutex<BTreeSet<(usize, usize)>>,
     epoch: AtomicU64,
+    max_experts: Option<usize>,
     /// Serialises placement changes, so that an epoch check and the change it guards
     /// cannot interleave with another change.
     placement: tokio::sync::Mutex<()>,
@@ -56,6 +59,14 @@ impl ExpertNode {
         }
         let checkpoint = Checkpoint::open(&cfg.model_dir)?;
         let store = ExpertStore::load(&checkpoint, &config, &cfg.initial)?;
+        if let Some(max) = cfg.max_experts
+            && store.held().len() > max
+        {
+            return Err(NodeError::NoCapacity {
+                wanted: store.held().len(),
+                max,
+            });
+        }
         let model = std::fs::canonicalize(&cfg.model_dir)
             .ok()
             .as_deref()
@@ -79,6 +90,7 @@ impl ExpertNode {
             model,
             held: Mutex::new(held),
             epoch: AtomicU64::new(0),
+            max_experts: cfg.max_experts,
             placement: tokio::sync::Mutex::new(()),
             metrics: Arc::new(metrics),
         })
@@ -105,6 +117,12 @@ impl ExpertNode {
             .iter()
             .copied()
             .collect()
+    }
+
+    /// How many experts fit in this node's budget.
+    pub fn capacity(&self) -> usize {
+        self.max_experts
+            .unwrap_or(self.config.num_layers * self.config.num_experts)
     }
 
     /// Weight bytes one expert occupies in the f32 CPU store (gate, up and down).
@@ -183,19 +201,33 @@ impl ExpertNode {
 
     /// Loads the experts not yet held (idempotent) and returns the node's new state.
     /// All of them become usable at once, or none do.
+    ///
+    /// Epoch 0 is a recovery load (static mode, or a coordinator replacing a dead node's
+    /// experts before the leader has replanned): it only adds, so it is never stale and
+    /// leaves the epoch alone. Any other epoch older than the node's is refused.
     pub async fn load_experts(
         &self,
         experts: &[ExpertRef],
         epoch: u64,
     ) -> Result<NodeInfo, NodeError> {
         let _guard = self.placement.lock().await;
-        self.check_epoch(epoch)?;
+        if epoch != 0 {
+            self.check_epoch(epoch)?;
+        }
         let wanted = self.checked_refs(experts)?;
         let held = self.held();
         let missing: Vec<(usize, usize)> = wanted
             .into_iter()
             .filter(|pair| !held.contains(pair))
             .collect();
+        if let Some(max) = self.max_experts
+            && held.len() + missing.len() > max
+        {
+            return Err(NodeError::NoCapacity {
+                wanted: held.len() + missing.len(),
+                max,
+            });
+        }
         if !missing.is_empty() {
             let (ckpt, config, store) = (
                 Arc::clone(&self.checkpoint),
@@ -311,6 +343,7 @@ mod tests {
                 .join("../tests/fixtures/mixtral-tiny"),
             node_id: "n".into(),
             initial,
+            max_experts: None,
         }
     }
 
@@ -332,6 +365,13 @@ mod tests {
             let err = ExpertNode::open(config(sel)).err().unwrap();
             assert!(matches!(err, NodeError::NoSuchExpert { .. }), "{err}");
         }
+        let mut cfg = config(ExpertSelection::in_every_layer(&[0], 4));
+        cfg.max_experts = Some(3);
+        let err = ExpertNode::open(cfg).err().unwrap();
+        assert!(
+            matches!(err, NodeError::NoCapacity { wanted: 4, max: 3 }),
+            "{err}"
+        );
         let mut cfg = config(ExpertSelection::All);
         cfg.model_dir = cfg.model_dir.join("no-such-dir");
         let err = ExpertNode::open(cfg).err().unwrap();

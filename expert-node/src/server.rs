@@ -36,7 +36,7 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// shutdown begins; open Forward streams finish the request in hand and end. Returns at
 /// most [`DRAIN_TIMEOUT`] after `shutdown` completes, whatever clients do.
 pub async fn serve(
-    node: ExpertNode,
+    node: impl Into<Arc<ExpertNode>>,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
@@ -47,13 +47,13 @@ pub async fn serve(
 /// (a plaintext client fails its handshake) and every client must present a certificate
 /// signed by the configured CA. A failed handshake drops that connection alone.
 pub async fn serve_with_tls(
-    node: ExpertNode,
+    node: impl Into<Arc<ExpertNode>>,
     listener: TcpListener,
     tls: Option<&Tls>,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), NodeError> {
     let addr = listener.local_addr().ok();
-    let node = Arc::new(node);
+    let node: Arc<ExpertNode> = node.into();
     let (stop_tx, stop_rx) = watch::channel(false);
     let (drain_tx, drain_rx) = oneshot::channel::<()>();
     let (health, health_service) = tonic_health::server::health_reporter();

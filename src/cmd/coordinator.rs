@@ -2,9 +2,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result, bail};
+use switchyard_coordinator::cluster::ClusterMode;
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
 
-use super::serve_args::{ServeArgs, TlsArgs, print_ready};
+use super::serve_args::{ClusterArgs, ServeArgs, TlsArgs, print_ready};
 use super::shutdown_signal;
 
 #[derive(clap::Args)]
@@ -16,8 +17,19 @@ pub struct Args {
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
     /// Run the experts in this process instead of on nodes.
-    #[arg(long, conflicts_with = "nodes")]
+    #[arg(long, conflicts_with_all = ["nodes", "etcd"])]
     in_process: bool,
+    /// This coordinator's name in the cluster (leader election, load reports)
+    /// [default: HOST-PID].
+    #[arg(long)]
+    coordinator_id: Option<String>,
+    /// With --etcd: how long start-up waits for nodes to register and a placement to be
+    /// published.
+    #[arg(long, default_value_t = 120)]
+    startup_timeout_s: u64,
+    /// Expert nodes come and go through etcd; the elected coordinator places experts.
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[command(flatten)]
     serve: ServeArgs,
     /// Mutual TLS to the expert nodes: our client certificate, and the CA their
@@ -27,10 +39,30 @@ pub struct Args {
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
+    let cluster = a.cluster.config()?;
     let experts = if a.in_process {
         ExpertsAt::InProcess
+    } else if let Some(etcd) = cluster {
+        if !a.nodes.is_empty() {
+            bail!("--nodes and --etcd exclude each other: with etcd, nodes register themselves");
+        }
+        ExpertsAt::Cluster {
+            mode: ClusterMode {
+                etcd,
+                coordinator_id: a
+                    .coordinator_id
+                    .clone()
+                    .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
+                lease_ttl: a.cluster.lease_ttl(),
+                min_replicas: a.serve.replicas,
+                startup_timeout: std::time::Duration::from_secs(a.startup_timeout_s),
+            },
+            wire: a.serve.wire_dtype,
+            timeout: a.serve.expert_timeout(),
+            tls: a.tls.load()?,
+        }
     } else if a.nodes.is_empty() {
-        bail!("give --nodes HOST:PORT,... or --in-process");
+        bail!("give --nodes HOST:PORT,..., --etcd URL or --in-process");
     } else {
         ExpertsAt::Nodes {
             addrs: a.nodes.clone(),
@@ -59,6 +91,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let url = format!("http://{}", listener.local_addr()?);
         let what = if a.in_process {
             "experts in process".to_string()
+        } else if !a.cluster.etcd.is_empty() {
+            format!(
+                "cluster `{}` on etcd {}",
+                a.cluster.cluster,
+                a.cluster.etcd.join(",")
+            )
         } else {
             format!("{} expert nodes", a.nodes.len())
         };
@@ -68,4 +106,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// This machine's name, for default ids.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".into())
 }

@@ -4,10 +4,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
+use std::sync::Arc;
+use std::time::Duration;
 use switchyard_engine::ModelConfig;
-use switchyard_expert_node::{ExpertNode, NodeConfig, parse_expert_spec, serve_with_tls};
 
-use super::serve_args::TlsArgs;
+use switchyard_expert_node::{
+    ExpertNode, Membership, NodeConfig, parse_expert_spec, serve_with_tls,
+};
+
+use super::serve_args::{ClusterArgs, TlsArgs};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -27,6 +32,15 @@ pub struct Args {
     /// Name reported to coordinators [default: derived from the listen address].
     #[arg(long)]
     node_id: Option<String>,
+    /// Most experts this node may hold (its memory budget) [default: all of the model's].
+    #[arg(long)]
+    max_experts: Option<usize>,
+    /// Address coordinators dial, `HOST:PORT`, registered in etcd [default: the listen
+    /// address, with this host's name in place of a wildcard IP].
+    #[arg(long)]
+    advertise: Option<String>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[command(flatten)]
     tls: TlsArgs,
 }
@@ -44,6 +58,10 @@ async fn serve_node(args: Args) -> Result<()> {
     let config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
     let initial = parse_expert_spec(&args.experts, config.num_layers, config.num_experts)?;
+    let cluster = args.cluster.config()?;
+    if args.max_experts == Some(0) {
+        anyhow::bail!("--max-experts must be at least 1");
+    }
     // Before binding: a bad certificate path fails the start, not the first handshake.
     let tls = args.tls.load()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -51,18 +69,39 @@ async fn serve_node(args: Args) -> Result<()> {
         .with_context(|| format!("binding {}", args.listen))?;
     let addr = listener.local_addr()?;
     let node_id = args.node_id.unwrap_or_else(|| default_node_id(addr));
+    let advertise = args
+        .advertise
+        .clone()
+        .unwrap_or_else(|| default_node_id(addr));
     let model_dir = args.model.clone();
+    let max_experts = args.max_experts;
     // Reading expert weights blocks; keep it off the runtime's workers.
     let node = tokio::task::spawn_blocking(move || {
         ExpertNode::open(NodeConfig {
             model_dir,
             node_id,
             initial,
+            max_experts,
         })
     })
     .await
     .context("loading experts")?
     .with_context(|| format!("loading experts from {}", args.model.display()))?;
+    let node = Arc::new(node);
+    let membership = match &cluster {
+        Some(c) => Some(
+            Membership::join(
+                Arc::clone(&node),
+                c.clone(),
+                advertise,
+                args.cluster.lease_ttl(),
+                Duration::from_secs(60),
+            )
+            .await
+            .with_context(|| format!("joining cluster `{}`", args.cluster.cluster))?,
+        ),
+        None => None,
+    };
 
     // `switchyard up` starts nodes on port 0 and waits for exactly this line; it is only
     // printed once the initial experts are loaded.
@@ -92,7 +131,23 @@ async fn serve_node(args: Args) -> Result<()> {
             }
         });
     }
-    serve_with_tls(node, listener, tls.as_ref(), stop).await?;
+    // In a cluster, a drain (`switchyard ctl drain`) ends the node like a signal does.
+    let drained = async {
+        match &cluster {
+            Some(c) => Membership::drained(c.clone(), node.node_id().to_owned()).await,
+            None => std::future::pending().await,
+        }
+    };
+    let stop = async {
+        tokio::select! {
+            () = stop => {},
+            () = drained => {},
+        }
+    };
+    serve_with_tls(Arc::clone(&node), listener, tls.as_ref(), stop).await?;
+    if let Some(m) = membership {
+        m.leave().await;
+    }
     Ok(())
 }
 

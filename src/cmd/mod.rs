@@ -1,6 +1,7 @@
 pub mod bench;
 pub mod certs;
 pub mod coordinator;
+pub mod ctl;
 pub mod expert_node;
 pub mod generate;
 pub mod serve_args;

@@ -41,6 +41,42 @@ impl TlsArgs {
     }
 }
 
+/// Cluster mode: membership, election and placement in etcd (`coordinator`,
+/// `expert-node`, `ctl`). Without --etcd, placement is static.
+#[derive(clap::Args, Clone, Debug)]
+pub struct ClusterArgs {
+    /// etcd endpoints, `URL[,URL]` (`http://HOST:2379`).
+    #[arg(long, value_delimiter = ',', value_name = "URL")]
+    pub etcd: Vec<String>,
+    /// Cluster name: its state lives under /switchyard/NAME/ in etcd.
+    #[arg(long, default_value = "default")]
+    pub cluster: String,
+    /// Seconds a process's lease lives without renewal: how long a dead process stays
+    /// registered at most.
+    #[arg(long, default_value_t = 5)]
+    pub lease_ttl_s: u64,
+}
+
+impl ClusterArgs {
+    /// The cluster, or `None` in static mode.
+    pub fn config(&self) -> anyhow::Result<Option<switchyard_cluster::ClusterConfig>> {
+        if self.etcd.is_empty() {
+            return Ok(None);
+        }
+        if self.lease_ttl_s == 0 {
+            anyhow::bail!("--lease-ttl-s must be at least 1");
+        }
+        Ok(Some(switchyard_cluster::ClusterConfig::new(
+            self.etcd.clone(),
+            &self.cluster,
+        )?))
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_secs(self.lease_ttl_s)
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {
     /// Address the HTTP API binds to.

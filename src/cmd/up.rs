@@ -8,6 +8,8 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
+use switchyard_cluster::ClusterConfig;
+use switchyard_coordinator::cluster::ClusterMode;
 use switchyard_coordinator::remote::wait_healthy;
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
 use switchyard_proto::tls::{TlsFiles, write_dev_certs};
@@ -34,6 +36,18 @@ pub struct Args {
     /// certificates made for this run in a temporary directory (removed on exit).
     #[arg(long, conflicts_with = "in_process")]
     tls: bool,
+    /// Cluster mode: nodes register in etcd and the coordinator places experts there
+    /// (the elastic mode of `coordinator --etcd`). `--etcd` alone starts a local etcd
+    /// (the `etcd` binary must be installed) for this run; `--etcd URL[,URL]` uses one.
+    #[arg(long, num_args = 0..=1, default_missing_value = "local", value_name = "URL",
+          conflicts_with = "in_process")]
+    etcd: Option<String>,
+    /// Cluster name in etcd.
+    #[arg(long, default_value = "default")]
+    cluster: String,
+    /// Lease TTL of the nodes and the coordinator in cluster mode, in seconds.
+    #[arg(long, default_value_t = 5)]
+    lease_ttl_s: u64,
     #[command(flatten)]
     serve: ServeArgs,
 }
@@ -77,6 +91,7 @@ fn spawn_node(
     model: &PathBuf,
     index: usize,
     tls: Option<&TlsFiles>,
+    cluster: &[String],
 ) -> Result<(Child, mpsc::Receiver<Result<String>>)> {
     let exe = std::env::current_exe().context("locating the switchyard binary")?;
     let mut cmd = Command::new(exe);
@@ -86,7 +101,8 @@ fn spawn_node(
         .arg("--listen")
         .arg("127.0.0.1:0")
         .arg("--node-id")
-        .arg(format!("node-{index}"));
+        .arg(format!("node-{index}"))
+        .args(cluster);
     if let Some(t) = tls {
         cmd.arg("--tls-cert")
             .arg(&t.cert)
@@ -98,25 +114,7 @@ fn spawn_node(
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
-    #[cfg(target_os = "linux")]
-    {
-        use std::os::unix::process::CommandExt;
-        // SAFETY: prctl is async-signal-safe. With it the kernel kills the node if `up`
-        // dies in any way (even SIGKILL), so no node outlives it. It is tied to the
-        // spawning thread, which is the main thread: it lives as long as `up`.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The parent may already have died before prctl took effect.
-                if libc::getppid() == 1 {
-                    libc::raise(libc::SIGKILL);
-                }
-                Ok(())
-            });
-        }
-    }
+    die_with_parent(&mut cmd);
     let mut child = cmd.spawn().context("starting an expert node")?;
     let stdout = child
         .stdout
@@ -171,12 +169,35 @@ pub fn run(a: Args) -> Result<ExitCode> {
 
     // Children are spawned from this (the main) thread: see spawn_node.
     let mut children = Children(Vec::new());
+    // Cluster mode: the etcd endpoints (a local etcd started for this run if asked).
+    let mut local_etcd = None;
+    let etcd_urls: Option<Vec<String>> = match a.etcd.as_deref() {
+        None => None,
+        Some("local") => {
+            let (child, url, dir) = start_local_etcd(timeout)?;
+            info!(%url, "started a local etcd for this run");
+            local_etcd = Some((Children(vec![(usize::MAX, child)]), dir));
+            Some(vec![url])
+        }
+        Some(urls) => Some(urls.split(',').map(str::to_owned).collect()),
+    };
+    let cluster_flags: Vec<String> = match &etcd_urls {
+        Some(urls) => vec![
+            "--etcd".into(),
+            urls.join(","),
+            "--cluster".into(),
+            a.cluster.clone(),
+            "--lease-ttl-s".into(),
+            a.lease_ttl_s.to_string(),
+        ],
+        None => Vec::new(),
+    };
     let mut addrs = Vec::new();
     if !a.in_process {
         let mut pending = Vec::new();
         for i in 0..a.nodes {
             let tls = cert_dir.as_ref().map(|(_, c)| &c.nodes[i]);
-            let (child, rx) = spawn_node(&model, i, tls)?;
+            let (child, rx) = spawn_node(&model, i, tls, &cluster_flags)?;
             children.0.push((i, child));
             pending.push(rx);
         }
@@ -201,6 +222,19 @@ pub fn run(a: Args) -> Result<ExitCode> {
         }
         let experts = if a.in_process {
             ExpertsAt::InProcess
+        } else if let Some(urls) = &etcd_urls {
+            ExpertsAt::Cluster {
+                mode: ClusterMode {
+                    etcd: ClusterConfig::new(urls.clone(), &a.cluster)?,
+                    coordinator_id: format!("up-{}", std::process::id()),
+                    lease_ttl: Duration::from_secs(a.lease_ttl_s.max(1)),
+                    min_replicas: a.serve.replicas,
+                    startup_timeout: timeout.saturating_sub(started.elapsed()),
+                },
+                wire: a.serve.wire_dtype,
+                timeout: a.serve.expert_timeout(),
+                tls: coordinator_tls.clone(),
+            }
         } else {
             ExpertsAt::Nodes {
                 addrs: addrs.clone(),
@@ -226,24 +260,38 @@ pub fn run(a: Args) -> Result<ExitCode> {
             "experts in process".to_string()
         } else {
             format!(
-                "coordinator + {} expert nodes{}",
+                "coordinator + {} expert nodes{}{}",
                 addrs.len(),
-                if a.tls { ", mutual TLS" } else { "" }
+                if a.tls { ", mutual TLS" } else { "" },
+                match &etcd_urls {
+                    Some(urls) => format!(", cluster `{}` on etcd {}", a.cluster, urls.join(",")),
+                    None => String::new(),
+                }
             )
         };
         let stop_signal = shutdown_signal();
         print_ready(&url, &coordinator.state().model_name, &what);
 
-        // Stop on Ctrl-C/SIGTERM, or as soon as a node dies.
+        // Stop on Ctrl-C/SIGTERM, or as soon as a node dies (static mode: its experts are
+        // gone for good; a cluster places them elsewhere and goes on).
         let (died_tx, died_rx) = tokio::sync::oneshot::channel::<String>();
         let stop_watching = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let elastic = etcd_urls.is_some();
         let watch = {
             let mut kids = Children(std::mem::take(&mut children.0));
             let stop = stop_watching.clone();
             tokio::task::spawn_blocking(move || {
+                let mut died_tx = Some(died_tx);
                 while !stop.load(std::sync::atomic::Ordering::SeqCst) {
                     if let Some((i, status)) = kids.exited() {
-                        let _ = died_tx.send(format!("expert node {i} exited unexpectedly ({status})"));
+                        if elastic {
+                            warn!("expert node {i} exited ({status}); the cluster places its experts elsewhere");
+                            kids.0.retain(|(k, _)| *k != i);
+                            continue;
+                        }
+                        if let Some(tx) = died_tx.take() {
+                            let _ = tx.send(format!("expert node {i} exited unexpectedly ({status})"));
+                        }
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(200));
@@ -268,6 +316,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         outcome
     });
     drop(children);
+    drop(local_etcd);
     drop(cert_dir);
     match result {
         Ok(()) => Ok(ExitCode::SUCCESS),
@@ -276,4 +325,87 @@ pub fn run(a: Args) -> Result<ExitCode> {
             Err(e)
         }
     }
+}
+
+/// Starts `etcd` from PATH on free loopback ports with a temporary data directory, and
+/// waits until it accepts connections. Returns the child, its client URL and the
+/// directory (removed when dropped).
+fn start_local_etcd(timeout: Duration) -> Result<(Child, String, tempfile::TempDir)> {
+    let free_port = || -> Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    };
+    let (client_port, peer_port) = (free_port()?, free_port()?);
+    let dir = tempfile::Builder::new()
+        .prefix("switchyard-up-etcd-")
+        .tempdir()
+        .context("creating etcd's data directory")?;
+    let url = format!("http://127.0.0.1:{client_port}");
+    let peer = format!("http://127.0.0.1:{peer_port}");
+    let mut cmd = Command::new("etcd");
+    cmd.arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .args(["--name", "up"])
+        .args([
+            "--listen-client-urls",
+            &url,
+            "--advertise-client-urls",
+            &url,
+        ])
+        .args([
+            "--listen-peer-urls",
+            &peer,
+            "--initial-advertise-peer-urls",
+            &peer,
+        ])
+        .args(["--initial-cluster", &format!("up={peer}")])
+        .args(["--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    die_with_parent(&mut cmd);
+    let mut child = cmd.spawn().map_err(|e| {
+        anyhow!(
+            "`--etcd` without a URL starts a local etcd, but `etcd` could not be run ({e}): \
+             install it (Debian: apt-get install etcd-server) or give --etcd URL"
+        )
+    })?;
+    let deadline = Instant::now() + timeout;
+    while std::net::TcpStream::connect(("127.0.0.1", client_port)).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            bail!("the local etcd exited at start-up ({status})");
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            bail!("the local etcd did not listen within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, url, dir))
+}
+
+/// Has the kernel kill the child if `up` dies in any way (even SIGKILL), so no node or
+/// etcd outlives it. PR_SET_PDEATHSIG is tied to the spawning thread: children are spawned
+/// from the main thread, which lives as long as `up`.
+fn die_with_parent(cmd: &mut Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl, getppid and raise are async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The parent may already have died before prctl took effect.
+                if libc::getppid() == 1 {
+                    libc::raise(libc::SIGKILL);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
 }

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod etcd;
 pub mod http;
 
 use std::io::{BufRead, BufReader};
@@ -158,6 +159,26 @@ impl Proc {
         }
     }
 
+    /// Starts `cmd` without waiting for any line (stdout is discarded).
+    pub fn spawn(name: &str, mut cmd: Command) -> Proc {
+        let log = tempfile::NamedTempFile::new().expect("creating a log file");
+        let stderr = log.reopen().expect("reopening the log file");
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(stderr));
+        let child = spawn_kept(cmd).unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        Proc {
+            child,
+            name: name.to_owned(),
+            log,
+        }
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -278,6 +299,16 @@ impl Cluster {
         Cluster::start("coordinator", cmd)
     }
 
+    /// `switchyard coordinator --port 0 --model DIR --etcd URL ARGS...`.
+    pub fn cluster_coordinator(etcd: &str, id: &str, args: &[&str]) -> Cluster {
+        let mut cmd = Command::new(exe());
+        cmd.args(["coordinator", "--port", "0", "--model"])
+            .arg(tiny_model())
+            .args(["--etcd", etcd, "--coordinator-id", id, "--lease-ttl-s", "2"])
+            .args(args);
+        Cluster::start(&format!("coordinator-{id}"), cmd)
+    }
+
     fn start(name: &str, cmd: Command) -> Cluster {
         // "serving MODEL on http://127.0.0.1:PORT (...)"
         let (proc, rest) = Proc::start(name, cmd, "serving ");
@@ -309,6 +340,16 @@ pub fn expert_node(index: usize) -> (Proc, String) {
     cmd.args(["expert-node", "--listen", "127.0.0.1:0", "--model"])
         .arg(tiny_model());
     Proc::start(&format!("expert-node-{index}"), cmd, "listening on ")
+}
+
+/// `switchyard expert-node` registered in the cluster at `etcd` as `id`.
+pub fn cluster_node(etcd: &str, id: &str, args: &[&str]) -> Proc {
+    let mut cmd = Command::new(exe());
+    cmd.args(["expert-node", "--listen", "127.0.0.1:0", "--model"])
+        .arg(tiny_model())
+        .args(["--etcd", etcd, "--node-id", id, "--lease-ttl-s", "2"])
+        .args(args);
+    Proc::start(&format!("expert-node-{id}"), cmd, "listening on ").0
 }
 
 /// Runs `cmd` to its end (at most `timeout`) and returns its status and stderr; for

@@ -90,7 +90,7 @@ async fn load_forward_unload_describe_and_stale_epochs() {
         .into_inner();
     assert_eq!(held(&again), held(&info));
 
-    // A stale leader can neither load nor unload.
+    // A stale leader can neither load nor unload; epoch 0 (a recovery load) only adds.
     for epoch in [0, 3] {
         let err = client
             .unload_experts(ExpertsRequest {
@@ -101,15 +101,15 @@ async fn load_forward_unload_describe_and_stale_epochs() {
             .unwrap_err();
         assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
         assert!(err.message().contains("stale"), "{err}");
-        let err = client
-            .load_experts(ExpertsRequest {
-                experts: refs(&[1]),
-                epoch,
-            })
-            .await
-            .unwrap_err();
-        assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     }
+    let err = client
+        .load_experts(ExpertsRequest {
+            experts: refs(&[1]),
+            epoch: 3,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     // Nonexistent experts are refused as a whole; nothing is loaded.
     for bad in [
         ExpertRef {
@@ -162,5 +162,17 @@ async fn load_forward_unload_describe_and_stale_epochs() {
     let resp = stream.call(case.request(4, WireFormat::F32)).await;
     let got = output_of(&resp, 4, WireFormat::F32, 6, HIDDEN);
     assert_eq!(got, case.expected(&reference, WireFormat::F32));
+
+    // A recovery load (epoch 0) adds without touching the epoch.
+    let recovered = client
+        .load_experts(ExpertsRequest {
+            experts: refs(&[1]),
+            epoch: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(recovered.epoch, 5, "a recovery load leaves the epoch alone");
+    assert_eq!(held(&recovered).len(), held(&info).len() + 4);
     node.shutdown().await;
 }

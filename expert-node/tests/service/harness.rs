@@ -61,6 +61,7 @@ pub async fn start_with_tls(tls: Option<switchyard_proto::tls::Tls>) -> Running 
         model_dir: fixture(),
         node_id: "test-node".into(),
         initial,
+        max_experts: None,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

@@ -1,0 +1,332 @@
+//! The elected coordinator: computes placements, has the nodes load them, publishes them.
+//!
+//! Election is a compare-and-swap on the leader key, which lives on the candidate's
+//! lease: whoever creates it leads until its lease ends. Every publication is a
+//! transaction that checks the leader key is still ours (same value, same lease) and
+//! that the placement is the one we planned from, so a deposed leader cannot overwrite a
+//! newer placement; the nodes refuse unloads from older epochs, so it cannot undo one
+//! either (etcd locks alone are not safe as mutual exclusion: the epoch is the fence).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use futures::future::{BoxFuture, join_all};
+use tokio::sync::watch;
+use tracing::{debug, info, warn};
+
+use crate::etcd::{ClusterConfig, ClusterError, Snapshot};
+use crate::planner::{Candidate, PlanError, PlanInput, plan};
+use crate::records::{LeaderRecord, PlacementRecord};
+use crate::session::Session;
+use crate::watch::View;
+
+/// How the leader reaches expert nodes (gRPC lives in the coordinator).
+pub trait NodeControl: Send + Sync {
+    /// Loads `experts` on the node at `addr` (idempotent); returns when they are usable.
+    fn load(
+        &self,
+        addr: &str,
+        experts: Vec<(usize, usize)>,
+        epoch: u64,
+    ) -> BoxFuture<'static, Result<(), String>>;
+    fn unload(
+        &self,
+        addr: &str,
+        experts: Vec<(usize, usize)>,
+        epoch: u64,
+    ) -> BoxFuture<'static, Result<(), String>>;
+}
+
+#[derive(Debug, Clone)]
+pub struct LeaderConfig {
+    /// This coordinator's id.
+    pub id: String,
+    pub num_layers: usize,
+    pub num_experts: usize,
+    /// Copies of every expert where memory allows.
+    pub min_replicas: usize,
+    /// How often placement is reconsidered (and sooner on any cluster change).
+    pub tick: Duration,
+    /// How often the load figures used for hot-expert replicas are refreshed: load moves
+    /// all the time, placements should not.
+    pub load_interval: Duration,
+    /// Wait after a publication before unloading what moved, so coordinators still on
+    /// the previous placement finish their in-flight layers.
+    pub unload_grace: Duration,
+}
+
+/// Campaigns forever; while elected, keeps the published placement right. Runs until
+/// the view's sender is dropped.
+pub async fn run(
+    cfg: ClusterConfig,
+    leader: LeaderConfig,
+    session: Arc<Session>,
+    mut view: watch::Receiver<View>,
+    control: Arc<dyn NodeControl>,
+) {
+    let mut state = LeaderState {
+        load: Vec::new(),
+        load_at: None,
+        failed: HashMap::new(),
+        last_error: None,
+        was_leader: false,
+    };
+    let mut client: Option<Client> = None;
+    loop {
+        tokio::select! {
+            r = view.changed() => if r.is_err() { return },
+            () = tokio::time::sleep(leader.tick) => {}
+        }
+        let Some(lease) = session.lease() else {
+            continue;
+        };
+        let current = view.borrow().clone();
+        if !current.fresh {
+            continue;
+        }
+        if client.is_none() {
+            client = cfg.connect().await.ok();
+        }
+        let Some(c) = client.as_mut() else { continue };
+        match round(
+            &cfg,
+            &leader,
+            c,
+            lease,
+            &current.snapshot,
+            &mut state,
+            &*control,
+        )
+        .await
+        {
+            Ok(()) => {}
+            Err(e) => {
+                debug!("leader round failed: {e}");
+                client = None;
+            }
+        }
+    }
+}
+
+struct LeaderState {
+    load: Vec<u64>,
+    load_at: Option<Instant>,
+    /// Nodes whose last load failed, left out of placements for a while.
+    failed: HashMap<String, Instant>,
+    last_error: Option<String>,
+    was_leader: bool,
+}
+
+/// Leaving a node out after a failed load: long enough not to retry it every tick,
+/// short enough that a node that was merely slow comes back soon.
+const FAILED_NODE_PAUSE: Duration = Duration::from_secs(5);
+
+async fn round(
+    cfg: &ClusterConfig,
+    leader: &LeaderConfig,
+    client: &mut Client,
+    lease: i64,
+    snap: &Snapshot,
+    st: &mut LeaderState,
+    control: &dyn NodeControl,
+) -> Result<(), ClusterError> {
+    if !campaign(cfg, client, &leader.id, lease).await? {
+        if st.was_leader {
+            info!(id = %leader.id, "no longer the placement leader");
+            st.was_leader = false;
+        }
+        return Ok(());
+    }
+    if !st.was_leader {
+        info!(id = %leader.id, "elected placement leader");
+        st.was_leader = true;
+    }
+    let experts = leader.num_layers * leader.num_experts;
+    if st
+        .load_at
+        .is_none_or(|t| t.elapsed() >= leader.load_interval)
+    {
+        st.load = snap.total_load(experts);
+        st.load_at = Some(Instant::now());
+    }
+    st.failed.retain(|_, t| t.elapsed() < FAILED_NODE_PAUSE);
+    let candidates: Vec<Candidate> = snap
+        .nodes
+        .values()
+        .filter(|n| n.num_layers == leader.num_layers && n.num_experts == leader.num_experts)
+        .filter(|n| !snap.drains.contains(&n.id) && !st.failed.contains_key(&n.id))
+        .map(|n| Candidate {
+            id: n.id.clone(),
+            addr: n.addr.clone(),
+            capacity: n.capacity,
+        })
+        .collect();
+    let epoch = snap.placement.as_ref().map_or(0, |p| p.epoch) + 1;
+    let input = PlanInput {
+        num_layers: leader.num_layers,
+        num_experts: leader.num_experts,
+        nodes: &candidates,
+        current: snap.placement.as_ref(),
+        load: &st.load,
+        min_replicas: leader.min_replicas,
+    };
+    let desired = match plan(&input, epoch) {
+        Ok(p) => p,
+        Err(e) => {
+            // Keep the last placement: coordinators serve what they can and answer 503
+            // for the rest; say it once, not every tick.
+            let text = e.to_string();
+            if st.last_error.as_deref() != Some(&text) {
+                match e {
+                    PlanError::NoNodes if snap.placement.is_none() => {
+                        info!("waiting for expert nodes to register")
+                    }
+                    _ => warn!("cannot place every expert: {text}"),
+                }
+                st.last_error = Some(text);
+            }
+            return Ok(());
+        }
+    };
+    st.last_error = None;
+    if snap
+        .placement
+        .as_ref()
+        .is_some_and(|p| p.same_assignment(&desired))
+    {
+        return Ok(());
+    }
+
+    // Every node loads its whole share (idempotent: it reads only what it lacks) before
+    // anyone is told to use it.
+    let loads = desired.nodes.iter().map(|n| {
+        let fut = control.load(&n.addr, desired.experts_of(&n.id), epoch);
+        let id = n.id.clone();
+        async move { (id, fut.await) }
+    });
+    let mut all_loaded = true;
+    for (id, result) in join_all(loads).await {
+        if let Err(e) = result {
+            warn!(node = %id, epoch, "node failed to load its share, placing without it: {e}");
+            st.failed.insert(id, Instant::now());
+            all_loaded = false;
+        }
+    }
+    if !all_loaded {
+        return Ok(());
+    }
+    if !publish(
+        cfg,
+        client,
+        &leader.id,
+        lease,
+        snap.placement_revision,
+        &desired,
+    )
+    .await?
+    {
+        debug!(
+            epoch,
+            "placement changed under us or leadership lost: not published"
+        );
+        return Ok(());
+    }
+    info!(
+        epoch,
+        nodes = desired.nodes.len(),
+        copies = desired.holders.iter().map(Vec::len).sum::<usize>(),
+        "placement published"
+    );
+    schedule_unloads(snap, &desired, leader.unload_grace, control);
+    Ok(())
+}
+
+/// Takes the leader key if it is free; true when it is ours.
+async fn campaign(
+    cfg: &ClusterConfig,
+    client: &mut Client,
+    id: &str,
+    lease: i64,
+) -> Result<bool, ClusterError> {
+    let key = cfg.keys.leader();
+    let value = serde_json::to_string(&LeaderRecord { id: id.to_owned() })
+        .map_err(|e| ClusterError::Config(e.to_string()))?;
+    let txn = Txn::new()
+        .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+        .and_then([TxnOp::put(
+            key.clone(),
+            value.clone(),
+            Some(PutOptions::new().with_lease(lease)),
+        )]);
+    client.txn(txn).await.map_err(|e| cfg.error(e))?;
+    let resp = client.get(key, None).await.map_err(|e| cfg.error(e))?;
+    Ok(resp
+        .kvs()
+        .first()
+        .is_some_and(|kv| kv.value() == value.as_bytes() && kv.lease() == lease))
+}
+
+/// Writes `placement` if we still lead and nobody wrote a placement since `seen_revision`.
+async fn publish(
+    cfg: &ClusterConfig,
+    client: &mut Client,
+    id: &str,
+    lease: i64,
+    seen_revision: i64,
+    placement: &PlacementRecord,
+) -> Result<bool, ClusterError> {
+    let leader = serde_json::to_string(&LeaderRecord { id: id.to_owned() })
+        .map_err(|e| ClusterError::Config(e.to_string()))?;
+    let body = serde_json::to_string(placement).map_err(|e| ClusterError::Config(e.to_string()))?;
+    let txn = Txn::new()
+        .when([
+            Compare::value(cfg.keys.leader(), CompareOp::Equal, leader),
+            Compare::lease(cfg.keys.leader(), CompareOp::Equal, lease),
+            Compare::mod_revision(cfg.keys.placement(), CompareOp::Equal, seen_revision),
+        ])
+        .and_then([TxnOp::put(cfg.keys.placement(), body, None)]);
+    Ok(client.txn(txn).await.map_err(|e| cfg.error(e))?.succeeded())
+}
+
+/// After the grace period, has every live node drop what the new placement does not
+/// give it (with the new epoch, so a newer leader's placement is safe from it).
+fn schedule_unloads(
+    snap: &Snapshot,
+    placement: &PlacementRecord,
+    grace: Duration,
+    control: &dyn NodeControl,
+) {
+    let work: Vec<_> = snap
+        .nodes
+        .values()
+        .filter_map(|n| {
+            let keep = placement.experts_of(&n.id);
+            let extra: Vec<(usize, usize)> = n
+                .held
+                .iter()
+                .copied()
+                .filter(|x| !keep.contains(x))
+                .collect();
+            (!extra.is_empty()).then(|| {
+                (
+                    n.id.clone(),
+                    control.unload(&n.addr, extra, placement.epoch),
+                )
+            })
+        })
+        .collect();
+    if work.is_empty() {
+        return;
+    }
+    let epoch = placement.epoch;
+    tokio::spawn(async move {
+        tokio::time::sleep(grace).await;
+        for (id, fut) in work {
+            if let Err(e) = fut.await {
+                debug!(node = %id, epoch, "unload after rebalance failed: {e}");
+            }
+        }
+    });
+}

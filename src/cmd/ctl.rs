@@ -1,0 +1,150 @@
+//! `switchyard ctl`: look at and operate a cluster through etcd.
+
+use std::fmt::Write as _;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use switchyard_cluster::{ClusterConfig, Snapshot, ops};
+
+use super::serve_args::ClusterArgs;
+
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    #[command(subcommand)]
+    action: Action,
+}
+
+#[derive(clap::Subcommand)]
+enum Action {
+    /// Nodes, health, memory, placement per layer, per-expert load, epoch.
+    Status {
+        /// Print the whole state as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a node's experts away; the node leaves once no coordinator uses it. Waits
+    /// until the placement without it is published.
+    Drain {
+        /// The node's id (as `ctl status` lists it).
+        node: String,
+        #[arg(long, default_value_t = 120)]
+        timeout_s: u64,
+    },
+    /// Withdraw a drain request (a node that restarts withdraws its own).
+    Undrain { node: String },
+}
+
+pub fn run(a: Args) -> Result<ExitCode> {
+    let cfg = a
+        .cluster
+        .config()?
+        .context("give --etcd URL[,URL] (and --cluster NAME if not `default`)")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async {
+        match a.action {
+            Action::Status { json } => {
+                let snap = ops::status(&cfg).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&snap)?);
+                } else {
+                    print!("{}", render(&cfg, &snap));
+                }
+            }
+            Action::Drain { node, timeout_s } => {
+                let snap = ops::drain(&cfg, &node, Duration::from_secs(timeout_s)).await?;
+                let epoch = snap.placement.as_ref().map_or(0, |p| p.epoch);
+                println!("drained {node}: placement epoch {epoch} no longer uses it");
+            }
+            Action::Undrain { node } => {
+                ops::undrain(&cfg, &node).await?;
+                println!("drain mark of {node} removed");
+            }
+        }
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The human-readable status.
+fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
+    let mut out = String::new();
+    let epoch = s.placement.as_ref().map_or(0, |p| p.epoch);
+    let _ = writeln!(
+        out,
+        "cluster {}  epoch {epoch}  leader {}",
+        cfg.keys.root(),
+        s.leader.as_deref().unwrap_or("(none)")
+    );
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:<22} {:<6} {:>13} {:>12} {:>8}  state",
+        "NODE", "ADDRESS", "DEVICE", "EXPERTS/CAP", "MEMORY MiB", "PLACED"
+    );
+    let mut ids: Vec<&String> = s.nodes.keys().collect();
+    if let Some(p) = &s.placement {
+        for n in &p.nodes {
+            if !s.nodes.contains_key(&n.id) {
+                ids.push(&n.id);
+            }
+        }
+    }
+    for id in ids {
+        let placed = s.placement.as_ref().map_or(0, |p| p.experts_of(id).len());
+        let state = match (s.nodes.get(id), s.drains.contains(id)) {
+            (None, _) => "down (lease expired)",
+            (Some(_), true) => "draining",
+            (Some(_), false) => "up",
+        };
+        match s.nodes.get(id) {
+            Some(n) => {
+                let mib = n.held.len() as u64 * n.bytes_per_expert / (1 << 20);
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:<22} {:<6} {:>13} {:>12} {:>8}  {state}",
+                    id,
+                    n.addr,
+                    n.device,
+                    format!("{}/{}", n.held.len(), n.capacity),
+                    mib,
+                    placed
+                );
+            }
+            None => {
+                let _ = writeln!(
+                    out,
+                    "{:<24} {:<22} {:<6} {:>13} {:>12} {:>8}  {state}",
+                    id, "-", "-", "-", "-", placed
+                );
+            }
+        }
+    }
+    if let Some(p) = &s.placement {
+        let load = s.total_load(p.num_layers * p.num_experts);
+        let _ = writeln!(
+            out,
+            "\nplacement (expert: nodes [tokens routed, last window])"
+        );
+        for l in 0..p.num_layers {
+            let _ = write!(out, "layer {l:>3}:");
+            for e in 0..p.num_experts {
+                let holders: Vec<&str> = p.holders_of(l, e).map(|n| n.id.as_str()).collect();
+                let _ = write!(
+                    out,
+                    "  e{e}={} [{}]",
+                    holders.join("+"),
+                    load[l * p.num_experts + e]
+                );
+            }
+            let _ = writeln!(out);
+        }
+    } else {
+        let _ = writeln!(out, "\nno placement published yet");
+    }
+    out
+}

@@ -1,0 +1,84 @@
+//! A real etcd for the cluster tests: Debian's `etcd-server` (scripts/test installs
+//! it), on free loopback ports with a temporary data directory, stopped on drop.
+
+use std::net::TcpListener;
+use std::process::Command;
+use std::time::Duration;
+
+use super::http::Client;
+use super::{Proc, poll};
+
+pub struct Etcd {
+    proc: Option<Proc>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("finding a free port")
+}
+
+impl Etcd {
+    pub fn start() -> Etcd {
+        let mut etcd = Etcd {
+            proc: None,
+            dir: tempfile::tempdir().expect("temporary data dir"),
+            client_port: free_port(),
+            peer_port: free_port(),
+        };
+        etcd.restart();
+        etcd
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    /// Starts it (again, on the same data and ports) and waits until it answers /health.
+    pub fn restart(&mut self) {
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new(etcd_binary());
+        cmd.arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--name", "test"])
+            .args(["--listen-client-urls", &self.url()])
+            .args(["--advertise-client-urls", &self.url()])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .args(["--log-level", "warn"]);
+        self.proc = Some(Proc::spawn("etcd", cmd));
+        let client = Client::new(&self.url());
+        let healthy = poll(Duration::from_secs(20), || {
+            client
+                .get("/health")
+                .is_ok_and(|r| r.status == 200 && r.text().contains("true"))
+        });
+        assert!(
+            healthy,
+            "etcd did not become healthy: {}",
+            self.proc.as_ref().map(Proc::log_tail).unwrap_or_default()
+        );
+    }
+
+    /// Stops it (SIGTERM, as an operator would) and waits for it to exit.
+    pub fn stop(&mut self) {
+        drop(self.proc.take());
+    }
+}
+
+/// Debian installs etcd 3.4 as /usr/bin/etcd.
+fn etcd_binary() -> String {
+    for candidate in ["/usr/bin/etcd", "/usr/local/bin/etcd"] {
+        if std::path::Path::new(candidate).exists() {
+            return candidate.into();
+        }
+    }
+    panic!(
+        "etcd is not installed: run scripts/test (it installs Debian's etcd-server) or `apt-get install etcd-server`"
+    );
+}

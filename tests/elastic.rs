@@ -1,0 +1,328 @@
+//! Cluster mode against a real etcd and real processes: under a steady stream of
+//! greedy requests, nodes die (kill -9), join and drain, etcd goes away and comes back,
+//! two coordinators share the nodes, and every request completes with transformers'
+//! own greedy output (tests/fixtures).
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::etcd::Etcd;
+use common::{Cluster, Proc, cluster_node, exe, golden, golden_texts, greedy, poll, text_of};
+use serde_json::{Value, json};
+
+/// Clients sending the golden prompts in a loop until stopped, checking every answer.
+struct Load {
+    stop: Arc<AtomicBool>,
+    done: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(c: &Arc<Cluster>, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let prompts: Vec<Vec<u32>> = golden().iter().map(|g| g.input_ids.clone()).collect();
+        let lengths: Vec<usize> = golden().iter().map(|g| g.greedy_ids.len()).collect();
+        let expected = golden_texts();
+        let threads = (0..clients)
+            .map(|k| {
+                let (c, stop, done, failures) =
+                    (c.clone(), stop.clone(), done.clone(), failures.clone());
+                let (prompts, lengths, expected) =
+                    (prompts.clone(), lengths.clone(), expected.clone());
+                std::thread::spawn(move || {
+                    let client = c.client();
+                    let mut round = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        let i = (k + round) % prompts.len();
+                        round += 1;
+                        let body = greedy(&c.model, json!(prompts[i]), lengths[i]);
+                        let outcome = match client.post_json("/v1/completions", &body) {
+                            Ok(r) if r.status == 200 => {
+                                let text = text_of(&r.json());
+                                if text == expected[i] {
+                                    Ok(())
+                                } else {
+                                    Err(format!("prompt {i}: got {text:?}, want {:?}", expected[i]))
+                                }
+                            }
+                            Ok(r) => Err(format!("prompt {i}: {} {}", r.status, r.text())),
+                            Err(e) => Err(format!("prompt {i}: {e}")),
+                        };
+                        match outcome {
+                            Ok(()) => done.fetch_add(1, Ordering::SeqCst),
+                            Err(e) => {
+                                failures.lock().unwrap().push(e);
+                                0
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            done,
+            failures,
+            threads,
+        }
+    }
+
+    fn done(&self) -> usize {
+        self.done.load(Ordering::SeqCst)
+    }
+
+    /// Waits until `n` more requests have completed.
+    fn wait_for(&self, n: usize) {
+        let target = self.done() + n;
+        assert!(
+            poll(Duration::from_secs(60), || self.done() >= target),
+            "requests stopped completing: {:?}",
+            self.failures.lock().unwrap()
+        );
+    }
+
+    /// Stops the clients and asserts nothing failed; returns how many completed.
+    fn finish(self) -> usize {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().expect("load thread panicked");
+        }
+        let failures = self.failures.lock().unwrap();
+        assert!(
+            failures.is_empty(),
+            "{} requests failed: {failures:?}",
+            failures.len()
+        );
+        self.done.load(Ordering::SeqCst)
+    }
+}
+
+/// `switchyard ctl --etcd URL status --json`.
+fn status(etcd: &str) -> Value {
+    let out = Command::new(exe())
+        .args(["ctl", "--etcd", etcd, "status", "--json"])
+        .output()
+        .expect("running ctl status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("ctl status --json prints JSON")
+}
+
+/// Node ids in the published placement.
+fn placed(etcd: &str) -> Vec<String> {
+    let s = status(etcd);
+    let mut ids: Vec<String> = s["placement"]["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+fn nodes(etcd: &str, n: usize, args: &[&str]) -> Vec<Proc> {
+    (0..n)
+        .map(|i| cluster_node(etcd, &format!("n{i}"), args))
+        .collect()
+}
+
+fn wait_placed(etcd: &str, want: &[&str]) {
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    assert!(
+        poll(Duration::from_secs(30), || placed(etcd) == want),
+        "placement never became {want:?}: {}",
+        status(etcd)
+    );
+}
+
+fn kill_and_keep_serving(replicas: &str) {
+    let etcd = Etcd::start();
+    let mut ns = nodes(&etcd.url(), 3, &[]);
+    let c = Arc::new(Cluster::cluster_coordinator(
+        &etcd.url(),
+        "c0",
+        &["--wire-dtype", "f32", "--replicas", replicas],
+    ));
+    wait_placed(&etcd.url(), &["n0", "n1", "n2"]);
+    let load = Load::start(&c, 4);
+    load.wait_for(4);
+    ns[1].kill9();
+    // Served again after the loss, and the leader publishes a placement without it.
+    load.wait_for(8);
+    wait_placed(&etcd.url(), &["n0", "n2"]);
+    load.wait_for(4);
+    load.finish();
+}
+
+#[test]
+fn kill_9_without_replicas_fails_no_request() {
+    kill_and_keep_serving("1");
+}
+
+#[test]
+fn kill_9_with_replicas_fails_no_request() {
+    kill_and_keep_serving("2");
+}
+
+#[test]
+fn join_and_drain_under_load_fail_no_request() {
+    let etcd = Etcd::start();
+    let mut ns = nodes(&etcd.url(), 3, &[]);
+    let c = Arc::new(Cluster::cluster_coordinator(
+        &etcd.url(),
+        "c0",
+        &["--wire-dtype", "f32"],
+    ));
+    wait_placed(&etcd.url(), &["n0", "n1", "n2"]);
+    let load = Load::start(&c, 4);
+    load.wait_for(4);
+
+    // A new node gets its share at the next rebalance.
+    ns.push(cluster_node(&etcd.url(), "n3", &[]));
+    wait_placed(&etcd.url(), &["n0", "n1", "n2", "n3"]);
+    let s = status(&etcd.url());
+    let placement = &s["placement"];
+    let n3 = placement["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|n| n["id"] == "n3")
+        .unwrap();
+    let share = placement["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h.as_array().unwrap().iter().any(|x| x == n3))
+        .count();
+    assert_eq!(share, 8, "32 experts over 4 nodes: {placement}");
+    load.wait_for(4);
+
+    // Drain: ctl waits for a placement without the node, then the node exits by itself.
+    let out = Command::new(exe())
+        .args(["ctl", "--etcd", &etcd.url(), "drain", "n0"])
+        .output()
+        .expect("running ctl drain");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(placed(&etcd.url()), ["n1", "n2", "n3"]);
+    assert!(
+        poll(Duration::from_secs(15), || ns[0].exited()),
+        "a drained node leaves: {}",
+        ns[0].log_tail()
+    );
+    load.wait_for(4);
+    load.finish();
+}
+
+#[test]
+fn etcd_outage_fails_no_request_and_the_cluster_catches_up() {
+    let mut etcd = Etcd::start();
+    let _ns = nodes(&etcd.url(), 2, &[]);
+    let c = Arc::new(Cluster::cluster_coordinator(
+        &etcd.url(),
+        "c0",
+        &["--wire-dtype", "f32"],
+    ));
+    wait_placed(&etcd.url(), &["n0", "n1"]);
+    let load = Load::start(&c, 3);
+    load.wait_for(3);
+    etcd.stop();
+    let outage = Instant::now();
+    load.wait_for(6);
+    // Longer than the leases' TTL: nobody may be dropped for etcd's absence.
+    while outage.elapsed() < Duration::from_secs(3) {
+        load.wait_for(1);
+    }
+    etcd.restart();
+    load.wait_for(3);
+    // Caught up: a node joining now is placed.
+    let _n2 = cluster_node(&etcd.url(), "n2", &[]);
+    wait_placed(&etcd.url(), &["n0", "n1", "n2"]);
+    load.wait_for(3);
+    load.finish();
+}
+
+#[test]
+fn two_coordinators_share_three_nodes() {
+    let etcd = Etcd::start();
+    let _ns = nodes(&etcd.url(), 3, &[]);
+    let a = Arc::new(Cluster::cluster_coordinator(
+        &etcd.url(),
+        "ca",
+        &["--wire-dtype", "f32"],
+    ));
+    let b = Arc::new(Cluster::cluster_coordinator(
+        &etcd.url(),
+        "cb",
+        &["--wire-dtype", "f32"],
+    ));
+    wait_placed(&etcd.url(), &["n0", "n1", "n2"]);
+    let (la, lb) = (Load::start(&a, 2), Load::start(&b, 2));
+    la.wait_for(4);
+    lb.wait_for(4);
+    let leader = status(&etcd.url())["leader"].as_str().map(str::to_owned);
+    assert!(matches!(leader.as_deref(), Some("ca" | "cb")), "{leader:?}");
+    la.finish();
+    lb.finish();
+    // Both report the load they routed, for the leader's hot-expert replicas.
+    assert!(
+        poll(Duration::from_secs(10), || {
+            status(&etcd.url())["loads"]
+                .as_array()
+                .is_some_and(|l| l.len() == 2)
+        }),
+        "{}",
+        status(&etcd.url())
+    );
+}
+
+#[test]
+fn with_no_node_left_requests_fail_fast_with_503() {
+    let etcd = Etcd::start();
+    let mut ns = nodes(&etcd.url(), 1, &[]);
+    let c = Cluster::cluster_coordinator(&etcd.url(), "c0", &["--wire-dtype", "f32"]);
+    wait_placed(&etcd.url(), &["n0"]);
+    ns[0].kill9();
+    let g = &golden()[0];
+    let started = Instant::now();
+    let r = c
+        .client()
+        .post_json("/v1/completions", &greedy(&c.model, json!(g.input_ids), 4))
+        .expect("POST");
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(c.health().status, 503);
+}
+
+#[test]
+fn up_with_etcd_runs_a_local_cluster() {
+    let c = Cluster::up(&["--etcd", "--wire-dtype", "f32", "--lease-ttl-s", "2"]);
+    let g = &golden()[1];
+    let v = common::post_ok(
+        &c.client(),
+        "/v1/completions",
+        &greedy(&c.model, json!(g.input_ids), g.greedy_ids.len()),
+    );
+    assert_eq!(text_of(&v), golden_texts()[1]);
+    assert_eq!(c.health().status, 200);
+}
