@@ -169,3 +169,70 @@ fn ptx_cache_round_trip() {
     );
     assert_eq!(std::fs::read_to_string(&path).unwrap(), first);
 }
+
+/// `$PTXAS`, else `ptxas` on PATH (e.g. from the `nvidia-cuda-nvcc` wheel's
+/// `nvidia/cu13/bin`); `None` when neither runs.
+fn ptxas() -> Option<String> {
+    let cand = std::env::var("PTXAS").unwrap_or_else(|_| "ptxas".into());
+    Command::new(&cand)
+        .arg("--version")
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|_| cand)
+}
+
+/// Where ptxas is available, the PTX assembles (inline asm included) with no stack frame,
+/// no spills, and few enough registers for 3 GEMM blocks per SM.
+#[test]
+fn ptxas_accepts_kernels_without_spills() {
+    let Some(ptxas) = ptxas() else {
+        eprintln!("SKIPPED: no ptxas (set PTXAS or put the nvidia-cuda-nvcc wheel's bin on PATH)");
+        return;
+    };
+    if !nvrtc_or_explain() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    for k in ptx::ALL {
+        for arch in ARCHS {
+            let text = ptx::compile(k, arch).unwrap();
+            let path = dir.path().join(format!("{}-{arch}.ptx", k.name));
+            std::fs::write(&path, text).unwrap();
+            let out = Command::new(&ptxas)
+                .args([&format!("-arch={arch}"), "-v", "-o", "/dev/null"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            let report = String::from_utf8_lossy(&out.stderr).into_owned();
+            assert!(out.status.success(), "ptxas {arch}: {report}");
+            println!("{report}");
+            for line in report.lines().filter(|l| l.contains("stack frame")) {
+                assert!(
+                    line.contains("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"),
+                    "{arch}: {line}"
+                );
+            }
+            // "Used N registers" follows each entry's "Compiling entry function 'f'".
+            let mut entry = String::new();
+            for line in report.lines() {
+                if let Some(rest) = line.split("Compiling entry function '").nth(1) {
+                    entry = rest.split('\'').next().unwrap_or("").to_string();
+                }
+                if let Some(rest) = line.split("Used ").nth(1)
+                    && let Some(n) = rest
+                        .split(" registers")
+                        .next()
+                        .and_then(|n| n.parse::<u32>().ok())
+                    && entry.starts_with("moe_")
+                    && entry != "moe_combine"
+                {
+                    assert!(
+                        n <= 168,
+                        "{arch} {entry}: {n} registers (> 168: fewer than 3 blocks/SM)"
+                    );
+                }
+            }
+        }
+    }
+}

@@ -536,6 +536,9 @@ impl CudaExperts {
         if tokens == 0 {
             return Ok(Vec::new());
         }
+        if work.is_empty() {
+            return Ok(vec![0.0; tokens * self.hidden]);
+        }
         let lw = self.layers[layer]
             .as_ref()
             .ok_or(ExpertError::Unavailable(format!(
