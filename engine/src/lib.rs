@@ -4,6 +4,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda;
 pub mod dtype;
 pub mod experts;
 pub mod kv_cache;

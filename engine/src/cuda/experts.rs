@@ -1,0 +1,777 @@
+//! A node's experts on one CUDA device.
+//!
+//! Per layer, the local experts' weights are bf16, padded and packed contiguously
+//! (`wgu [E][2F'][H']`, `wd [E][H'][F']`, `'` = rounded up to a multiple of 8, zeros in the
+//! padding) so one grouped kernel covers all of them. A layer is three launches
+//! (`moe_gate_up`, `moe_down`, `moe_combine`, see `kernels/moe.cu`) whatever the number of
+//! experts, with no host synchronisation between them and no allocation: workspaces are
+//! sized at construction and grow only when a larger batch arrives.
+
+use std::sync::{Arc, Mutex};
+
+use cudarc::driver::{CudaSlice, LaunchConfig, PushKernelArg};
+use half::bf16;
+
+use super::plan::{Plan, PlanLayout, max_tiles};
+use super::{CudaBackend, CudaError};
+use crate::checkpoint::{Checkpoint, WeightError};
+use crate::config::ModelConfig;
+use crate::experts::{
+    Assignment, ExpertError, ExpertFfn, ExpertSelection, ExpertStore, Experts, assignments,
+    load_expert,
+};
+use crate::router::Routing;
+
+/// Columns per half-tile and K per stage of the GEMM kernels (`BN`, `BK` in moe.cu).
+const TILE_N: usize = 64;
+const TILE_K: usize = 32;
+const THREADS: u32 = 128;
+/// At most this many split-K slices for the down projection.
+const MAX_SPLITS: usize = 8;
+/// Each split-K slice gets at least this many K tiles.
+const MIN_KT_PER_SPLIT: usize = 8;
+
+fn pad8(n: usize) -> usize {
+    n.div_ceil(8) * 8
+}
+
+fn to_i32(n: usize, what: &str) -> Result<i32, CudaError> {
+    i32::try_from(n).map_err(|_| CudaError::Shape(format!("{what} {n} does not fit in i32")))
+}
+
+fn to_u32(n: usize, what: &str) -> Result<u32, CudaError> {
+    u32::try_from(n).map_err(|_| CudaError::Shape(format!("{what} {n} does not fit in u32")))
+}
+
+fn unavailable(e: CudaError) -> ExpertError {
+    ExpertError::Unavailable(format!("CUDA: {e}"))
+}
+
+/// Copies a row-major `[rows, cols]` bf16 matrix into `dst` (`[rows, cols_pad]`, zero padded
+/// columns) starting at row `row0` of `dst`.
+fn pack_rows(src: &[u16], rows: usize, cols: usize, dst: &mut [u16], row0: usize, cols_pad: usize) {
+    for r in 0..rows {
+        let d = &mut dst[(row0 + r) * cols_pad..(row0 + r + 1) * cols_pad];
+        d[..cols].copy_from_slice(&src[r * cols..(r + 1) * cols]);
+        d[cols..].fill(0);
+    }
+}
+
+/// Round-to-nearest-even f32 -> bf16 bits (the `half` crate's conversion).
+pub fn bf16_bits(v: &[f32]) -> Vec<u16> {
+    v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect()
+}
+
+/// Why [`CudaExperts::load`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Weights(#[from] WeightError),
+    #[error(transparent)]
+    Cuda(#[from] CudaError),
+}
+
+struct LayerWeights {
+    /// Model expert id of each local expert, in packing order.
+    experts: Vec<u32>,
+    /// Local index of each model expert id (`None`: not held).
+    local: Vec<Option<u32>>,
+    wgu: CudaSlice<u16>,
+    wd: CudaSlice<u16>,
+}
+
+struct Workspace {
+    max_tokens: usize,
+    max_rows: usize,
+    x: CudaSlice<u16>,
+    plan: CudaSlice<i32>,
+    act: CudaSlice<u16>,
+    yp: CudaSlice<f32>,
+    out: CudaSlice<f32>,
+    host_x: Vec<u16>,
+    host_plan: Vec<i32>,
+}
+
+/// A batch already on the device (activations and plan), for timing the layer alone.
+pub struct DeviceBatch {
+    pub tokens: usize,
+    pub rows: usize,
+    pub tiles: usize,
+    layout: PlanLayout,
+    x: CudaSlice<u16>,
+    plan: CudaSlice<i32>,
+}
+
+/// The experts of one node on a CUDA device; see the module docs.
+pub struct CudaExperts {
+    backend: Arc<CudaBackend>,
+    num_layers: usize,
+    num_experts: usize,
+    hidden: usize,
+    ffn: usize,
+    h_pad: usize,
+    f_pad: usize,
+    layers: Vec<Option<LayerWeights>>,
+    ws: Mutex<Workspace>,
+}
+
+impl CudaExperts {
+    /// Empty store; workspaces for batches of up to `max_tokens` tokens with `top_k`
+    /// assignments each (larger batches grow them).
+    pub fn new(
+        backend: Arc<CudaBackend>,
+        num_layers: usize,
+        num_experts: usize,
+        hidden: usize,
+        ffn: usize,
+        max_tokens: usize,
+        top_k: usize,
+    ) -> Result<Self, CudaError> {
+        if hidden == 0 || ffn == 0 {
+            return Err(CudaError::Shape(
+                "hidden and FFN sizes must be positive".into(),
+            ));
+        }
+        let (h_pad, f_pad) = (pad8(hidden), pad8(ffn));
+        to_i32(2 * f_pad * h_pad, "expert size")?;
+        let max_tokens = max_tokens.max(1);
+        let max_rows = max_tokens * top_k.max(1);
+        let ws = Self::alloc_workspace(
+            &backend,
+            hidden,
+            h_pad,
+            f_pad,
+            max_tokens,
+            max_rows,
+            num_experts,
+        )?;
+        Ok(CudaExperts {
+            backend,
+            num_layers,
+            num_experts,
+            hidden,
+            ffn,
+            h_pad,
+            f_pad,
+            layers: (0..num_layers).map(|_| None).collect(),
+            ws: Mutex::new(ws),
+        })
+    }
+
+    pub fn for_config(
+        backend: Arc<CudaBackend>,
+        cfg: &ModelConfig,
+        max_tokens: usize,
+    ) -> Result<Self, CudaError> {
+        Self::new(
+            backend,
+            cfg.num_layers,
+            cfg.num_experts,
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            max_tokens,
+            cfg.experts_per_token,
+        )
+    }
+
+    /// Uploads every expert a CPU store holds.
+    pub fn from_store(
+        backend: Arc<CudaBackend>,
+        store: &ExpertStore,
+        ffn: usize,
+        max_tokens: usize,
+        top_k: usize,
+    ) -> Result<Self, CudaError> {
+        let mut me = Self::new(
+            backend,
+            store.num_layers(),
+            store.num_experts(),
+            store.hidden(),
+            ffn,
+            max_tokens,
+            top_k,
+        )?;
+        let held = store.held();
+        for layer in 0..store.num_layers() {
+            let ids: Vec<u32> = held
+                .iter()
+                .filter(|(l, _)| *l == layer)
+                .map(|(_, e)| *e as u32)
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            me.add_layer(layer, &ids)?;
+            for (local, e) in ids.iter().enumerate() {
+                if let Some(ffn) = store.get(layer, *e as usize) {
+                    me.set_expert(layer, local, ffn)?;
+                }
+            }
+        }
+        Ok(me)
+    }
+
+    /// Loads the selected experts from a checkpoint, one expert in f32 at a time.
+    pub fn load(
+        backend: Arc<CudaBackend>,
+        ckpt: &Checkpoint,
+        cfg: &ModelConfig,
+        selection: &ExpertSelection,
+        max_tokens: usize,
+    ) -> Result<Self, LoadError> {
+        let cuda = LoadError::Cuda;
+        let mut me = Self::for_config(backend, cfg, max_tokens).map_err(cuda)?;
+        for layer in 0..cfg.num_layers {
+            let ids: Vec<u32> = (0..cfg.num_experts)
+                .filter(|e| selection.contains(layer, *e))
+                .map(|e| e as u32)
+                .collect();
+            if ids.is_empty() {
+                continue;
+            }
+            me.add_layer(layer, &ids).map_err(cuda)?;
+            for (local, e) in ids.iter().enumerate() {
+                let ffn = load_expert(ckpt, cfg, layer, *e as usize)?;
+                me.set_expert(layer, local, &ffn).map_err(cuda)?;
+            }
+        }
+        Ok(me)
+    }
+
+    pub fn backend(&self) -> &Arc<CudaBackend> {
+        &self.backend
+    }
+
+    pub fn hidden(&self) -> usize {
+        self.hidden
+    }
+
+    pub fn ffn(&self) -> usize {
+        self.ffn
+    }
+
+    /// Model expert ids held for `layer`, in local order.
+    pub fn experts_of(&self, layer: usize) -> Option<&[u32]> {
+        self.layers
+            .get(layer)?
+            .as_ref()
+            .map(|l| l.experts.as_slice())
+    }
+
+    /// Allocates (zeroed) weights for `experts` (model ids) of `layer`; fill them with
+    /// [`Self::set_expert`] or [`Self::set_expert_bf16`].
+    pub fn add_layer(&mut self, layer: usize, experts: &[u32]) -> Result<(), CudaError> {
+        if layer >= self.num_layers {
+            return Err(CudaError::Shape(format!(
+                "layer {layer} out of range ({} layers)",
+                self.num_layers
+            )));
+        }
+        let mut local = vec![None; self.num_experts];
+        for (i, e) in experts.iter().enumerate() {
+            let slot = local.get_mut(*e as usize).ok_or_else(|| {
+                CudaError::Shape(format!(
+                    "expert {e} out of range ({} experts)",
+                    self.num_experts
+                ))
+            })?;
+            if slot.is_some() {
+                return Err(CudaError::Shape(format!("expert {e} listed twice")));
+            }
+            *slot = Some(i as u32);
+        }
+        let n = experts.len().max(1);
+        let stream = &self.backend.stream;
+        let wgu = stream.alloc_zeros::<u16>(n * 2 * self.f_pad * self.h_pad)?;
+        let wd = stream.alloc_zeros::<u16>(n * self.h_pad * self.f_pad)?;
+        self.layers[layer] = Some(LayerWeights {
+            experts: experts.to_vec(),
+            local,
+            wgu,
+            wd,
+        });
+        Ok(())
+    }
+
+    /// Uploads one expert (f32, rounded to bf16) into local slot `local` of `layer`.
+    pub fn set_expert(
+        &mut self,
+        layer: usize,
+        local: usize,
+        ffn: &ExpertFfn,
+    ) -> Result<(), CudaError> {
+        let (h, f) = (self.hidden, self.ffn);
+        if ffn.gate_up.out_dim != 2 * f
+            || ffn.gate_up.in_dim != h
+            || ffn.down.out_dim != h
+            || ffn.down.in_dim != f
+        {
+            return Err(CudaError::Shape(format!(
+                "expert shapes gate_up [{}, {}], down [{}, {}]; expected [{}, {h}] and [{h}, {f}]",
+                ffn.gate_up.out_dim,
+                ffn.gate_up.in_dim,
+                ffn.down.out_dim,
+                ffn.down.in_dim,
+                2 * f
+            )));
+        }
+        self.set_expert_bf16(
+            layer,
+            local,
+            &bf16_bits(&ffn.gate_up.weight),
+            &bf16_bits(&ffn.down.weight),
+        )
+    }
+
+    /// Uploads one expert given as raw bf16 bits: `gate_up` `[2F, H]` (gate rows first) and
+    /// `down` `[H, F]`, both row-major and unpadded.
+    pub fn set_expert_bf16(
+        &mut self,
+        layer: usize,
+        local: usize,
+        gate_up: &[u16],
+        down: &[u16],
+    ) -> Result<(), CudaError> {
+        let (h, f, hp, fp) = (self.hidden, self.ffn, self.h_pad, self.f_pad);
+        if gate_up.len() != 2 * f * h || down.len() != h * f {
+            return Err(CudaError::Shape(format!(
+                "expert weights have {} and {} values; expected {} and {}",
+                gate_up.len(),
+                down.len(),
+                2 * f * h,
+                h * f
+            )));
+        }
+        let lw = self
+            .layers
+            .get_mut(layer)
+            .and_then(Option::as_mut)
+            .ok_or_else(|| CudaError::Shape(format!("layer {layer} has no experts added")))?;
+        if local >= lw.experts.len() {
+            return Err(CudaError::Shape(format!(
+                "local expert {local} out of range ({} held)",
+                lw.experts.len()
+            )));
+        }
+        let stream = &self.backend.stream;
+        let mut buf = vec![0u16; 2 * fp * hp];
+        pack_rows(&gate_up[..f * h], f, h, &mut buf, 0, hp);
+        pack_rows(&gate_up[f * h..], f, h, &mut buf, fp, hp);
+        let per = 2 * fp * hp;
+        stream.memcpy_htod(&buf, &mut lw.wgu.slice_mut(local * per..(local + 1) * per))?;
+        let mut buf = vec![0u16; hp * fp];
+        pack_rows(down, h, f, &mut buf, 0, fp);
+        let per = hp * fp;
+        stream.memcpy_htod(&buf, &mut lw.wd.slice_mut(local * per..(local + 1) * per))?;
+        Ok(())
+    }
+
+    fn alloc_workspace(
+        backend: &CudaBackend,
+        hidden: usize,
+        h_pad: usize,
+        f_pad: usize,
+        max_tokens: usize,
+        max_rows: usize,
+        experts: usize,
+    ) -> Result<Workspace, CudaError> {
+        let s = &backend.stream;
+        let plan_len = PlanLayout::new(max_rows, max_tokens, max_tiles(max_rows, experts)).len;
+        Ok(Workspace {
+            max_tokens,
+            max_rows,
+            x: s.alloc_zeros(max_tokens * h_pad)?,
+            plan: s.alloc_zeros(plan_len)?,
+            act: s.alloc_zeros(max_rows * f_pad)?,
+            yp: s.alloc_zeros(max_rows * h_pad)?,
+            out: s.alloc_zeros(max_tokens * hidden)?,
+            host_x: Vec::with_capacity(max_tokens * h_pad),
+            host_plan: Vec::with_capacity(plan_len),
+        })
+    }
+
+    /// Grows the workspaces (never shrinks) to fit `tokens` tokens and `rows` assignments.
+    fn ensure(&self, ws: &mut Workspace, tokens: usize, rows: usize) -> Result<(), CudaError> {
+        if tokens <= ws.max_tokens && rows <= ws.max_rows {
+            return Ok(());
+        }
+        let max_tokens = tokens.max(ws.max_tokens);
+        let max_rows = rows.max(ws.max_rows);
+        tracing::info!(max_tokens, max_rows, "growing CUDA expert workspaces");
+        *ws = Self::alloc_workspace(
+            &self.backend,
+            self.hidden,
+            self.h_pad,
+            self.f_pad,
+            max_tokens,
+            max_rows,
+            self.num_experts,
+        )?;
+        Ok(())
+    }
+
+    /// Fills the intermediate and output workspaces with NaN (tests: every element the
+    /// next call returns must have been written by it).
+    pub fn poison(&self) -> Result<(), CudaError> {
+        let mut guard = self
+            .ws
+            .lock()
+            .map_err(|_| CudaError::Driver("workspace lock poisoned".into()))?;
+        let ws = &mut *guard;
+        let act_words = ws.act.len() / 2;
+        self.fill_nan(&mut ws.act, act_words)?;
+        let n = ws.yp.len();
+        self.fill_nan(&mut ws.yp, n)?;
+        let n = ws.out.len();
+        self.fill_nan(&mut ws.out, n)?;
+        Ok(())
+    }
+
+    fn fill_nan<T>(&self, buf: &mut CudaSlice<T>, words: usize) -> Result<(), CudaError> {
+        if words == 0 {
+            return Ok(());
+        }
+        let n = words as i64;
+        let value: u32 = 0xffff_ffff;
+        let blocks = to_u32(words.div_ceil(256).min(4096), "blocks")?;
+        let mut b = self
+            .backend
+            .stream
+            .launch_builder(&self.backend.moe.fill_u32);
+        b.arg(buf).arg(&n).arg(&value);
+        // SAFETY: fill_u32(u32*, long long, u32) writes `words` 32-bit words of `buf`.
+        unsafe {
+            b.launch(LaunchConfig {
+                grid_dim: (blocks, 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            })
+        }?;
+        Ok(())
+    }
+
+    /// Checks a batch and turns model expert ids into local ones.
+    fn plan_for(
+        &self,
+        layer: usize,
+        x_len: usize,
+        tokens: usize,
+        work: &[Assignment],
+    ) -> Result<Plan, ExpertError> {
+        if layer >= self.num_layers {
+            return Err(ExpertError::BadLayer {
+                layer,
+                layers: self.num_layers,
+            });
+        }
+        if tokens.checked_mul(self.hidden) != Some(x_len) {
+            return Err(ExpertError::BadShape {
+                len: x_len,
+                tokens,
+                hidden: self.hidden,
+            });
+        }
+        let empty: &[Option<u32>] = &[];
+        let local = self.layers[layer]
+            .as_ref()
+            .map_or(empty, |l| l.local.as_slice());
+        let mut triples = Vec::with_capacity(work.len());
+        for a in work {
+            if a.expert as usize >= self.num_experts {
+                return Err(ExpertError::BadExpert {
+                    expert: a.expert,
+                    experts: self.num_experts,
+                });
+            }
+            let l =
+                local
+                    .get(a.expert as usize)
+                    .copied()
+                    .flatten()
+                    .ok_or(ExpertError::NotHeld {
+                        layer,
+                        expert: a.expert,
+                    })?;
+            if a.token as usize >= tokens {
+                return Err(ExpertError::BadToken {
+                    token: a.token,
+                    tokens,
+                });
+            }
+            if !a.weight.is_finite() {
+                return Err(ExpertError::BadWeight {
+                    token: a.token,
+                    weight: a.weight,
+                });
+            }
+            triples.push((a.token, l, a.weight));
+        }
+        let n_local = self.layers[layer].as_ref().map_or(0, |l| l.experts.len());
+        Plan::build(tokens, n_local, &triples).map_err(|e| ExpertError::Unavailable(e.to_string()))
+    }
+
+    fn stage_x(&self, x: &[f32], tokens: usize, dst: &mut Vec<u16>) {
+        let (h, hp) = (self.hidden, self.h_pad);
+        dst.clear();
+        dst.resize(tokens * hp, 0);
+        for (d, s) in dst.chunks_exact_mut(hp).zip(x.chunks_exact(h)) {
+            for (d, s) in d.iter_mut().zip(s) {
+                *d = bf16::from_f32(*s).to_bits();
+            }
+        }
+    }
+
+    /// One layer for a batch, host in and host out: `x` is `[tokens, hidden]` f32 (rounded
+    /// to bf16 on upload), `work` holds model expert ids; returns `[tokens, hidden]` f32,
+    /// `sum_k w_k * FFN_{e_k}(x_t)`. Two uploads (activations, plan), three launches, one
+    /// download.
+    pub fn forward_layer(
+        &self,
+        layer: usize,
+        x: &[f32],
+        tokens: usize,
+        work: &[Assignment],
+    ) -> Result<Vec<f32>, ExpertError> {
+        let plan = self.plan_for(layer, x.len(), tokens, work)?;
+        if tokens == 0 {
+            return Ok(Vec::new());
+        }
+        if work.is_empty() {
+            return Ok(vec![0.0; tokens * self.hidden]);
+        }
+        let lw = self.layers[layer]
+            .as_ref()
+            .ok_or(ExpertError::Unavailable(format!(
+                "layer {layer} holds no experts"
+            )))?;
+        let mut guard = self
+            .ws
+            .lock()
+            .map_err(|_| ExpertError::Unavailable("CUDA workspace lock poisoned".into()))?;
+        self.ensure(&mut guard, tokens, plan.rows())
+            .map_err(unavailable)?;
+        let ws = &mut *guard;
+        let mut host_x = std::mem::take(&mut ws.host_x);
+        let mut host_plan = std::mem::take(&mut ws.host_plan);
+        self.stage_x(x, tokens, &mut host_x);
+        plan.pack_into(&mut host_plan);
+        let result = (|| -> Result<Vec<f32>, CudaError> {
+            let stream = &self.backend.stream;
+            stream.memcpy_htod(&host_x, &mut ws.x)?;
+            stream.memcpy_htod(&host_plan, &mut ws.plan)?;
+            self.enqueue(
+                lw,
+                &ws.x,
+                &ws.plan,
+                (tokens, plan.rows(), plan.tiles.len(), plan.layout()),
+                &mut ws.act,
+                &mut ws.yp,
+                &mut ws.out,
+            )?;
+            let mut out = vec![0f32; tokens * self.hidden];
+            stream.memcpy_dtoh(&ws.out.slice(..tokens * self.hidden), &mut out)?;
+            stream.synchronize()?;
+            Ok(out)
+        })();
+        ws.host_x = host_x;
+        ws.host_plan = host_plan;
+        result.map_err(unavailable)
+    }
+
+    /// Uploads a batch for [`Self::enqueue_batch`] (benchmarks: the layer timed alone).
+    pub fn upload_batch(
+        &self,
+        layer: usize,
+        x: &[f32],
+        tokens: usize,
+        work: &[Assignment],
+    ) -> Result<DeviceBatch, ExpertError> {
+        let plan = self.plan_for(layer, x.len(), tokens, work)?;
+        let mut host_x = Vec::new();
+        let mut host_plan = Vec::new();
+        self.stage_x(x, tokens, &mut host_x);
+        plan.pack_into(&mut host_plan);
+        host_x.push(0); // never an empty allocation
+        host_plan.push(0);
+        let s = &self.backend.stream;
+        Ok(DeviceBatch {
+            tokens,
+            rows: plan.rows(),
+            tiles: plan.tiles.len(),
+            layout: plan.layout(),
+            x: s.clone_htod(&host_x).map_err(|e| unavailable(e.into()))?,
+            plan: s
+                .clone_htod(&host_plan)
+                .map_err(|e| unavailable(e.into()))?,
+        })
+    }
+
+    /// Enqueues one layer over an uploaded batch into the output workspace; no host
+    /// synchronisation. Read the result with [`Self::read_output`].
+    pub fn enqueue_batch(&self, layer: usize, batch: &DeviceBatch) -> Result<(), CudaError> {
+        let lw = self
+            .layers
+            .get(layer)
+            .and_then(Option::as_ref)
+            .ok_or_else(|| CudaError::Shape(format!("layer {layer} holds no experts")))?;
+        let mut guard = self
+            .ws
+            .lock()
+            .map_err(|_| CudaError::Driver("workspace lock poisoned".into()))?;
+        self.ensure(&mut guard, batch.tokens, batch.rows)?;
+        let ws = &mut *guard;
+        self.enqueue(
+            lw,
+            &batch.x,
+            &batch.plan,
+            (batch.tokens, batch.rows, batch.tiles, batch.layout),
+            &mut ws.act,
+            &mut ws.yp,
+            &mut ws.out,
+        )
+    }
+
+    /// The first `tokens` rows of the output workspace (synchronises).
+    pub fn read_output(&self, tokens: usize) -> Result<Vec<f32>, CudaError> {
+        let guard = self
+            .ws
+            .lock()
+            .map_err(|_| CudaError::Driver("workspace lock poisoned".into()))?;
+        let n = tokens * self.hidden;
+        if n > guard.out.len() {
+            return Err(CudaError::Shape(format!(
+                "{tokens} tokens exceed the workspace"
+            )));
+        }
+        let mut out = vec![0f32; n];
+        self.backend
+            .stream
+            .memcpy_dtoh(&guard.out.slice(..n), &mut out)?;
+        self.backend.stream.synchronize()?;
+        Ok(out)
+    }
+
+    /// Split-K slices for the down projection: enough blocks to cover the device twice,
+    /// within the `yp` workspace.
+    fn down_splits(&self, tiles: usize, rows: usize, yp_len: usize) -> (usize, usize) {
+        let nkt = self.f_pad.div_ceil(TILE_K);
+        let blocks = tiles * self.h_pad.div_ceil(2 * TILE_N);
+        let target = 2 * self.backend.sm_count;
+        let mut splits = if blocks == 0 {
+            1
+        } else {
+            target.div_ceil(blocks)
+        };
+        splits = splits
+            .min(MAX_SPLITS)
+            .min((nkt / MIN_KT_PER_SPLIT).max(1))
+            .min((yp_len / (rows * self.h_pad).max(1)).max(1))
+            .max(1);
+        let per = nkt.div_ceil(splits);
+        (nkt.div_ceil(per).max(1), per.max(1))
+    }
+
+    /// The fixed launch sequence of one layer.
+    #[allow(clippy::too_many_arguments)]
+    fn enqueue(
+        &self,
+        lw: &LayerWeights,
+        x: &CudaSlice<u16>,
+        plan: &CudaSlice<i32>,
+        (tokens, rows, tiles, layout): (usize, usize, usize, PlanLayout),
+        act: &mut CudaSlice<u16>,
+        yp: &mut CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<(), CudaError> {
+        if tokens == 0 {
+            return Ok(());
+        }
+        let k = &self.backend.moe;
+        let stream = &self.backend.stream;
+        let h_pad = to_i32(self.h_pad, "hidden")?;
+        let f_pad = to_i32(self.f_pad, "ffn")?;
+        let hidden = to_i32(self.hidden, "hidden")?;
+        let (splits, kt_per_split) = self.down_splits(tiles, rows, yp.len());
+        let split_stride = (rows * self.h_pad) as i64;
+        let splits_i = to_i32(splits, "splits")?;
+        let kt_i = to_i32(kt_per_split, "kt_per_split")?;
+        let view = |at: usize, len: usize| {
+            plan.try_slice(at..at + len.max(1))
+                .ok_or_else(|| CudaError::Shape(format!("plan buffer too short for {at}+{len}")))
+        };
+        let tok_off = view(layout.tok_off, tokens + 1)?;
+        let tok_rows = view(layout.tok_rows, rows)?;
+        if rows > 0 {
+            let sorted_tok = view(layout.sorted_tok, rows)?;
+            let sorted_w = view(layout.sorted_w, rows)?;
+            let tile_view = view(layout.tiles, 4 * tiles)?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    to_u32(tiles, "tiles")?,
+                    to_u32(self.f_pad.div_ceil(TILE_N), "ffn tiles")?,
+                    1,
+                ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&k.gate_up);
+            b.arg(x)
+                .arg(&lw.wgu)
+                .arg(&sorted_tok)
+                .arg(&tile_view)
+                .arg(&mut *act)
+                .arg(&h_pad)
+                .arg(&f_pad);
+            // SAFETY: argument types and buffer sizes follow moe_gate_up's contract in
+            // kernels/moe.cu: x [tokens][H'], wgu [E][2F'][H'], act [rows][F'] (rows <= act).
+            unsafe { b.launch(cfg) }?;
+
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    to_u32(tiles, "tiles")?,
+                    to_u32(self.h_pad.div_ceil(2 * TILE_N), "hidden tiles")?,
+                    to_u32(splits, "splits")?,
+                ),
+                block_dim: (THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut b = stream.launch_builder(&k.down);
+            b.arg(&*act)
+                .arg(&lw.wd)
+                .arg(&sorted_w)
+                .arg(&tile_view)
+                .arg(&mut *yp)
+                .arg(&f_pad)
+                .arg(&h_pad)
+                .arg(&kt_i)
+                .arg(&split_stride);
+            // SAFETY: moe_down's contract: act [rows][F'], wd [E][H'][F'],
+            // yp [splits][rows][H'] with splits * rows * H' <= yp.len() (down_splits).
+            unsafe { b.launch(cfg) }?;
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (to_u32(tokens, "tokens")?, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let mut b = stream.launch_builder(&k.combine);
+        b.arg(&*yp)
+            .arg(&tok_off)
+            .arg(&tok_rows)
+            .arg(&mut *out)
+            .arg(&hidden)
+            .arg(&h_pad)
+            .arg(&splits_i)
+            .arg(&split_stride);
+        // SAFETY: moe_combine reads yp rows listed in tok_rows (all < rows) and writes
+        // out [tokens][hidden] (tokens <= workspace).
+        unsafe { b.launch(cfg) }?;
+        Ok(())
+    }
+}
+
+impl Experts for CudaExperts {
+    fn forward(&self, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError> {
+        self.forward_layer(layer, x, routing.tokens(), &assignments(routing))
+    }
+}
