@@ -278,14 +278,30 @@ fn two_coordinators_share_three_nodes() {
     lb.wait_for(4);
     let leader = status(&etcd.url())["leader"].as_str().map(str::to_owned);
     assert!(matches!(leader.as_deref(), Some("ca" | "cb")), "{leader:?}");
-    la.finish();
-    lb.finish();
-    // Both report the load they routed, for the leader's hot-expert replicas.
+
+    // The leader dies: the other coordinator takes over and places a joining node.
+    let (gone, survivor, survivor_load, gone_load) = if leader.as_deref() == Some("ca") {
+        (a, "cb", lb, la)
+    } else {
+        (b, "ca", la, lb)
+    };
+    gone_load.finish();
+    let mut gone = Arc::try_unwrap(gone)
+        .ok()
+        .expect("the finished load threads hold no reference");
+    gone.proc.kill9();
+    let _n3 = cluster_node(&etcd.url(), "n3", &[]);
+    wait_placed(&etcd.url(), &["n0", "n1", "n2", "n3"]);
+    assert_eq!(status(&etcd.url())["leader"].as_str(), Some(survivor));
+    survivor_load.wait_for(4);
+    survivor_load.finish();
+    // The survivor reports the load it routes, for the leader's hot-expert replicas;
+    // the dead one's report went with its lease.
     assert!(
         poll(Duration::from_secs(10), || {
             status(&etcd.url())["loads"]
                 .as_array()
-                .is_some_and(|l| l.len() == 2)
+                .is_some_and(|l| l.len() == 1 && l[0]["coordinator"] == survivor)
         }),
         "{}",
         status(&etcd.url())

@@ -31,16 +31,19 @@ pub fn follow(cfg: ClusterConfig) -> watch::Receiver<View> {
     let (tx, rx) = watch::channel(View::default());
     tokio::spawn(async move {
         let mut backoff = Duration::from_millis(100);
-        let mut was_down = false;
         loop {
             match follow_once(&cfg, &tx).await {
                 Ok(()) => return,
                 Err(e) => {
-                    if !was_down {
+                    let was_fresh = tx.borrow().fresh;
+                    if was_fresh {
                         warn!("etcd unreachable, serving on the last placement: {e}");
-                        was_down = true;
+                        tx.send_modify(|v| v.fresh = false);
                     }
-                    tx.send_modify(|v| v.fresh = false);
+                    // Reached again after a failure: start retrying quickly next time.
+                    if was_fresh {
+                        backoff = Duration::from_millis(100);
+                    }
                 }
             }
             if tx.is_closed() {
@@ -48,11 +51,6 @@ pub fn follow(cfg: ClusterConfig) -> watch::Receiver<View> {
             }
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(Duration::from_secs(1));
-            if was_down && tx.borrow().fresh {
-                info!("etcd reachable again");
-                was_down = false;
-                backoff = Duration::from_millis(100);
-            }
         }
     });
     rx
@@ -90,6 +88,9 @@ async fn follow_once(cfg: &ClusterConfig, tx: &watch::Sender<View>) -> Result<()
 }
 
 fn publish(tx: &watch::Sender<View>, snap: Snapshot) {
+    if !tx.borrow().fresh && snap.revision > 0 {
+        info!("etcd reachable: following the cluster again");
+    }
     tx.send_modify(|v| {
         v.snapshot = Arc::new(snap);
         v.fresh = true;
