@@ -165,6 +165,20 @@ fn kill_and_keep_serving(replicas: &str) {
     wait_placed(&etcd.url(), &["n0", "n2"]);
     load.wait_for(4);
     load.finish();
+    // Without replicas the lost experts were loaded elsewhere mid-step (before the leader
+    // replanned); with replicas the replicas took the work and nothing was loaded.
+    let metrics = c.client().get("/metrics").expect("GET /metrics").text();
+    let recoveries: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("switchyard_expert_recoveries_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("the recoveries counter is exported");
+    if replicas == "1" {
+        assert!(recoveries >= 1, "{recoveries}: {}", c.proc.log_tail());
+    } else {
+        assert_eq!(recoveries, 0);
+    }
+    assert!(metrics.contains("switchyard_placement_epoch "), "{metrics}");
 }
 
 #[test]

@@ -27,6 +27,9 @@ pub struct Metrics {
     pub dispatch_seconds: HistogramVec,
     pub dispatch_bytes: IntCounterVec,
     pub node_up: IntGaugeVec,
+    /// Cluster mode: the placement epoch followed, and layers saved by recovery loads.
+    pub placement_epoch: IntGauge,
+    pub recoveries: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -112,6 +115,14 @@ impl Metrics {
                 &["node", "direction"],
             )?,
             node_up,
+            placement_epoch: gauge(
+                "placement_epoch",
+                "Cluster mode: epoch of the placement in use (0: static placement)",
+            )?,
+            recoveries: counter(
+                "expert_recoveries_total",
+                "Times a layer found experts without a live node and loaded them on live nodes",
+            )?,
             registry,
         }))
     }

@@ -518,6 +518,10 @@ impl RemoteExperts {
             links,
             placement,
         }));
+        if let Some(m) = &self.metrics {
+            m.placement_epoch
+                .set(i64::try_from(epoch).unwrap_or(i64::MAX));
+        }
         true
     }
 
@@ -675,6 +679,9 @@ impl RemoteExperts {
             epoch = topo.epoch,
             "experts of lost nodes loaded on live nodes"
         );
+        if let Some(m) = &self.metrics {
+            m.recoveries.inc();
+        }
         let patched = Arc::new(Topology {
             epoch: topo.epoch,
             links: topo.links.clone(),
