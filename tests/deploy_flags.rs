@@ -1,14 +1,18 @@
 //! The flags that deploy/ passes to `switchyard` are flags the binary accepts: every
 //! `--flag` of every switchyard command line in deploy/compose.yaml, the Kubernetes
 //! manifests under deploy/k8s/, the Dockerfile's CMD and the shell examples of
-//! deploy/README.md is looked up in `switchyard <role> --help`. A flag renamed or removed
-//! in the code fails this test until the manifests follow.
+//! deploy/README.md is looked up in `switchyard <role> --help` (for a role with
+//! subcommands, `ctl`: the flags before the subcommand in `switchyard ctl --help`, the
+//! subcommand among its `Commands:`, the flags after it in `switchyard ctl SUB --help`). A
+//! flag renamed or removed in the code fails this test until the manifests follow.
 //!
 //! The files are read as text, with no YAML library or kubectl: a command line is a YAML
 //! sequence under a `command:` or `args:` key (block style, one item per line, or a
-//! one-line flow sequence `[a, b]`) whose first item is a switchyard role. Values such as
-//! `$(MODEL_DIR)` are not checked, only flag names (scripts/check-deploy checks the
-//! wiring of the rendered manifests).
+//! one-line flow sequence `[a, b]`) whose first item is a switchyard role, or whose items
+//! are `sh -c SCRIPT` with `switchyard ROLE ...` in the script (the preStop drain hook; the
+//! script may be a `>-`/`|` block scalar). Values such as `$(MODEL_DIR)` or `"$POD_NAME"`
+//! are not checked, only flag names and subcommands (scripts/check-deploy checks the wiring
+//! of the rendered manifests).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -18,10 +22,14 @@ const ROLES: &[&str] = &[
     "up",
     "coordinator",
     "expert-node",
+    "ctl",
     "generate",
     "verify",
     "synth",
 ];
+
+/// Shells whose `-c SCRIPT` is searched for switchyard command lines.
+const SHELLS: &[&str] = &["sh", "/bin/sh", "bash", "/bin/bash"];
 
 /// One switchyard command line found in a deploy file.
 #[derive(Debug)]
@@ -47,39 +55,140 @@ fn rel(path: &Path) -> String {
         .to_string()
 }
 
-/// The long flags `switchyard <role> --help` lists, global ones included.
-fn accepted_flags(role: &str) -> BTreeSet<String> {
+/// What `switchyard <command...> --help` says: its long flags (global ones included), with
+/// whether each takes a value, and its subcommands (`Commands:`, empty for most roles).
+#[derive(Debug)]
+struct Help {
+    /// flag -> takes a value (`--etcd <URL>`: yes; `[<URL>]`: optional; `--json`: no).
+    flags: BTreeMap<String, Value>,
+    subcommands: BTreeSet<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Value {
+    None,
+    Required,
+    Optional,
+}
+
+fn help_of(command: &[&str]) -> Help {
     let out = Command::new(env!("CARGO_BIN_EXE_switchyard"))
-        .args([role, "--help"])
+        .args(command)
+        .arg("--help")
         .output()
         .expect("running switchyard --help");
+    let cmd = command.join(" ");
     assert!(
         out.status.success(),
-        "switchyard {role} --help failed: {}",
+        "switchyard {cmd} --help failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let help = String::from_utf8(out.stdout).expect("help is UTF-8");
-    let flags: BTreeSet<String> = help
-        .lines()
-        .map(str::trim_start)
-        .filter(|l| l.starts_with('-'))
-        .flat_map(|l| {
-            // `-h, --help`, `--model <MODEL>`, `--nodes <NODES>  Expert nodes, ...`: the
-            // option names come before the description.
-            l.split_whitespace()
-                .take_while(|t| t.starts_with('-') || t.starts_with('<') || t.starts_with('['))
-                .filter_map(|t| {
-                    let t = t.trim_end_matches(',');
-                    t.starts_with("--").then(|| flag_name(t).to_owned())
-                })
-                .collect::<Vec<_>>()
-        })
-        .collect();
+    let mut flags = BTreeMap::new();
+    let mut subcommands = BTreeSet::new();
+    let mut in_commands = false;
+    for line in help.lines() {
+        if !line.starts_with(' ') {
+            in_commands = line.trim_end() == "Commands:";
+            continue;
+        }
+        let l = line.trim_start();
+        if in_commands {
+            // `  drain    Move a node's experts away...`
+            if let Some(sub) = l.split_whitespace().next()
+                && sub != "help"
+            {
+                subcommands.insert(sub.to_owned());
+            }
+            continue;
+        }
+        if !l.starts_with('-') {
+            continue;
+        }
+        // `-h, --help`, `--model <MODEL>`, `--nodes <NODES>  Expert nodes, ...`: the option
+        // names and value placeholders come before the description.
+        let words: Vec<&str> = l
+            .split_whitespace()
+            .take_while(|t| t.starts_with('-') || t.starts_with('<') || t.starts_with('['))
+            .collect();
+        let value = match words.last() {
+            Some(w) if w.starts_with('<') => Value::Required,
+            Some(w) if w.starts_with('[') => Value::Optional,
+            _ => Value::None,
+        };
+        for w in &words {
+            let w = w.trim_end_matches(',');
+            if w.starts_with("--") {
+                flags.insert(flag_name(w).to_owned(), value);
+            }
+        }
+    }
     assert!(
-        flags.contains("--help"),
-        "could not parse `switchyard {role} --help`:\n{help}"
+        flags.contains_key("--help"),
+        "could not parse `switchyard {cmd} --help`:\n{help}"
     );
-    flags
+    Help { flags, subcommands }
+}
+
+/// What is wrong with one command line: flags `switchyard ROLE [SUB] --help` does not list,
+/// a missing or unknown subcommand.
+fn problems_of(inv: &Invocation, helps: &mut BTreeMap<Vec<String>, Help>) -> Vec<String> {
+    fn help<'a>(helps: &'a mut BTreeMap<Vec<String>, Help>, cmd: &[&str]) -> &'a Help {
+        helps
+            .entry(cmd.iter().map(|s| s.to_string()).collect())
+            .or_insert_with(|| help_of(cmd))
+    }
+    let mut problems = Vec::new();
+    let mut context: Vec<&str> = vec![inv.role.as_str()];
+    let mut args = inv.args.iter().peekable();
+    while let Some(arg) = args.next() {
+        let h = help(helps, &context);
+        if arg == "--" {
+            break;
+        }
+        if let Some(flag) = arg.strip_prefix("--").map(|_| flag_name(arg)) {
+            match h.flags.get(flag).copied() {
+                None => {
+                    let cmd = context.join(" ");
+                    let takes: Vec<&str> = h.flags.keys().map(String::as_str).collect();
+                    problems.push(format!(
+                        "{}: `switchyard {cmd} {flag}`: not a flag of `switchyard {cmd}` (it \
+                         takes {})",
+                        inv.at,
+                        takes.join(" ")
+                    ));
+                }
+                Some(Value::Required) if !arg.contains('=') => {
+                    args.next();
+                }
+                Some(Value::Optional) if !arg.contains('=') => {
+                    args.next_if(|a| !a.starts_with('-'));
+                }
+                Some(_) => {}
+            }
+            continue;
+        }
+        if context.len() == 1 && !h.subcommands.is_empty() {
+            if h.subcommands.contains(arg.as_str()) {
+                context.push(arg);
+            } else {
+                problems.push(format!(
+                    "{}: `switchyard {} {arg}`: not a subcommand (there are {})",
+                    inv.at,
+                    inv.role,
+                    h.subcommands.iter().cloned().collect::<Vec<_>>().join(", ")
+                ));
+                return problems;
+            }
+        }
+    }
+    if context.len() == 1 && !help(helps, &context).subcommands.is_empty() {
+        problems.push(format!(
+            "{}: `switchyard {}` without a subcommand",
+            inv.at, inv.role
+        ));
+    }
+    problems
 }
 
 /// `--flag=value` -> `--flag`.
@@ -167,7 +276,10 @@ fn yaml_command_lists(text: &str) -> Vec<(usize, Vec<String>)> {
         }
         let mut items = Vec::new();
         let mut item_indent = None;
-        for next in &lines[i + 1..] {
+        let mut j = i + 1;
+        while j < lines.len() {
+            let next = lines[j];
+            j += 1;
             if next.trim().is_empty() {
                 continue;
             }
@@ -179,7 +291,30 @@ fn yaml_command_lists(text: &str) -> Vec<(usize, Vec<String>)> {
                 Some(ii) if ind == ii && t.starts_with("- ") => {}
                 Some(_) => break,
             }
-            items.push(unquote(&t[2..]));
+            let value = t[2..].trim();
+            let more_indented = |l: &str| !l.trim().is_empty() && indent(l) > ind;
+            if ["|", "|-", ">", ">-"].contains(&value) {
+                // A block scalar: the more-indented lines that follow. Folded (`>`) joins
+                // them with spaces, literal (`|`) with newlines (shell command separators).
+                let mut parts = Vec::new();
+                while j < lines.len() && (lines[j].trim().is_empty() || more_indented(lines[j])) {
+                    if !lines[j].trim().is_empty() {
+                        parts.push(lines[j].trim());
+                    }
+                    j += 1;
+                }
+                items.push(parts.join(if value.starts_with('>') { " " } else { "\n" }));
+            } else {
+                // A plain or quoted scalar continued on the next lines is not read: refuse
+                // it rather than check half a command line.
+                assert!(
+                    !lines.get(j).is_some_and(|l| more_indented(l)),
+                    "line {}: a multi-line scalar in a `command:`/`args:` list; write the \
+                     item on one line or as a `>-` block scalar",
+                    j + 1
+                );
+                items.push(unquote(value));
+            }
         }
         if !items.is_empty() {
             found.push((i + 1, items));
@@ -200,9 +335,113 @@ fn dockerfile_cmds(text: &str) -> Vec<(usize, Vec<String>)> {
         .collect()
 }
 
-/// switchyard command lines in the shell blocks of a Markdown file: a `switchyard` word (or
-/// an image reference `...switchyard:TAG`) followed by a role. Backslash continuations are
-/// joined; the command line ends at a shell operator.
+/// The simple commands of a shell script, as words with their quotes removed: split at
+/// unquoted `|`, `&`, `;` and newlines; a redirection (`>`, `<`, `2>&1`) ends a command's
+/// words; `#` at the start of a word comments out the rest of the line.
+fn shell_commands(script: &str) -> Vec<Vec<String>> {
+    let mut commands = Vec::new();
+    let (mut words, mut word) = (Vec::new(), String::new());
+    let (mut in_word, mut redirected) = (false, false);
+    let mut quote: Option<char> = None;
+    let mut chars = script.chars();
+    let end_word = |words: &mut Vec<String>, word: &mut String, in_word: &mut bool, r: bool| {
+        if *in_word && !r {
+            words.push(std::mem::take(word));
+        }
+        word.clear();
+        *in_word = false;
+    };
+    while let Some(c) = chars.next() {
+        if let Some(q) = quote {
+            match c {
+                _ if c == q => quote = None,
+                '\\' if q == '"' => word.extend(chars.next()),
+                _ => word.push(c),
+            }
+            continue;
+        }
+        match c {
+            '\'' | '"' => {
+                quote = Some(c);
+                in_word = true;
+            }
+            '\\' => match chars.next() {
+                Some('\n') | None => {}
+                Some(n) => {
+                    word.push(n);
+                    in_word = true;
+                }
+            },
+            '#' if !in_word => {
+                for n in chars.by_ref() {
+                    if n == '\n' {
+                        break;
+                    }
+                }
+                end_word(&mut words, &mut word, &mut in_word, redirected);
+                commands.push(std::mem::take(&mut words));
+                redirected = false;
+            }
+            ' ' | '\t' => end_word(&mut words, &mut word, &mut in_word, redirected),
+            '\n' | ';' | '|' | '&' => {
+                end_word(&mut words, &mut word, &mut in_word, redirected);
+                commands.push(std::mem::take(&mut words));
+                redirected = false;
+            }
+            '>' | '<' => {
+                // `2>&1`: the `2` is part of the redirection, not a word.
+                word.clear();
+                in_word = false;
+                redirected = true;
+            }
+            _ => {
+                word.push(c);
+                in_word = true;
+            }
+        }
+    }
+    end_word(&mut words, &mut word, &mut in_word, redirected);
+    commands.push(words);
+    commands.retain(|c| !c.is_empty());
+    commands
+}
+
+/// The switchyard command lines (role first) in one shell command's words: a `switchyard`
+/// word (or an image reference `...switchyard:TAG`) followed by a role, and those inside
+/// `sh -c SCRIPT` (`kubectl exec POD -- sh -c '...'`, a preStop hook).
+fn switchyard_argvs(words: &[String]) -> Vec<Vec<String>> {
+    let mut found = Vec::new();
+    for (w, word) in words.iter().enumerate() {
+        let is_switchyard = word == "switchyard"
+            || word.ends_with("/switchyard")
+            || word
+                .rsplit('/')
+                .next()
+                .is_some_and(|n| n.starts_with("switchyard:"));
+        if is_switchyard
+            && words
+                .get(w + 1)
+                .is_some_and(|r| ROLES.contains(&r.as_str()))
+        {
+            found.push(words[w + 1..].to_vec());
+            break;
+        }
+        if SHELLS.contains(&word.as_str())
+            && words.get(w + 1).is_some_and(|a| a == "-c")
+            && let Some(script) = words.get(w + 2)
+        {
+            for cmd in shell_commands(script) {
+                found.extend(switchyard_argvs(&cmd));
+            }
+            break;
+        }
+    }
+    found
+}
+
+/// switchyard command lines in the shell blocks of a Markdown file (see
+/// [`switchyard_argvs`]). Backslash continuations are joined; the command line ends at a
+/// shell operator.
 fn markdown_commands(text: &str) -> Vec<(usize, Vec<String>)> {
     let mut found = Vec::new();
     let mut in_code = false;
@@ -227,22 +466,11 @@ fn markdown_commands(text: &str) -> Vec<(usize, Vec<String>)> {
             continue;
         }
         joined.push_str(l);
-        let words: Vec<&str> = joined.split_whitespace().collect();
-        for (w, word) in words.iter().enumerate() {
-            let is_switchyard = *word == "switchyard"
-                || word.ends_with("/switchyard")
-                || word
-                    .rsplit('/')
-                    .next()
-                    .is_some_and(|n| n.starts_with("switchyard:"));
-            if is_switchyard && words.get(w + 1).is_some_and(|r| ROLES.contains(r)) {
-                let argv: Vec<String> = words[w + 1..]
-                    .iter()
-                    .take_while(|t| !["|", "&&", "||", ";", "&", ">", "2>&1"].contains(t))
-                    .map(|t| unquote(t))
-                    .collect();
-                found.push((start, argv));
-            }
+        for argv in shell_commands(&joined)
+            .iter()
+            .flat_map(|words| switchyard_argvs(words))
+        {
+            found.push((start, argv));
         }
         joined.clear();
     }
@@ -273,9 +501,14 @@ fn invocations() -> Vec<Invocation> {
     let mut found = Vec::new();
     let mut push = |path: &Path, lists: Vec<(usize, Vec<String>)>| {
         for (line, items) in lists {
-            if let Some((role, args)) = items.split_first()
-                && ROLES.contains(&role.as_str())
-            {
+            // Role first, or `sh -c SCRIPT` (switchyard_argvs looks inside the script).
+            let argvs = match items.first() {
+                Some(first) if ROLES.contains(&first.as_str()) => vec![items],
+                Some(first) if SHELLS.contains(&first.as_str()) => switchyard_argvs(&items),
+                _ => Vec::new(),
+            };
+            for argv in argvs {
+                let (role, args) = argv.split_first().expect("a role");
                 found.push(Invocation {
                     at: format!("{}:{line}", rel(path)),
                     role: role.clone(),
@@ -298,30 +531,46 @@ fn invocations() -> Vec<Invocation> {
 
 #[test]
 fn manifests_use_only_flags_the_binary_accepts() {
-    let invocations = invocations();
-    let mut accepted: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut problems = Vec::new();
-    for inv in &invocations {
-        let flags = accepted
-            .entry(inv.role.clone())
-            .or_insert_with(|| accepted_flags(&inv.role));
-        for arg in &inv.args {
-            if !arg.starts_with("--") || arg == "--" {
-                continue;
-            }
-            let name = flag_name(arg);
-            if !flags.contains(name) {
-                problems.push(format!(
-                    "{}: `switchyard {} {name}`: not a flag of `switchyard {}` (it takes {})",
-                    inv.at,
-                    inv.role,
-                    inv.role,
-                    flags.iter().cloned().collect::<Vec<_>>().join(" ")
-                ));
-            }
-        }
-    }
+    let mut helps = BTreeMap::new();
+    let problems: Vec<String> = invocations()
+        .iter()
+        .flat_map(|inv| problems_of(inv, &mut helps))
+        .collect();
     assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
+/// The check itself is strict: a flag in the wrong place, an unknown subcommand or flag
+/// fails it (clap takes `ctl`'s --etcd only before the subcommand).
+#[test]
+fn the_flag_check_rejects_what_the_binary_rejects() {
+    let mut helps = BTreeMap::new();
+    let mut check = |line: &str| {
+        let argv: Vec<String> = line.split_whitespace().map(str::to_owned).collect();
+        let inv = Invocation {
+            at: "test".into(),
+            role: argv[0].clone(),
+            args: argv[1..].to_vec(),
+        };
+        problems_of(&inv, &mut helps)
+    };
+    for good in [
+        "ctl --etcd $E --cluster c drain $POD_NAME --timeout-s 90",
+        "ctl --etcd=http://e:2379 status --json",
+        "ctl --etcd $E undrain n",
+        "expert-node --model m --etcd $(E) --advertise a:1 --max-experts 4",
+        "up --etcd --nodes 3",
+    ] {
+        assert_eq!(check(good), Vec::<String>::new(), "{good}");
+    }
+    for bad in [
+        "ctl --etcd $E drain n --etcd $E",
+        "ctl --etcd $E status --timeout-s 3",
+        "ctl --etcd $E remove n",
+        "ctl --etcd $E",
+        "coordinator --model m --no-such-flag",
+    ] {
+        assert!(!check(bad).is_empty(), "accepted: {bad}");
+    }
 }
 
 /// The parser above must actually find the command lines: an empty result would pass
@@ -339,8 +588,10 @@ fn every_deploy_file_with_a_role_is_seen() {
         ("deploy/compose.yaml", "expert-node"),
         ("deploy/k8s/base/coordinator.yaml", "coordinator"),
         ("deploy/k8s/base/expert-node.yaml", "expert-node"),
+        ("deploy/k8s/base/expert-node.yaml", "ctl"),
         ("deploy/Dockerfile", "up"),
         ("deploy/README.md", "verify"),
+        ("deploy/README.md", "ctl"),
     ] {
         assert!(
             seen(file, role),
@@ -355,6 +606,25 @@ fn every_deploy_file_with_a_role_is_seen() {
     assert!(
         compose_node.args.iter().any(|a| a == "--listen"),
         "{compose_node:?}"
+    );
+    // The preStop hook's script (a folded block scalar inside `sh -c`) is read whole.
+    let pre_stop = invocations
+        .iter()
+        .find(|i| i.role == "ctl" && i.at.starts_with("deploy/k8s/base/expert-node.yaml"))
+        .expect("the preStop drain");
+    assert_eq!(
+        pre_stop.args,
+        [
+            "--etcd",
+            "$ETCD_ENDPOINTS",
+            "--cluster",
+            "$SWITCHYARD_CLUSTER",
+            "drain",
+            "$POD_NAME",
+            "--timeout-s",
+            "$DRAIN_TIMEOUT_S"
+        ],
+        "{pre_stop:?}"
     );
 }
 
@@ -395,5 +665,48 @@ spec:
     assert_eq!(
         markdown_commands(md),
         vec![(2, vec!["coordinator".into(), "--port".into(), "1".into()])]
+    );
+    // `sh -c` scripts, quoted words, redirections, in Markdown and in a YAML block scalar.
+    let md =
+        "```sh\nkubectl exec p -- sh -c 'exec switchyard ctl --etcd \"$E\" status' 2>&1\n```\n";
+    assert_eq!(
+        markdown_commands(md),
+        vec![(
+            2,
+            vec!["ctl".into(), "--etcd".into(), "$E".into(), "status".into()]
+        )]
+    );
+    let yaml = "\
+lifecycle:
+  preStop:
+    exec:
+      command:
+        - sh
+        - -c
+        - >-
+          exec switchyard ctl --etcd \"$E\"
+          drain \"$POD_NAME\" >/dev/null
+";
+    let lists = yaml_command_lists(yaml);
+    assert_eq!(
+        lists,
+        vec![(
+            4,
+            vec![
+                "sh".into(),
+                "-c".into(),
+                "exec switchyard ctl --etcd \"$E\" drain \"$POD_NAME\" >/dev/null".into()
+            ]
+        )]
+    );
+    assert_eq!(
+        switchyard_argvs(&lists[0].1),
+        vec![vec![
+            "ctl".to_owned(),
+            "--etcd".into(),
+            "$E".into(),
+            "drain".into(),
+            "$POD_NAME".into()
+        ]]
     );
 }
