@@ -154,6 +154,7 @@ pub struct MoeKernels {
 /// One CUDA device: its context, the stream all work goes on, and the compiled kernels.
 pub struct CudaBackend {
     pub ctx: Arc<CudaContext>,
+    pub ordinal: usize,
     pub stream: Arc<CudaStream>,
     pub arch: String,
     pub name: String,
@@ -193,12 +194,18 @@ impl CudaBackend {
         tracing::info!(ordinal, %name, %arch, sm_count, "CUDA backend ready");
         Ok(Arc::new(CudaBackend {
             ctx,
+            ordinal,
             stream,
             arch,
             name,
             sm_count,
             moe,
         }))
+    }
+
+    /// How the device is reported to users and in cluster records: `cuda:N (NAME)`.
+    pub fn label(&self) -> String {
+        format!("{} ({})", Device::Cuda(self.ordinal), self.name)
     }
 }
 
