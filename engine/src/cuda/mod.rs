@@ -7,6 +7,7 @@
 //! [`CudaBackend::new`] (context, stream, compiled kernels); [`CudaExperts`] (a node's
 //! experts on the GPU, implementing [`crate::Experts`]).
 
+pub mod dense;
 pub mod experts;
 pub mod plan;
 pub mod ptx;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
+pub use dense::{DenseKernels, PagedDecode};
 pub use experts::{CudaExperts, DeviceBatch, LoadError};
 pub use plan::{Plan, PlanError, Tile};
 
