@@ -5,8 +5,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use switchyard_engine::cuda::{Device, LoadError};
 use switchyard_engine::tokenizer::{Tokenizer, TokenizerError};
-use switchyard_engine::{ExpertSelection, ExpertStore, Experts, Mixtral, ModelError};
+use switchyard_engine::{ExpertSelection, Experts, LocalExperts, Mixtral, ModelError};
 use switchyard_proto::WireFormat;
 use switchyard_proto::tls::Tls;
 use tokio::net::TcpListener;
@@ -25,6 +26,8 @@ pub enum CoordinatorError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error("loading the in-process experts: {0}")]
+    Experts(#[from] LoadError),
     #[error(transparent)]
     Placement(#[from] PlacementError),
     #[error(transparent)]
@@ -38,7 +41,8 @@ pub enum CoordinatorError {
 /// Where the experts run.
 #[derive(Debug, Clone)]
 pub enum ExpertsAt {
-    InProcess,
+    /// In this process, on `device` (the dense layers stay on the CPU whatever it is).
+    InProcess { device: Device },
     Nodes {
         addrs: Vec<String>,
         replicas: usize,
@@ -76,16 +80,20 @@ pub struct Coordinator {
 impl Coordinator {
     pub async fn start(cfg: CoordinatorConfig) -> Result<Self, CoordinatorError> {
         let dir = cfg.model_dir.clone();
-        let in_process = matches!(cfg.experts, ExpertsAt::InProcess);
+        let in_process = match cfg.experts {
+            ExpertsAt::InProcess { device } => Some(device),
+            _ => None,
+        };
         let (model, store) = tokio::task::spawn_blocking(move || -> Result<_, CoordinatorError> {
             let (model, ckpt) = Mixtral::load(&dir)?;
-            let store = if in_process {
-                Some(
-                    ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All)
-                        .map_err(ModelError::from)?,
-                )
-            } else {
-                None
+            let store = match in_process {
+                Some(device) => Some(LocalExperts::load(
+                    device,
+                    &ckpt,
+                    model.config(),
+                    &ExpertSelection::All,
+                )?),
+                None => None,
             };
             Ok((model, store))
         })
@@ -223,10 +231,11 @@ impl Coordinator {
                     let refresh: Refresh = Arc::new(move || r.refresh_metrics());
                     (remote, health, refresh)
                 }
-                (ExpertsAt::InProcess, Some(store)) => {
+                (ExpertsAt::InProcess { .. }, Some(store)) => {
+                    info!(device = %store.device(), "in-process experts loaded");
                     (Arc::new(store), Arc::new(|| Ok(())), Arc::new(|| {}))
                 }
-                (ExpertsAt::InProcess, None) => {
+                (ExpertsAt::InProcess { .. }, None) => {
                     return Err(CoordinatorError::Config(
                         "in-process experts were not loaded".into(),
                     ));

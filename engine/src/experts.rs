@@ -44,6 +44,68 @@ pub trait Experts: Send + Sync {
     fn forward(&self, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError>;
 }
 
+/// The model shape a unit of expert work is checked against, whichever device runs it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WorkShape {
+    pub layers: usize,
+    pub experts: usize,
+    pub hidden: usize,
+}
+
+impl WorkShape {
+    /// Every check that must pass before any expert is computed, in the order the errors
+    /// are reported; `holds(expert)` says whether `layer`'s expert is held here.
+    pub fn check(
+        &self,
+        layer: usize,
+        x_len: usize,
+        tokens: usize,
+        work: &[Assignment],
+        holds: impl Fn(u32) -> bool,
+    ) -> Result<(), ExpertError> {
+        if layer >= self.layers {
+            return Err(ExpertError::BadLayer {
+                layer,
+                layers: self.layers,
+            });
+        }
+        if tokens.checked_mul(self.hidden) != Some(x_len) {
+            return Err(ExpertError::BadShape {
+                len: x_len,
+                tokens,
+                hidden: self.hidden,
+            });
+        }
+        for a in work {
+            if a.expert as usize >= self.experts {
+                return Err(ExpertError::BadExpert {
+                    expert: a.expert,
+                    experts: self.experts,
+                });
+            }
+            if !holds(a.expert) {
+                return Err(ExpertError::NotHeld {
+                    layer,
+                    expert: a.expert,
+                });
+            }
+            if a.token as usize >= tokens {
+                return Err(ExpertError::BadToken {
+                    token: a.token,
+                    tokens,
+                });
+            }
+            if !a.weight.is_finite() {
+                return Err(ExpertError::BadWeight {
+                    token: a.token,
+                    weight: a.weight,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// One (token, expert, weight) triple of work: the unit the wire carries.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Assignment {
@@ -256,46 +318,14 @@ impl ExpertStore {
         tokens: usize,
         work: &[Assignment],
     ) -> Result<(), ExpertError> {
-        if layer >= self.num_layers {
-            return Err(ExpertError::BadLayer {
-                layer,
-                layers: self.num_layers,
-            });
-        }
-        if tokens.checked_mul(self.hidden) != Some(x_len) {
-            return Err(ExpertError::BadShape {
-                len: x_len,
-                tokens,
-                hidden: self.hidden,
-            });
-        }
-        for a in work {
-            if a.expert as usize >= self.num_experts {
-                return Err(ExpertError::BadExpert {
-                    expert: a.expert,
-                    experts: self.num_experts,
-                });
-            }
-            if self.get(layer, a.expert as usize).is_none() {
-                return Err(ExpertError::NotHeld {
-                    layer,
-                    expert: a.expert,
-                });
-            }
-            if a.token as usize >= tokens {
-                return Err(ExpertError::BadToken {
-                    token: a.token,
-                    tokens,
-                });
-            }
-            if !a.weight.is_finite() {
-                return Err(ExpertError::BadWeight {
-                    token: a.token,
-                    weight: a.weight,
-                });
-            }
-        }
-        Ok(())
+        let shape = WorkShape {
+            layers: self.num_layers,
+            experts: self.num_experts,
+            hidden: self.hidden,
+        };
+        shape.check(layer, x_len, tokens, work, |e| {
+            self.get(layer, e as usize).is_some()
+        })
     }
 
     /// For each token row of `x` (`[tokens, hidden]`), the weighted sum of its assigned

@@ -32,6 +32,11 @@ impl SeqCache {
     pub fn num_blocks(&self) -> usize {
         self.blocks.len()
     }
+
+    /// The cache blocks holding this sequence's positions, in order (its block table).
+    pub fn blocks(&self) -> &[u32] {
+        &self.blocks
+    }
 }
 
 pub struct PagedKvCache {
@@ -148,6 +153,12 @@ impl PagedKvCache {
 
     pub fn num_layers(&self) -> usize {
         self.num_layers
+    }
+
+    /// One layer's keys and values, `[blocks, block_size, kv_dim]` each: the layout the GPU
+    /// attention kernel reads.
+    pub fn layer(&self, layer: usize) -> (&[f32], &[f32]) {
+        (&self.keys[layer], &self.values[layer])
     }
 }
 

@@ -390,6 +390,16 @@ impl Rope {
         self.cos.len() / (self.head_dim / 2)
     }
 
+    pub fn head_dim(&self) -> usize {
+        self.head_dim
+    }
+
+    /// The cos and sin tables, `[max_positions, head_dim / 2]` each: what the GPU kernel
+    /// reads, so that both devices rotate by the very same f32 values.
+    pub fn tables(&self) -> (&[f32], &[f32]) {
+        (&self.cos, &self.sin)
+    }
+
     /// Rotates every head of one token's projection (`heads * head_dim` values) in place.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
         let half = self.head_dim / 2;

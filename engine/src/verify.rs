@@ -2,6 +2,11 @@
 //! by Hugging Face transformers) through the engine and checks the tolerances of the
 //! fixtures' README: logits within 1e-4 relative, identical router choices, identical
 //! greedy continuations, both whole-sequence and token by token through the KV cache.
+//!
+//! [`Check::Top1`] is the check for reduced-precision experts (bf16 on a GPU), where an f32
+//! tolerance cannot hold: it passes when our top-1 token equals the reference's at enough
+//! positions (every prompt position, and every step of the reference's greedy
+//! continuation, fed the reference's tokens).
 
 use std::path::{Path, PathBuf};
 
@@ -16,6 +21,20 @@ use crate::sampling::argmax;
 
 pub const GOLDEN_FILE: &str = "golden.safetensors";
 pub const LOGIT_TOLERANCE: f64 = 1e-4;
+/// The share of positions whose top-1 token must match the f32 reference in
+/// [`Check::Top1`] (the CUDA issue's bar for a bf16 end-to-end run).
+pub const TOP1_MIN_AGREEMENT: f64 = 0.99;
+
+/// What `verify` requires of a run.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum Check {
+    /// Logits within [`LOGIT_TOLERANCE`], identical router choices and greedy tokens.
+    Exact,
+    /// Top-1 agreement with the reference at `min_agreement` of all positions, over all
+    /// prompts and both paths; logit error and router agreement are reported only.
+    Top1 { min_agreement: f64 },
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
@@ -130,13 +149,26 @@ pub struct PathReport {
     /// Greedy tokens equal to the reference before the first difference.
     pub greedy_matched: usize,
     pub greedy_len: usize,
+    /// Positions (prompt positions, then reference greedy steps) where our argmax is the
+    /// reference's top-1 token.
+    pub top1_matched: usize,
+    pub top1_positions: usize,
 }
 
 impl PathReport {
-    pub fn passed(&self) -> bool {
-        self.logit_rel_err < LOGIT_TOLERANCE
-            && self.router_agreement == 1.0
-            && self.greedy_matched == self.greedy_len
+    pub fn top1_agreement(&self) -> f64 {
+        self.top1_matched as f64 / self.top1_positions.max(1) as f64
+    }
+
+    pub fn passed(&self, check: Check) -> bool {
+        match check {
+            Check::Exact => {
+                self.logit_rel_err < LOGIT_TOLERANCE
+                    && self.router_agreement == 1.0
+                    && self.greedy_matched == self.greedy_len
+            }
+            Check::Top1 { min_agreement } => self.top1_agreement() >= min_agreement,
+        }
     }
 }
 
@@ -151,18 +183,31 @@ pub struct PromptReport {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
+    pub check: Check,
     pub prompts: Vec<PromptReport>,
     pub max_logit_rel_err: f64,
     pub min_router_agreement: f64,
     pub greedy_all_match: bool,
+    /// Top-1 agreement over every position of every prompt, both paths.
+    pub top1_agreement: f64,
     pub passed: bool,
 }
 
-/// Runs every golden prompt of `dir` through `model` and `experts`.
+/// Runs every golden prompt of `dir` through `model` and `experts`, with [`Check::Exact`].
 pub fn verify(
     model: &Mixtral,
     experts: &dyn Experts,
     dir: &Path,
+) -> Result<VerifyReport, VerifyError> {
+    verify_with(model, experts, dir, Check::Exact)
+}
+
+/// [`verify`] with the given check.
+pub fn verify_with(
+    model: &Mixtral,
+    experts: &dyn Experts,
+    dir: &Path,
+    check: Check,
 ) -> Result<VerifyReport, VerifyError> {
     let cfg = model.config();
     let golden = read_golden(
@@ -184,7 +229,7 @@ pub fn verify(
     for g in &golden {
         let whole = run_whole(model, experts, &mut kv, g)?;
         let incremental = run_incremental(model, experts, &mut kv, g)?;
-        let passed = whole.passed() && incremental.passed();
+        let passed = whole.passed(check) && incremental.passed(check);
         prompts.push(PromptReport {
             index: g.index,
             tokens: g.input_ids.len(),
@@ -197,12 +242,21 @@ pub fn verify(
     let max_logit_rel_err = paths().map(|p| p.logit_rel_err).fold(0.0, f64::max);
     let min_router_agreement = paths().map(|p| p.router_agreement).fold(1.0, f64::min);
     let greedy_all_match = paths().all(|p| p.greedy_matched == p.greedy_len);
-    let passed = prompts.iter().all(|p| p.passed);
+    let top1_matched: usize = paths().map(|p| p.top1_matched).sum();
+    let top1_positions: usize = paths().map(|p| p.top1_positions).sum();
+    let top1_agreement = top1_matched as f64 / top1_positions.max(1) as f64;
+    let passed = match check {
+        Check::Exact => prompts.iter().all(|p| p.passed),
+        // Over all positions: one prompt is too few positions for a percentage bar.
+        Check::Top1 { min_agreement } => top1_agreement >= min_agreement,
+    };
     Ok(VerifyReport {
+        check,
         prompts,
         max_logit_rel_err,
         min_router_agreement,
         greedy_all_match,
+        top1_agreement,
         passed,
     })
 }
@@ -240,6 +294,11 @@ fn router_matches(g: &GoldenPrompt, routing: &[Routing], offset: usize) -> usize
     same
 }
 
+/// Walks the reference's greedy continuation, comparing our argmax with its next token at
+/// each step and then feeding the reference's token. Up to the first difference that is
+/// exactly our own greedy decoding; feeding the reference's tokens after it keeps measuring
+/// top-1 agreement where free-running decoding would have wandered off. Returns (steps
+/// matched before the first difference, steps matched in all).
 fn greedy_continue(
     model: &Mixtral,
     experts: &dyn Experts,
@@ -247,18 +306,20 @@ fn greedy_continue(
     seq: &mut SeqCache,
     last_logits: &[f32],
     g: &GoldenPrompt,
-) -> Result<usize, ModelError> {
+) -> Result<(usize, usize), ModelError> {
     let mut next = argmax(last_logits);
-    let mut matched = 0;
+    let (mut prefix, mut matched) = (0, 0);
     for (step, want) in g.greedy_ids.iter().enumerate() {
-        if next != *want {
-            break;
+        if next == *want {
+            matched += 1;
+            if prefix == step {
+                prefix += 1;
+            }
         }
-        matched += 1;
         if step + 1 == g.greedy_ids.len() {
             break;
         }
-        let tokens = [next];
+        let tokens = [*want];
         let out = model.forward(
             kv,
             experts,
@@ -271,7 +332,15 @@ fn greedy_continue(
         )?;
         next = argmax(out.row(0));
     }
-    Ok(matched)
+    Ok((prefix, matched))
+}
+
+/// Prompt positions whose argmax equals the reference logits' argmax.
+fn top1_matches(ours: &[f32], reference: &[f32], vocab: usize) -> usize {
+    ours.chunks_exact(vocab)
+        .zip(reference.chunks_exact(vocab))
+        .filter(|(a, b)| argmax(a) == argmax(b))
+        .count()
 }
 
 fn run_whole(
@@ -296,12 +365,14 @@ fn run_whole(
         let same = router_matches(g, routing, 0);
         let vocab = model.config().vocab_size;
         let last = &out.logits[(out.rows - 1) * vocab..];
-        let matched = greedy_continue(model, experts, kv, &mut seq, last, g)?;
+        let (prefix, steps) = greedy_continue(model, experts, kv, &mut seq, last, g)?;
         Ok(PathReport {
             logit_rel_err: logit_rel_err(&out.logits, &g.logits),
             router_agreement: same as f64 / (model.config().num_layers * g.input_ids.len()) as f64,
-            greedy_matched: matched,
+            greedy_matched: prefix,
             greedy_len: g.greedy_ids.len(),
+            top1_matched: top1_matches(&out.logits, &g.logits, vocab) + steps,
+            top1_positions: g.input_ids.len() + g.greedy_ids.len(),
         })
     })();
     kv.release(&mut seq);
@@ -335,12 +406,14 @@ fn run_incremental(
         }
         let vocab = model.config().vocab_size;
         let last = logits[logits.len() - vocab..].to_vec();
-        let matched = greedy_continue(model, experts, kv, &mut seq, &last, g)?;
+        let (prefix, steps) = greedy_continue(model, experts, kv, &mut seq, &last, g)?;
         Ok(PathReport {
             logit_rel_err: logit_rel_err(&logits, &g.logits),
             router_agreement: same as f64 / (model.config().num_layers * g.input_ids.len()) as f64,
-            greedy_matched: matched,
+            greedy_matched: prefix,
             greedy_len: g.greedy_ids.len(),
+            top1_matched: top1_matches(&logits, &g.logits, vocab) + steps,
+            top1_positions: g.input_ids.len() + g.greedy_ids.len(),
         })
     })();
     kv.release(&mut seq);

@@ -20,6 +20,17 @@ fn backend() -> Arc<CudaBackend> {
     CudaBackend::new(0).unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"))
 }
 
+/// ||got - want|| / ||want||.
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| f64::from(g - w).powi(2))
+        .sum();
+    let den: f64 = want.iter().map(|w| f64::from(*w).powi(2)).sum();
+    (num / den).sqrt()
+}
+
 fn bits(v: f32) -> u16 {
     bf16::from_f32(v).to_bits()
 }
@@ -306,16 +317,74 @@ fn experts_trait_matches_cpu_store() {
     for l in 0..layers {
         let want = store.forward(l, &x, &routing).unwrap();
         let got = gpu.forward(l, &x, &routing).unwrap();
-        let num: f64 = got
-            .iter()
-            .zip(&want)
-            .map(|(g, w)| f64::from(g - w).powi(2))
-            .sum();
-        let den: f64 = want.iter().map(|w| f64::from(*w).powi(2)).sum();
-        let rel = (num / den).sqrt();
+        let rel = rel_l2(&got, &want);
         println!(
             "| trait-vs-cpu   | H {h:>5} | F {f:>5} | layer {l} | T {tokens:>5} | rel err {rel:.2e} |"
         );
         assert!(rel < MAX_REL_ERR, "layer {l}: {rel:.3e}");
     }
+}
+
+/// A node's run-time loads and unloads on the GPU (layers re-packed on the device) give
+/// the same answers as the CPU store holding the same experts.
+#[test]
+#[ignore = "needs a CUDA GPU"]
+fn local_experts_load_and_unload_on_the_gpu() {
+    use std::path::PathBuf;
+    use switchyard_engine::cuda::Device;
+    use switchyard_engine::experts::{ExpertSelection, assignments, load_expert};
+    use switchyard_engine::router::route_softmax_topk;
+    use switchyard_engine::{Checkpoint, LocalExperts, ModelConfig};
+
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral-tiny");
+    let cfg = ModelConfig::from_dir(&dir).unwrap();
+    let ckpt = Checkpoint::open(&dir).unwrap();
+    let (h, e) = (cfg.hidden_size, cfg.num_experts);
+    let cpu = LocalExperts::load(Device::Cpu, &ckpt, &cfg, &ExpertSelection::All).unwrap();
+    let mut gpu = LocalExperts::load(
+        Device::Cuda(0),
+        &ckpt,
+        &cfg,
+        &ExpertSelection::in_every_layer(&[0, 2, 4, 6], cfg.num_layers),
+    )
+    .unwrap();
+    assert!(gpu.device().starts_with("cuda:0 ("), "{}", gpu.device());
+    // Remove two, add the odd ones (a layer re-packed with kept and new experts), then
+    // put the removed ones back: every expert held, in a scrambled local order.
+    let pairs = |ids: &[usize]| -> Vec<(usize, usize)> {
+        (0..cfg.num_layers)
+            .flat_map(|l| ids.iter().map(move |x| (l, *x)))
+            .collect()
+    };
+    let load = |p: &[(usize, usize)]| {
+        p.iter()
+            .map(|&(l, x)| (l, x, load_expert(&ckpt, &cfg, l, x).unwrap()))
+            .collect::<Vec<_>>()
+    };
+    gpu.remove_many(&pairs(&[2, 6])).unwrap();
+    assert_eq!(gpu.held(), pairs(&[0, 4]));
+    gpu.insert_many(load(&pairs(&[1, 3, 5, 7]))).unwrap();
+    gpu.insert_many(load(&pairs(&[2, 6]))).unwrap();
+    assert_eq!(gpu.held(), cpu.held());
+    let mut rng = ChaCha8Rng::seed_from_u64(11);
+    let tokens = 19;
+    let x: Vec<f32> = (0..tokens * h)
+        .map(|_| rng.random_range(-2.0..2.0))
+        .collect();
+    let logits: Vec<f32> = (0..tokens * e)
+        .map(|_| rng.random_range(-4.0..4.0))
+        .collect();
+    let routing = route_softmax_topk(&logits, e, cfg.experts_per_token);
+    let work = assignments(&routing);
+    for l in 0..cfg.num_layers {
+        let want = cpu.combine(l, &x, tokens, &work).unwrap();
+        let got = gpu.combine(l, &x, tokens, &work).unwrap();
+        let rel = rel_l2(&got, &want);
+        println!(
+            "| local-load     | tiny fixture | layer {l} | T {tokens:>5} | rel err {rel:.2e} |"
+        );
+        assert!(rel < MAX_REL_ERR, "layer {l}: {rel:.3e}");
+    }
+    gpu.remove_many(&pairs(&[0, 1, 2, 3, 4, 5, 6, 7])).unwrap();
+    assert!(gpu.held().is_empty());
 }

@@ -31,3 +31,92 @@ fn sharded_bf16_fixture_meets_every_tolerance_whole_and_incremental() {
     assert_eq!(r.prompts.len(), 6);
     assert!(r.passed, "{r:#?}");
 }
+
+/// What the GPU experts compute, emulated on the CPU: bf16 weights, bf16 activations in,
+/// bf16 SiLU(gate)*up, f32 accumulation. `verify --device cuda` cannot run here; this says
+/// whether its top-1 bar is reachable on these fixtures at bf16 precision at all.
+struct Bf16Experts {
+    store: switchyard_engine::ExpertStore,
+}
+
+fn bf16_round(v: &mut [f32]) {
+    for x in v {
+        *x = half::bf16::from_f32(*x).to_f32();
+    }
+}
+
+impl switchyard_engine::Experts for Bf16Experts {
+    fn forward(
+        &self,
+        layer: usize,
+        x: &[f32],
+        routing: &switchyard_engine::Routing,
+    ) -> Result<Vec<f32>, switchyard_engine::ExpertError> {
+        let h = self.store.hidden();
+        let mut out = vec![0f32; x.len()];
+        for t in 0..routing.tokens() {
+            let mut xt = x[t * h..(t + 1) * h].to_vec();
+            bf16_round(&mut xt);
+            let (experts, weights) = routing.token(t);
+            for (e, w) in experts.iter().zip(weights) {
+                let ffn = self.store.get(layer, *e as usize).unwrap();
+                let f = ffn.ffn_dim();
+                let gu = ffn.gate_up.forward(&xt, 1);
+                let mut act: Vec<f32> = (0..f)
+                    .map(|i| switchyard_engine::ops::silu(gu[i]) * gu[f + i])
+                    .collect();
+                bf16_round(&mut act);
+                let y = ffn.down.forward(&act, 1);
+                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(&y) {
+                    *o += w * v;
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[test]
+fn bf16_experts_meet_the_top1_bar_on_both_fixtures() {
+    use switchyard_engine::verify::{Check, TOP1_MIN_AGREEMENT, verify_with};
+    for name in ["mixtral-tiny", "mixtral-tiny-bf16"] {
+        let dir = fixture(name);
+        let (model, ckpt) = Mixtral::load(&dir).unwrap();
+        let mut store = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
+        for (l, e) in store.held() {
+            let mut ffn = store.remove(l, e).unwrap();
+            bf16_round(&mut ffn.gate_up.weight);
+            bf16_round(&mut ffn.down.weight);
+            store.insert(l, e, ffn);
+        }
+        let experts = Bf16Experts { store };
+        let check = Check::Top1 {
+            min_agreement: TOP1_MIN_AGREEMENT,
+        };
+        let r = verify_with(&model, &experts, &dir, check).unwrap();
+        eprintln!(
+            "{name}: top-1 {:.4}, max logit err {:.3e}, router {:.4}",
+            r.top1_agreement, r.max_logit_rel_err, r.min_router_agreement
+        );
+        // Measured with this emulation: mixtral-tiny 99.65%, mixtral-tiny-bf16 98.62%. The
+        // second misses the 99% bar at bf16 precision whatever the kernels do, so
+        // `verify --device cuda` is expected to report FAIL there: a finding about the bar
+        // on this fixture, pinned here so that a change in either number is noticed.
+        if name == "mixtral-tiny" {
+            assert!(r.passed, "{name}: {r:#?}");
+        } else {
+            assert!(r.top1_agreement >= 0.98, "{name}: {r:#?}");
+        }
+    }
+}
+
+#[test]
+fn top1_check_reports_full_agreement_for_the_f32_engine() {
+    use switchyard_engine::verify::{Check, verify_with};
+    let dir = fixture("mixtral-tiny");
+    let (model, ckpt) = Mixtral::load(&dir).unwrap();
+    let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
+    let r = verify_with(&model, &experts, &dir, Check::Top1 { min_agreement: 1.0 }).unwrap();
+    assert_eq!(r.top1_agreement, 1.0, "{r:#?}");
+    assert!(r.passed);
+}

@@ -1,3 +1,4 @@
+use switchyard_engine::cuda::{CudaError, LoadError};
 use switchyard_engine::{ConfigError, WeightError};
 use tonic::{Code, Status};
 
@@ -7,6 +8,8 @@ pub enum NodeError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Weights(#[from] WeightError),
+    #[error("device: {0}")]
+    Device(#[from] CudaError),
     #[error("bad expert spec `{part}`: {reason}")]
     Spec { part: String, reason: String },
     #[error(
@@ -38,10 +41,20 @@ impl From<NodeError> for Status {
             NodeError::NoCapacity { .. } => Code::ResourceExhausted,
             NodeError::Config(_)
             | NodeError::Weights(_)
+            | NodeError::Device(_)
             | NodeError::Internal(_)
             | NodeError::Cluster(_)
             | NodeError::Transport(_) => Code::Internal,
         };
         Status::new(code, e.to_string())
+    }
+}
+
+impl From<LoadError> for NodeError {
+    fn from(e: LoadError) -> Self {
+        match e {
+            LoadError::Weights(w) => NodeError::Weights(w),
+            LoadError::Cuda(c) => NodeError::Device(c),
+        }
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Instant;
 
 use bytes::Bytes;
-use switchyard_engine::{Assignment, ExpertError, ExpertStore, ModelConfig};
+use switchyard_engine::{Assignment, ExpertError, LocalExperts, ModelConfig};
 use switchyard_proto::pb::{ForwardRequest, ForwardResponse};
 use switchyard_proto::{CodecError, WireFormat, decode_activations, encode_activations};
 use tonic::Code;
@@ -158,7 +158,7 @@ impl Work {
 
     /// Decodes, computes and encodes; blocking (run it off the async workers). Returns the
     /// encoded output and the microseconds it took.
-    pub(crate) fn run(&self, store: &ExpertStore) -> Result<(Bytes, u64), ForwardError> {
+    pub(crate) fn run(&self, store: &LocalExperts) -> Result<(Bytes, u64), ForwardError> {
         let started = Instant::now();
         let hidden = store.hidden();
         // Refuse experts we do not hold before paying for the decode.

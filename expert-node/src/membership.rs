@@ -46,7 +46,7 @@ impl Membership {
             serde_json::to_string(&NodeRecord {
                 id: node.node_id().to_owned(),
                 addr: advertise.clone(),
-                device: "cpu".into(),
+                device: node.device().to_owned(),
                 num_layers: c.num_layers,
                 num_experts: c.num_experts,
                 capacity: node.capacity(),

@@ -6,8 +6,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use switchyard_engine::cuda::Device;
 use switchyard_engine::experts::load_expert;
-use switchyard_engine::{Checkpoint, ExpertSelection, ExpertStore, ModelConfig};
+use switchyard_engine::{Checkpoint, ExpertSelection, LocalExperts, ModelConfig};
 use switchyard_proto::pb::{ExpertRef, ForwardRequest, ForwardResponse, NodeInfo};
 use tokio::task::spawn_blocking;
 
@@ -27,12 +28,18 @@ pub struct NodeConfig {
     pub initial: ExpertSelection,
     /// Most experts this node may hold (its memory budget); `None`: no limit.
     pub max_experts: Option<usize>,
+    /// Where the experts live and run; `Auto` falls back to the CPU, an explicit CUDA
+    /// device that is not usable fails [`ExpertNode::open`].
+    pub device: Device,
 }
 
 pub struct ExpertNode {
     config: Arc<ModelConfig>,
     checkpoint: Arc<Checkpoint>,
-    store: Arc<RwLock<ExpertStore>>,
+    store: Arc<RwLock<LocalExperts>>,
+    /// `cpu` or `cuda:N (GPU NAME)`.
+    device: String,
+    bytes_per_expert: u64,
     node_id: String,
     model: String,
     /// A copy of the store's held set, so that Describe never waits behind a long
@@ -58,7 +65,7 @@ impl ExpertNode {
             return Err(no_such_expert(&config, layer as u64, expert as u64));
         }
         let checkpoint = Checkpoint::open(&cfg.model_dir)?;
-        let store = ExpertStore::load(&checkpoint, &config, &cfg.initial)?;
+        let store = LocalExperts::load(cfg.device, &checkpoint, &config, &cfg.initial)?;
         if let Some(max) = cfg.max_experts
             && store.held().len() > max
         {
@@ -74,18 +81,23 @@ impl ExpertNode {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| cfg.model_dir.display().to_string());
         let held = store.held().into_iter().collect();
+        let device = store.device();
+        let bytes_per_expert = store.bytes_per_expert(&config);
         let metrics = NodeMetrics::new(config.num_layers, config.num_experts)
             .map_err(|e| NodeError::Internal(format!("metrics: {e}")))?;
         tracing::info!(
             node = %cfg.node_id,
             model = %model,
             experts = store.held().len(),
+            %device,
             "expert node opened"
         );
         Ok(ExpertNode {
             config: Arc::new(config),
             checkpoint: Arc::new(checkpoint),
             store: Arc::new(RwLock::new(store)),
+            device,
+            bytes_per_expert,
             node_id: cfg.node_id,
             model,
             held: Mutex::new(held),
@@ -125,9 +137,15 @@ impl ExpertNode {
             .unwrap_or(self.config.num_layers * self.config.num_experts)
     }
 
-    /// Weight bytes one expert occupies in the f32 CPU store (gate, up and down).
+    /// Weight bytes one expert occupies on this node's device (gate, up and down): f32
+    /// on the CPU, padded bf16 on a GPU.
     pub fn bytes_per_expert(&self) -> u64 {
-        3 * self.config.hidden_size as u64 * self.config.intermediate_size as u64 * 4
+        self.bytes_per_expert
+    }
+
+    /// `cpu` or `cuda:N (GPU NAME)`.
+    pub fn device(&self) -> &str {
+        &self.device
     }
 
     pub fn describe(&self) -> NodeInfo {
@@ -148,7 +166,7 @@ impl ExpertNode {
                 .collect(),
             bytes_per_expert: self.bytes_per_expert(),
             epoch: self.epoch(),
-            device: "cpu".into(),
+            device: self.device.clone(),
         }
     }
 
@@ -243,9 +261,7 @@ impl ExpertNode {
                     loaded.push((layer, expert, load_expert(&ckpt, &config, layer, expert)?));
                 }
                 let mut store = store.write().unwrap_or_else(PoisonError::into_inner);
-                for (layer, expert, ffn) in loaded {
-                    store.insert(layer, expert, ffn);
-                }
+                store.insert_many(loaded)?;
                 Ok(())
             })
             .await
@@ -272,13 +288,12 @@ impl ExpertNode {
         let store = Arc::clone(&self.store);
         let to_remove = unwanted.clone();
         spawn_blocking(move || {
+            let to_remove: Vec<(usize, usize)> = to_remove.into_iter().collect();
             let mut store = store.write().unwrap_or_else(PoisonError::into_inner);
-            for &(layer, expert) in &to_remove {
-                store.remove(layer, expert);
-            }
+            store.remove_many(&to_remove)
         })
         .await
-        .map_err(|e| NodeError::Internal(format!("unloading experts failed: {e}")))?;
+        .map_err(|e| NodeError::Internal(format!("unloading experts failed: {e}")))??;
         {
             let mut held = self.held.lock().unwrap_or_else(PoisonError::into_inner);
             for pair in &unwanted {
@@ -344,6 +359,7 @@ mod tests {
             node_id: "n".into(),
             initial,
             max_experts: None,
+            device: Device::Cpu,
         }
     }
 
@@ -356,6 +372,8 @@ mod tests {
         assert_eq!(info.held.len(), 2);
         assert_eq!((info.held[1].layer, info.held[1].expert), (3, 7));
         assert_eq!(info.model, "mixtral-tiny");
+        assert_eq!(info.device, "cpu");
+        assert_eq!(info.bytes_per_expert, 3 * 64 * 128 * 4);
     }
 
     #[test]

@@ -5,6 +5,7 @@ use anyhow::{Context, Result, bail};
 use switchyard_coordinator::cluster::ClusterMode;
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
 
+use super::device::DeviceArgs;
 use super::serve_args::{ClusterArgs, ServeArgs, TlsArgs, print_ready};
 use super::shutdown_signal;
 
@@ -32,6 +33,8 @@ pub struct Args {
     cluster: ClusterArgs,
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
     /// Mutual TLS to the expert nodes: our client certificate, and the CA their
     /// certificates must chain to (each must name the host given in --nodes).
     #[command(flatten)]
@@ -40,8 +43,15 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<ExitCode> {
     let cluster = a.cluster.config()?;
+    let device = a.device.resolve_with_dense_on_cpu()?;
+    if !a.in_process && device != switchyard_engine::cuda::Device::Cpu {
+        tracing::warn!(
+            %device,
+            "--device only places in-process experts; without --in-process the experts run on the nodes (give them --device)"
+        );
+    }
     let experts = if a.in_process {
-        ExpertsAt::InProcess
+        ExpertsAt::InProcess { device }
     } else if let Some(etcd) = cluster {
         if !a.nodes.is_empty() {
             bail!("--nodes and --etcd exclude each other: with etcd, nodes register themselves");
@@ -90,7 +100,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .with_context(|| format!("binding {}:{}", a.serve.host, a.serve.port))?;
         let url = format!("http://{}", listener.local_addr()?);
         let what = if a.in_process {
-            "experts in process".to_string()
+            format!("experts in process on {device}")
         } else if !a.cluster.etcd.is_empty() {
             format!(
                 "cluster `{}` on etcd {}",

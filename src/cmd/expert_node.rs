@@ -12,6 +12,7 @@ use switchyard_expert_node::{
     ExpertNode, Membership, NodeConfig, parse_expert_spec, serve_with_tls,
 };
 
+use super::device::DeviceArgs;
 use super::serve_args::{ClusterArgs, TlsArgs};
 
 #[derive(clap::Args)]
@@ -40,6 +41,8 @@ pub struct Args {
     #[arg(long)]
     advertise: Option<String>,
     #[command(flatten)]
+    device: DeviceArgs,
+    #[command(flatten)]
     cluster: ClusterArgs,
     #[command(flatten)]
     tls: TlsArgs,
@@ -62,6 +65,7 @@ async fn serve_node(args: Args) -> Result<()> {
     if args.max_experts == Some(0) {
         anyhow::bail!("--max-experts must be at least 1");
     }
+    let device = args.device.resolve()?;
     // Before binding: a bad certificate path fails the start, not the first handshake.
     let tls = args.tls.load()?;
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -82,6 +86,7 @@ async fn serve_node(args: Args) -> Result<()> {
             node_id,
             initial,
             max_experts,
+            device,
         })
     })
     .await

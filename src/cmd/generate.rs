@@ -5,9 +5,11 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use switchyard_engine::sampling::{Sampler, SamplingParams};
 use switchyard_engine::tokenizer::{IncrementalDecoder, Tokenizer};
-use switchyard_engine::{ExpertSelection, ExpertStore, LogitsFor, Mixtral, SeqCache, SeqChunk};
+use switchyard_engine::{ExpertSelection, LocalExperts, LogitsFor, Mixtral, SeqCache, SeqChunk};
 
-/// Generates text from a prompt on this machine's CPU, streaming it to stdout.
+use super::device::DeviceArgs;
+
+/// Generates text from a prompt on this machine, streaming it to stdout.
 #[derive(clap::Args)]
 pub struct Args {
     #[arg(long)]
@@ -28,6 +30,8 @@ pub struct Args {
     /// Keep going past the end-of-sequence token.
     #[arg(long)]
     ignore_eos: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
@@ -37,10 +41,11 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
+    let device = a.device.resolve_with_dense_on_cpu()?;
     let (model, ckpt) =
         Mixtral::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let cfg = model.config().clone();
-    let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All)?;
+    let experts = LocalExperts::load(device, &ckpt, &cfg, &ExpertSelection::All)?;
     let tokenizer = Tokenizer::from_dir(&a.model)?;
     let prompt = tokenizer.encode(&a.prompt, true)?;
     if prompt.is_empty() {

@@ -2,6 +2,7 @@ pub mod bench;
 pub mod certs;
 pub mod coordinator;
 pub mod ctl;
+pub mod device;
 pub mod expert_node;
 pub mod generate;
 pub mod serve_args;

@@ -12,9 +12,11 @@ use switchyard_cluster::ClusterConfig;
 use switchyard_coordinator::cluster::ClusterMode;
 use switchyard_coordinator::remote::wait_healthy;
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
+use switchyard_engine::cuda::Device;
 use switchyard_proto::tls::{TlsFiles, write_dev_certs};
 use tracing::{info, warn};
 
+use super::device::DeviceArgs;
 use super::serve_args::{ServeArgs, print_ready};
 use super::shutdown_signal;
 
@@ -50,6 +52,8 @@ pub struct Args {
     lease_ttl_s: u64,
     #[command(flatten)]
     serve: ServeArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 /// The expert-node children; killed when this is dropped, however `up` ends.
@@ -89,6 +93,7 @@ impl Children {
 
 fn spawn_node(
     model: &PathBuf,
+    device: Device,
     index: usize,
     tls: Option<&TlsFiles>,
     cluster: &[String],
@@ -102,6 +107,8 @@ fn spawn_node(
         .arg("127.0.0.1:0")
         .arg("--node-id")
         .arg(format!("node-{index}"))
+        .arg("--device")
+        .arg(device.to_string())
         .args(cluster);
     if let Some(t) = tls {
         cmd.arg("--tls-cert")
@@ -148,6 +155,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     let scheduler = a.serve.scheduler()?;
     let http = a.serve.http()?;
+    // Settled once here, so that `auto` means the same for every node and `cuda` without
+    // a GPU fails before any node starts.
+    let device = a.device.resolve_with_dense_on_cpu()?;
     // Kept until `up` returns; the nodes read their files at start-up.
     let cert_dir = if a.tls {
         let dir = tempfile::Builder::new()
@@ -197,7 +207,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let mut pending = Vec::new();
         for i in 0..a.nodes {
             let tls = cert_dir.as_ref().map(|(_, c)| &c.nodes[i]);
-            let (child, rx) = spawn_node(&model, i, tls, &cluster_flags)?;
+            let (child, rx) = spawn_node(&model, device, i, tls, &cluster_flags)?;
             children.0.push((i, child));
             pending.push(rx);
         }
@@ -221,7 +231,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             wait_healthy(addr, left, coordinator_tls.as_ref()).await?;
         }
         let experts = if a.in_process {
-            ExpertsAt::InProcess
+            ExpertsAt::InProcess { device }
         } else if let Some(urls) = &etcd_urls {
             ExpertsAt::Cluster {
                 mode: ClusterMode {
@@ -257,10 +267,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .with_context(|| format!("binding {}:{}", a.serve.host, a.serve.port))?;
         let url = format!("http://{}", listener.local_addr()?);
         let what = if a.in_process {
-            "experts in process".to_string()
+            format!("experts in process on {device}")
         } else {
             format!(
-                "coordinator + {} expert nodes{}{}",
+                "coordinator + {} expert nodes on {device}{}{}",
                 addrs.len(),
                 if a.tls { ", mutual TLS" } else { "" },
                 match &etcd_urls {

@@ -2,9 +2,15 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{Context, Result};
-use switchyard_engine::verify::{LOGIT_TOLERANCE, verify};
-use switchyard_engine::{ExpertSelection, ExpertStore, Mixtral};
+use switchyard_engine::cuda::Device;
+use switchyard_engine::verify::{Check, LOGIT_TOLERANCE, TOP1_MIN_AGREEMENT, verify_with};
+use switchyard_engine::{ExpertSelection, LocalExperts, Mixtral};
 
+use super::device::DeviceArgs;
+
+/// On the CPU (f32) every tolerance of the reference applies. With GPU experts (bf16) the
+/// f32 logit tolerance cannot hold: the check is then top-1 agreement with the reference at
+/// >= 99% of positions (prompt positions and greedy steps), errors reported alongside.
 #[derive(clap::Args)]
 pub struct Args {
     /// Checkpoint directory holding golden.safetensors.
@@ -13,50 +19,81 @@ pub struct Args {
     /// Print the report as JSON.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 pub fn run(args: Args) -> Result<ExitCode> {
+    let device = args.device.resolve_with_dense_on_cpu()?;
+    let check = match device {
+        Device::Cuda(_) => Check::Top1 {
+            min_agreement: TOP1_MIN_AGREEMENT,
+        },
+        Device::Cpu | Device::Auto => Check::Exact,
+    };
     let (model, ckpt) =
         Mixtral::load(&args.model).with_context(|| format!("loading {}", args.model.display()))?;
-    let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All)?;
-    let report = verify(&model, &experts, &args.model)?;
+    let experts = LocalExperts::load(device, &ckpt, model.config(), &ExpertSelection::All)?;
+    let report = verify_with(&model, &experts, &args.model, check)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        println!("experts on {}", experts.device());
         println!(
-            "{:>6} {:>6} | {:>12} {:>8} {:>7} | {:>12} {:>8} {:>7} | result",
-            "prompt", "tokens", "whole err", "router", "greedy", "kv-cache err", "router", "greedy",
+            "{:>6} {:>6} | {:>12} {:>8} {:>7} {:>7} | {:>12} {:>8} {:>7} {:>7} | result",
+            "prompt",
+            "tokens",
+            "whole err",
+            "router",
+            "greedy",
+            "top-1",
+            "kv-cache err",
+            "router",
+            "greedy",
+            "top-1",
         );
         for p in &report.prompts {
             let (w, i) = (&p.whole, &p.incremental);
             println!(
-                "{:>6} {:>6} | {:>12.3e} {:>7.2}% {:>3}/{:<3} | {:>12.3e} {:>7.2}% {:>3}/{:<3} | {}",
+                "{:>6} {:>6} | {:>12.3e} {:>7.2}% {:>3}/{:<3} {:>6.2}% | {:>12.3e} {:>7.2}% {:>3}/{:<3} {:>6.2}% | {}",
                 p.index,
                 p.tokens,
                 w.logit_rel_err,
                 w.router_agreement * 100.0,
                 w.greedy_matched,
                 w.greedy_len,
+                w.top1_agreement() * 100.0,
                 i.logit_rel_err,
                 i.router_agreement * 100.0,
                 i.greedy_matched,
                 i.greedy_len,
+                i.top1_agreement() * 100.0,
                 if p.passed { "ok" } else { "FAIL" }
             );
         }
-        println!(
-            "{}: {} prompts, max logit error {:.3e} (tolerance {:.0e}), router agreement {:.2}%, greedy {}",
-            if report.passed { "PASS" } else { "FAIL" },
-            report.prompts.len(),
-            report.max_logit_rel_err,
-            LOGIT_TOLERANCE,
-            report.min_router_agreement * 100.0,
-            if report.greedy_all_match {
-                "identical"
-            } else {
-                "differs"
-            }
-        );
+        let verdict = if report.passed { "PASS" } else { "FAIL" };
+        let greedy = if report.greedy_all_match {
+            "identical"
+        } else {
+            "differs"
+        };
+        match report.check {
+            Check::Exact => println!(
+                "{verdict}: {} prompts, max logit error {:.3e} (tolerance {:.0e}), router agreement {:.2}%, greedy {greedy}",
+                report.prompts.len(),
+                report.max_logit_rel_err,
+                LOGIT_TOLERANCE,
+                report.min_router_agreement * 100.0,
+            ),
+            Check::Top1 { min_agreement } => println!(
+                "{verdict}: {} prompts, top-1 agreement {:.2}% (at least {:.0}%; bf16 experts, so the f32 tolerances are reported, not required: max logit error {:.3e}, router agreement {:.2}%, greedy {greedy})",
+                report.prompts.len(),
+                report.top1_agreement * 100.0,
+                min_agreement * 100.0,
+                report.max_logit_rel_err,
+                report.min_router_agreement * 100.0,
+            ),
+        }
     }
     Ok(if report.passed {
         ExitCode::SUCCESS

@@ -17,8 +17,8 @@ use super::{CudaBackend, CudaError};
 use crate::checkpoint::{Checkpoint, WeightError};
 use crate::config::ModelConfig;
 use crate::experts::{
-    Assignment, ExpertError, ExpertFfn, ExpertSelection, ExpertStore, Experts, assignments,
-    load_expert,
+    Assignment, ExpertError, ExpertFfn, ExpertSelection, ExpertStore, Experts, WorkShape,
+    assignments, load_expert,
 };
 use crate::router::Routing;
 
@@ -258,6 +258,101 @@ impl CudaExperts {
             .map(|l| l.experts.as_slice())
     }
 
+    /// (layer, expert) pairs held, in order.
+    pub fn held(&self) -> Vec<(usize, usize)> {
+        let mut held: Vec<(usize, usize)> = self
+            .layers
+            .iter()
+            .enumerate()
+            .filter_map(|(l, lw)| lw.as_ref().map(|lw| (l, lw)))
+            .flat_map(|(l, lw)| lw.experts.iter().map(move |e| (l, *e as usize)))
+            .collect();
+        held.sort_unstable();
+        held
+    }
+
+    pub fn holds(&self, layer: usize, expert: usize) -> bool {
+        self.layers
+            .get(layer)
+            .and_then(Option::as_ref)
+            .and_then(|lw| lw.local.get(expert).copied().flatten())
+            .is_some()
+    }
+
+    /// Device bytes one expert's packed bf16 weights occupy (gate, up and down, padded).
+    pub fn bytes_per_expert(&self) -> u64 {
+        3 * self.h_pad as u64 * self.f_pad as u64 * 2
+    }
+
+    /// Re-packs `layer` to hold the experts of `keep` that it holds now (copied on the
+    /// device) followed by `add` (uploaded). A layer is one packed allocation so that one
+    /// grouped launch covers all of its experts; changing its set therefore means a new
+    /// allocation, and for the moment of the copy both the old and the new one exist. On
+    /// error the layer is left as it was.
+    pub fn replace_layer(
+        &mut self,
+        layer: usize,
+        keep: &[u32],
+        add: &[(u32, &ExpertFfn)],
+    ) -> Result<(), CudaError> {
+        let slot = self.layers.get_mut(layer).ok_or_else(|| {
+            CudaError::Shape(format!(
+                "layer {layer} out of range ({} layers)",
+                self.num_layers
+            ))
+        })?;
+        let old = slot.take();
+        let kept: Vec<(u32, usize)> = keep
+            .iter()
+            .filter_map(|e| {
+                let l = old.as_ref()?.local.get(*e as usize).copied().flatten()?;
+                Some((*e, l as usize))
+            })
+            .collect();
+        let ids: Vec<u32> = kept
+            .iter()
+            .map(|(e, _)| *e)
+            .chain(add.iter().map(|(e, _)| *e))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let result = self.fill_layer(layer, &ids, old.as_ref(), &kept, add);
+        if result.is_err() {
+            self.layers[layer] = old;
+        }
+        result
+    }
+
+    fn fill_layer(
+        &mut self,
+        layer: usize,
+        ids: &[u32],
+        old: Option<&LayerWeights>,
+        kept: &[(u32, usize)],
+        add: &[(u32, &ExpertFfn)],
+    ) -> Result<(), CudaError> {
+        self.add_layer(layer, ids)?;
+        if let (Some(old), Some(new)) = (old, self.layers[layer].as_mut()) {
+            let stream = &self.backend.stream;
+            let (gu, d) = (2 * self.f_pad * self.h_pad, self.h_pad * self.f_pad);
+            for (to, (_, from)) in kept.iter().enumerate() {
+                stream.memcpy_dtod(
+                    &old.wgu.slice(from * gu..(from + 1) * gu),
+                    &mut new.wgu.slice_mut(to * gu..(to + 1) * gu),
+                )?;
+                stream.memcpy_dtod(
+                    &old.wd.slice(from * d..(from + 1) * d),
+                    &mut new.wd.slice_mut(to * d..(to + 1) * d),
+                )?;
+            }
+        }
+        for (i, (_, ffn)) in add.iter().enumerate() {
+            self.set_expert(layer, kept.len() + i, ffn)?;
+        }
+        Ok(())
+    }
+
     /// Allocates (zeroed) weights for `experts` (model ids) of `layer`; fill them with
     /// [`Self::set_expert`] or [`Self::set_expert_bf16`].
     pub fn add_layer(&mut self, layer: usize, experts: &[u32]) -> Result<(), CudaError> {
@@ -450,6 +545,28 @@ impl CudaExperts {
         Ok(())
     }
 
+    fn work_shape(&self) -> WorkShape {
+        WorkShape {
+            layers: self.num_layers,
+            experts: self.num_experts,
+            hidden: self.hidden,
+        }
+    }
+
+    /// Checks a unit of work against the model and the experts held, computing nothing.
+    pub fn validate(
+        &self,
+        layer: usize,
+        x_len: usize,
+        tokens: usize,
+        work: &[Assignment],
+    ) -> Result<(), ExpertError> {
+        let shape = self.work_shape();
+        shape.check(layer, x_len, tokens, work, |e| {
+            self.holds(layer, e as usize)
+        })
+    }
+
     /// Checks a batch and turns model expert ids into local ones.
     fn plan_for(
         &self,
@@ -458,54 +575,18 @@ impl CudaExperts {
         tokens: usize,
         work: &[Assignment],
     ) -> Result<Plan, ExpertError> {
-        if layer >= self.num_layers {
-            return Err(ExpertError::BadLayer {
-                layer,
-                layers: self.num_layers,
-            });
-        }
-        if tokens.checked_mul(self.hidden) != Some(x_len) {
-            return Err(ExpertError::BadShape {
-                len: x_len,
-                tokens,
-                hidden: self.hidden,
-            });
-        }
-        let empty: &[Option<u32>] = &[];
-        let local = self.layers[layer]
-            .as_ref()
-            .map_or(empty, |l| l.local.as_slice());
-        let mut triples = Vec::with_capacity(work.len());
-        for a in work {
-            if a.expert as usize >= self.num_experts {
-                return Err(ExpertError::BadExpert {
-                    expert: a.expert,
-                    experts: self.num_experts,
-                });
-            }
-            let l =
-                local
-                    .get(a.expert as usize)
-                    .copied()
-                    .flatten()
-                    .ok_or(ExpertError::NotHeld {
-                        layer,
-                        expert: a.expert,
-                    })?;
-            if a.token as usize >= tokens {
-                return Err(ExpertError::BadToken {
-                    token: a.token,
-                    tokens,
-                });
-            }
-            if !a.weight.is_finite() {
-                return Err(ExpertError::BadWeight {
-                    token: a.token,
-                    weight: a.weight,
-                });
-            }
-            triples.push((a.token, l, a.weight));
-        }
+        let shape = self.work_shape();
+        let local = self
+            .layers
+            .get(layer)
+            .and_then(Option::as_ref)
+            .map_or(&[][..], |l| l.local.as_slice());
+        let local_of = |e: u32| local.get(e as usize).copied().flatten();
+        shape.check(layer, x_len, tokens, work, |e| local_of(e).is_some())?;
+        let triples: Vec<(u32, u32, f32)> = work
+            .iter()
+            .filter_map(|a| local_of(a.expert).map(|l| (a.token, l, a.weight)))
+            .collect();
         let n_local = self.layers[layer].as_ref().map_or(0, |l| l.experts.len());
         Plan::build(tokens, n_local, &triples).map_err(|e| ExpertError::Unavailable(e.to_string()))
     }

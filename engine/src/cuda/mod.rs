@@ -7,6 +7,7 @@
 //! [`CudaBackend::new`] (context, stream, compiled kernels); [`CudaExperts`] (a node's
 //! experts on the GPU, implementing [`crate::Experts`]).
 
+pub mod dense;
 pub mod experts;
 pub mod plan;
 pub mod ptx;
@@ -17,6 +18,7 @@ use std::sync::Arc;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
+pub use dense::{DenseKernels, PagedDecode};
 pub use experts::{CudaExperts, DeviceBatch, LoadError};
 pub use plan::{Plan, PlanError, Tile};
 
@@ -154,6 +156,7 @@ pub struct MoeKernels {
 /// One CUDA device: its context, the stream all work goes on, and the compiled kernels.
 pub struct CudaBackend {
     pub ctx: Arc<CudaContext>,
+    pub ordinal: usize,
     pub stream: Arc<CudaStream>,
     pub arch: String,
     pub name: String,
@@ -193,12 +196,18 @@ impl CudaBackend {
         tracing::info!(ordinal, %name, %arch, sm_count, "CUDA backend ready");
         Ok(Arc::new(CudaBackend {
             ctx,
+            ordinal,
             stream,
             arch,
             name,
             sm_count,
             moe,
         }))
+    }
+
+    /// How the device is reported to users and in cluster records: `cuda:N (NAME)`.
+    pub fn label(&self) -> String {
+        format!("{} ({})", Device::Cuda(self.ordinal), self.name)
     }
 }
 

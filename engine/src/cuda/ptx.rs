@@ -24,9 +24,24 @@ pub const MOE: KernelSource = KernelSource {
     functions: &["moe_gate_up", "moe_down", "moe_combine", "fill_u32"],
 };
 
+/// The dense-path kernels (host side: `dense.rs`).
+pub const DENSE: KernelSource = KernelSource {
+    name: "dense",
+    src: include_str!("../../kernels/dense.cu"),
+    functions: &[
+        "embed_gather",
+        "rms_norm",
+        "rope",
+        "router_softmax_topk",
+        "paged_attention_decode",
+        "argmax_rows",
+        "top_p_sample",
+    ],
+};
+
 /// Every kernel source of the engine (the PTX-compile test checks this list against the
 /// `.cu` files in `engine/kernels/`).
-pub const ALL: &[KernelSource] = &[MOE];
+pub const ALL: &[KernelSource] = &[MOE, DENSE];
 
 /// Options passed to NVRTC besides the architecture.
 const OPTIONS: &[&str] = &["--std=c++17"];

@@ -62,6 +62,7 @@ pub async fn start_with_tls(tls: Option<switchyard_proto::tls::Tls>) -> Running 
         node_id: "test-node".into(),
         initial,
         max_experts: None,
+        device: switchyard_engine::cuda::Device::Cpu,
     })
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
