@@ -356,3 +356,36 @@ fn up_with_etcd_runs_a_local_cluster() {
     assert_eq!(text_of(&v), golden_texts()[1]);
     assert_eq!(c.health().status, 200);
 }
+
+/// A node that hangs (SIGSTOP: its connections stay open, nothing answers) is given up
+/// after the dispatch deadline, its experts are loaded elsewhere, no request fails; when
+/// it wakes up it registers again and gets a share again.
+#[test]
+fn a_hung_node_is_given_up_after_the_deadline_and_rejoins_when_it_wakes() {
+    let etcd = Etcd::start();
+    // Leases long enough that the leader cannot replan around the hung node before the
+    // first requests after the hang are served: only the deadline can save them.
+    let ns = nodes(&etcd.url(), 3, &["--lease-ttl-s", "8"]);
+    let c = Arc::new(Cluster::cluster_coordinator(
+        &etcd.url(),
+        "c0",
+        &["--wire-dtype", "f32", "--expert-timeout-ms", "300"],
+    ));
+    wait_placed(&etcd.url(), &["n0", "n1", "n2"]);
+    let load = Load::start(&c, 3);
+    load.wait_for(3);
+    let pid = ns[1].pid() as libc::pid_t;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let stopped = Instant::now();
+    load.wait_for(3);
+    // One deadline, not one per layer and step (a 20-token request would wait out
+    // dozens of them): requests complete long before the node's lease runs out.
+    let served_again = stopped.elapsed();
+    eprintln!("3 requests served {served_again:?} after SIGSTOP");
+    assert!(served_again < Duration::from_secs(4), "{served_again:?}");
+    wait_placed(&etcd.url(), &["n0", "n2"]);
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    wait_placed(&etcd.url(), &["n0", "n1", "n2"]);
+    load.wait_for(6);
+    load.finish();
+}

@@ -284,8 +284,12 @@ impl NodeLink {
         let out = tokio::time::timeout(timeout, result)
             .await
             .unwrap_or_else(|_| {
+                // A node past its deadline (hung, frozen, partitioned) is treated as dead
+                // until the reconnect loop gets a fresh connection through to it: otherwise
+                // every later layer would wait out the same deadline again.
+                stream.alive.store(false, Ordering::SeqCst);
                 Err(format!(
-                    "node {} did not answer within {timeout:?}",
+                    "node {} did not answer within {timeout:?}: treated as down until it reconnects",
                     self.addr
                 ))
             });

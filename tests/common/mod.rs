@@ -347,8 +347,11 @@ pub fn cluster_node(etcd: &str, id: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(exe());
     cmd.args(["expert-node", "--listen", "127.0.0.1:0", "--model"])
         .arg(tiny_model())
-        .args(["--etcd", etcd, "--node-id", id, "--lease-ttl-s", "2"])
+        .args(["--etcd", etcd, "--node-id", id])
         .args(args);
+    if !args.contains(&"--lease-ttl-s") {
+        cmd.args(["--lease-ttl-s", "2"]);
+    }
     Proc::start(&format!("expert-node-{id}"), cmd, "listening on ").0
 }
 
