@@ -291,3 +291,57 @@ extern "C" __global__ void top_p_sample(const float* __restrict__ logits, int vo
     }
     if (threadIdx.x == 0) out[blockIdx.x] = pick < 0 ? 0 : pick;
 }
+
+// ---- Glue for the device-resident forward (engine/src/cuda/model.rs) ----
+
+// f32 -> bf16 bits, round to nearest even, NaN kept quiet: the `half` crate's
+// bf16::from_f32, so a GEMM input rounded here equals the CPU emulation's rounding.
+__device__ __forceinline__ u16 f32_to_bf16_bits(float f) {
+    u32 x = __float_as_uint(f);
+    if ((x & 0x7fffffffu) > 0x7f800000u) return (u16)((x >> 16) | 0x40u);
+    return (u16)((x + 0x7fffu + ((x >> 16) & 1u)) >> 16);
+}
+
+// out[i] = bf16(x[i]) for i < n; any grid (grid-stride loop).
+extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, long long n,
+                                       u16* __restrict__ out) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        out[i] = f32_to_bf16_bits(x[i]);
+}
+
+// x[i] += y[i] for i < n (the residual adds); __fadd_rn so the sum is rounded once, as
+// the CPU's `*x += y`. Any grid.
+extern "C" __global__ void add_f32(float* __restrict__ x, const float* __restrict__ y, long long n) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n;
+         i += (long long)gridDim.x * blockDim.x)
+        x[i] = __fadd_rn(x[i], y[i]);
+}
+
+// Writes token t's key and value rows into one layer's paged cache at row slots[t]
+// (= block * block_size + position % block_size, planned on the host from the block
+// tables, kv_cache.rs `slot`). A negative slot writes nothing. grid (tokens), any block.
+extern "C" __global__ void kv_write(const float* __restrict__ k, const float* __restrict__ v,
+                                    const int* __restrict__ slots, int kv_dim,
+                                    float* __restrict__ k_cache, float* __restrict__ v_cache) {
+    int t = blockIdx.x;
+    int slot = slots[t];
+    if (slot < 0) return;
+    const float* kr = k + (long long)t * kv_dim;
+    const float* vr = v + (long long)t * kv_dim;
+    float* kc = k_cache + (long long)slot * kv_dim;
+    float* vc = v_cache + (long long)slot * kv_dim;
+    for (int c = threadIdx.x; c < kv_dim; c += blockDim.x) {
+        kc[c] = kr[c];
+        vc[c] = vr[c];
+    }
+}
+
+// dst[i][:] = src[rows[i]][:] for f32 rows of `cols` values (the rows whose logits are
+// wanted). grid (rows), any block.
+extern "C" __global__ void gather_rows_f32(const float* __restrict__ src, const int* __restrict__ rows,
+                                           int cols, float* __restrict__ dst) {
+    const float* s = src + (long long)rows[blockIdx.x] * cols;
+    float* d = dst + (long long)blockIdx.x * cols;
+    for (int c = threadIdx.x; c < cols; c += blockDim.x) d[c] = s[c];
+}

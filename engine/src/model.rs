@@ -152,45 +152,6 @@ impl Mixtral {
         }
     }
 
-    /// Checks a batch against the model and reserves its KV blocks. On error nothing in
-    /// the batch has been changed except blocks reserved for earlier chunks, which stay
-    /// with their sequences and are used by their next step.
-    fn admit(&self, kv: &mut PagedKvCache, batch: &mut [SeqChunk<'_>]) -> Result<(), ModelError> {
-        let max = self.rope.max_positions();
-        let mut needed = 0;
-        for chunk in batch.iter() {
-            if chunk.tokens.is_empty() {
-                return Err(ModelError::EmptyChunk);
-            }
-            if let Some(&token) = chunk
-                .tokens
-                .iter()
-                .find(|t| **t as usize >= self.config.vocab_size)
-            {
-                return Err(ModelError::TokenOutOfRange {
-                    token,
-                    vocab: self.config.vocab_size,
-                });
-            }
-            let len = chunk.cache.len() + chunk.tokens.len();
-            if len > max {
-                return Err(ModelError::ContextTooLong { len, max });
-            }
-            needed += kv.blocks_for(len).saturating_sub(chunk.cache.num_blocks());
-        }
-        if needed > kv.free_blocks() {
-            return Err(KvCacheError::OutOfBlocks {
-                needed,
-                free: kv.free_blocks(),
-            }
-            .into());
-        }
-        for chunk in batch.iter_mut() {
-            kv.reserve(chunk.cache, chunk.tokens.len())?;
-        }
-        Ok(())
-    }
-
     /// Runs every chunk of `batch` through the model as one batch of tokens, writing
     /// their keys and values into `kv`, and returns logits (and, if `trace_routing`, each
     /// layer's routing).
@@ -202,18 +163,12 @@ impl Mixtral {
         logits_for: LogitsFor,
         trace_routing: bool,
     ) -> Result<ForwardOutput, ModelError> {
-        self.admit(kv, batch)?;
+        admit(&self.config, self.rope.max_positions(), kv, batch)?;
         let c = &self.config;
         let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
         let eps = c.rms_norm_eps as f32;
         let total: usize = batch.iter().map(|b| b.tokens.len()).sum();
-        // (first row in the batch, first position) of every chunk.
-        let mut spans = Vec::with_capacity(batch.len());
-        let mut row = 0;
-        for chunk in batch.iter() {
-            spans.push((row, chunk.cache.len(), chunk.tokens.len()));
-            row += chunk.tokens.len();
-        }
+        let spans = spans(batch);
 
         let mut x = Vec::with_capacity(total * h);
         for chunk in batch.iter() {
@@ -330,4 +285,62 @@ impl Mixtral {
             routing: routing_trace,
         })
     }
+}
+
+/// (first row in the batch, first position, tokens) of every chunk.
+pub(crate) fn spans(batch: &[SeqChunk<'_>]) -> Vec<(usize, usize, usize)> {
+    let mut spans = Vec::with_capacity(batch.len());
+    let mut row = 0;
+    for chunk in batch {
+        spans.push((row, chunk.cache.len(), chunk.tokens.len()));
+        row += chunk.tokens.len();
+    }
+    spans
+}
+
+/// Checks a batch against the model and reserves its KV blocks (the CPU forward's and
+/// the CUDA forward's bookkeeping alike). On error nothing in the batch has been changed
+/// except blocks reserved for earlier chunks, which stay with their sequences and are
+/// used by their next step.
+pub(crate) fn admit(
+    config: &ModelConfig,
+    max_positions: usize,
+    kv: &mut PagedKvCache,
+    batch: &mut [SeqChunk<'_>],
+) -> Result<(), ModelError> {
+    let mut needed = 0;
+    for chunk in batch.iter() {
+        if chunk.tokens.is_empty() {
+            return Err(ModelError::EmptyChunk);
+        }
+        if let Some(&token) = chunk
+            .tokens
+            .iter()
+            .find(|t| **t as usize >= config.vocab_size)
+        {
+            return Err(ModelError::TokenOutOfRange {
+                token,
+                vocab: config.vocab_size,
+            });
+        }
+        let len = chunk.cache.len() + chunk.tokens.len();
+        if len > max_positions {
+            return Err(ModelError::ContextTooLong {
+                len,
+                max: max_positions,
+            });
+        }
+        needed += kv.blocks_for(len).saturating_sub(chunk.cache.num_blocks());
+    }
+    if needed > kv.free_blocks() {
+        return Err(KvCacheError::OutOfBlocks {
+            needed,
+            free: kv.free_blocks(),
+        }
+        .into());
+    }
+    for chunk in batch.iter_mut() {
+        kv.reserve(chunk.cache, chunk.tokens.len())?;
+    }
+    Ok(())
 }

@@ -2,9 +2,8 @@
 //! RoPE, Mixtral routing, paged-attention decode, argmax and top-p sampling.
 //!
 //! These wrappers take and return host memory (upload, one launch, download): they are
-//! what the tests compare with the CPU engine's own functions. The model forward does not
-//! use them yet; wiring the dense path onto the GPU will keep activations on the device
-//! and call the same kernels with device buffers.
+//! what the tests compare with the CPU engine's own functions. [`super::CudaModel`] calls
+//! the same kernels on device buffers.
 
 use std::sync::Arc;
 
@@ -14,11 +13,11 @@ use super::{CudaBackend, CudaError, ptx};
 use crate::ops::Rope;
 use crate::router::Routing;
 
-fn to_i32(n: usize, what: &str) -> Result<i32, CudaError> {
+pub(super) fn to_i32(n: usize, what: &str) -> Result<i32, CudaError> {
     i32::try_from(n).map_err(|_| CudaError::Shape(format!("{what} {n} does not fit in i32")))
 }
 
-fn grid(x: usize, y: usize, threads: u32) -> Result<LaunchConfig, CudaError> {
+pub(super) fn grid(x: usize, y: usize, threads: u32) -> Result<LaunchConfig, CudaError> {
     let dim = |n: usize, what: &str| {
         u32::try_from(n.max(1)).map_err(|_| CudaError::Shape(format!("{what} {n} too large")))
     };
@@ -33,13 +32,18 @@ fn grid(x: usize, y: usize, threads: u32) -> Result<LaunchConfig, CudaError> {
 pub struct DenseKernels {
     backend: Arc<CudaBackend>,
     _module: Arc<CudaModule>,
-    embed: CudaFunction,
-    rms_norm: CudaFunction,
-    rope: CudaFunction,
-    router: CudaFunction,
-    attention: CudaFunction,
+    pub(super) embed: CudaFunction,
+    pub(super) rms_norm: CudaFunction,
+    pub(super) rope: CudaFunction,
+    pub(super) router: CudaFunction,
+    pub(super) attention: CudaFunction,
     argmax: CudaFunction,
     top_p: CudaFunction,
+    // Glue for the device-resident forward (model.rs); no host wrappers.
+    pub(super) to_bf16: CudaFunction,
+    pub(super) add: CudaFunction,
+    pub(super) kv_write: CudaFunction,
+    pub(super) gather_rows: CudaFunction,
 }
 
 /// One decode step's view of the paged KV cache of one layer, on the host: `keys` and
@@ -72,6 +76,10 @@ impl DenseKernels {
             attention: module.load_function("paged_attention_decode")?,
             argmax: module.load_function("argmax_rows")?,
             top_p: module.load_function("top_p_sample")?,
+            to_bf16: module.load_function("f32_to_bf16")?,
+            add: module.load_function("add_f32")?,
+            kv_write: module.load_function("kv_write")?,
+            gather_rows: module.load_function("gather_rows_f32")?,
             _module: module,
             backend,
         })

@@ -9,6 +9,7 @@
 
 pub mod dense;
 pub mod experts;
+pub mod model;
 pub mod plan;
 pub mod ptx;
 
@@ -20,6 +21,7 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 pub use dense::{DenseKernels, PagedDecode};
 pub use experts::{CudaExperts, DeviceBatch, LoadError};
+pub use model::{CudaKvCache, CudaModel, CudaModelError, PlanChunk, StepPlan};
 pub use plan::{Plan, PlanError, Tile};
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -36,6 +36,10 @@ pub const DENSE: KernelSource = KernelSource {
         "paged_attention_decode",
         "argmax_rows",
         "top_p_sample",
+        "f32_to_bf16",
+        "add_f32",
+        "kv_write",
+        "gather_rows_f32",
     ],
 };
 
