@@ -84,7 +84,7 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
     let _ = writeln!(
         out,
         "\n{:<24} {:<22} {:<6} {:>13} {:>12} {:>8}  state",
-        "NODE", "ADDRESS", "DEVICE", "EXPERTS/CAP", "MEMORY MiB", "PLACED"
+        "NODE", "ADDRESS", "DEVICE", "EXPERTS/CAP", "MEMORY", "PLACED"
     );
     let mut ids: Vec<&String> = s.nodes.keys().collect();
     if let Some(p) = &s.placement {
@@ -103,7 +103,7 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
         };
         match s.nodes.get(id) {
             Some(n) => {
-                let mib = n.held.len() as u64 * n.bytes_per_expert / (1 << 20);
+                let memory = human_bytes(n.held.len() as u64 * n.bytes_per_expert);
                 let _ = writeln!(
                     out,
                     "{:<24} {:<22} {:<6} {:>13} {:>12} {:>8}  {state}",
@@ -111,7 +111,7 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
                     n.addr,
                     n.device,
                     format!("{}/{}", n.held.len(), n.capacity),
-                    mib,
+                    memory,
                     placed
                 );
             }
@@ -147,4 +147,31 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
         let _ = writeln!(out, "\nno placement published yet");
     }
     out
+}
+
+/// 1536 -> "1.5 KiB".
+fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn bytes_read_as_people_write_them() {
+        assert_eq!(super::human_bytes(0), "0 B");
+        assert_eq!(super::human_bytes(1536), "1.5 KiB");
+        assert_eq!(super::human_bytes(11 * 98304), "1.0 MiB");
+        assert_eq!(super::human_bytes(96 * 352_321_536), "31.5 GiB");
+    }
 }
