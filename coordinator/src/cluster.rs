@@ -186,10 +186,17 @@ pub async fn install(remote: &RemoteExperts, p: &PlacementRecord) -> bool {
 pub fn follow_placements(remote: Arc<RemoteExperts>, mut view: watch::Receiver<View>) {
     tokio::spawn(async move {
         while view.changed().await.is_ok() {
-            let placement = view.borrow_and_update().snapshot.placement.clone();
-            if let Some(p) = placement
-                && p.epoch > remote.topology().epoch
-            {
+            // The view wakes on every re-read of etcd; copy the placement only when it
+            // is newer than the one in use.
+            let current = remote.topology().epoch;
+            let newer = view
+                .borrow_and_update()
+                .snapshot
+                .placement
+                .as_ref()
+                .filter(|p| p.epoch > current)
+                .cloned();
+            if let Some(p) = newer {
                 install(&remote, &p).await;
             }
         }

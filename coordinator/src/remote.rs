@@ -188,14 +188,6 @@ impl NodeStream {
     }
 }
 
-async fn load_on(
-    client: &ExpertServiceClient<Channel>,
-    addr: &str,
-    experts: &[(usize, usize)],
-) -> Result<(), RemoteError> {
-    load_at_epoch(client, addr, experts, 0).await
-}
-
 /// The body of LoadExperts and UnloadExperts.
 pub(crate) fn experts_request(experts: &[(usize, usize)], epoch: u64) -> ExpertsRequest {
     ExpertsRequest {
@@ -210,14 +202,15 @@ pub(crate) fn experts_request(experts: &[(usize, usize)], epoch: u64) -> Experts
     }
 }
 
-/// LoadExperts; epoch 0 is a recovery load, which nodes accept at any epoch.
-pub async fn load_at_epoch(
+/// LoadExperts at epoch 0: accepted by a node at any epoch (it only adds), which is what
+/// static placement, reconnects and recovery loads need; the leader's fenced loads are in
+/// `cluster.rs`.
+async fn load_on(
     client: &ExpertServiceClient<Channel>,
     addr: &str,
     experts: &[(usize, usize)],
-    epoch: u64,
 ) -> Result<(), RemoteError> {
-    let req = experts_request(experts, epoch);
+    let req = experts_request(experts, 0);
     client
         .clone()
         .load_experts(req)
@@ -230,11 +223,6 @@ pub async fn load_at_epoch(
 }
 
 impl NodeLink {
-    /// A recovery load (epoch 0): accepted by a node at any epoch, it only adds.
-    pub async fn load_recovery(&self, experts: &[(usize, usize)]) -> Result<(), RemoteError> {
-        self.load(experts).await
-    }
-
     pub fn addr(&self) -> &str {
         &self.addr
     }
@@ -657,9 +645,10 @@ impl RemoteExperts {
             for (i, x) in pending.iter().enumerate() {
                 shares[i % live.len()].push(*x);
             }
-            let loads = live.iter().zip(&shares).map(|(&n, share)| async move {
-                (n, share, topo.links[n].load_recovery(share).await)
-            });
+            let loads = live
+                .iter()
+                .zip(&shares)
+                .map(|(&n, share)| async move { (n, share, topo.links[n].load(share).await) });
             let mut still = Vec::new();
             let mut refused = Vec::new();
             for (n, share, result) in join_all(loads).await {

@@ -62,7 +62,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 coordinator_id: a
                     .coordinator_id
                     .clone()
-                    .unwrap_or_else(|| format!("{}-{}", hostname(), std::process::id())),
+                    .unwrap_or_else(|| format!("{}-{}", super::hostname(), std::process::id())),
                 lease_ttl: a.cluster.lease_ttl(),
                 min_replicas: a.serve.replicas,
                 startup_timeout: std::time::Duration::from_secs(a.startup_timeout_s),
@@ -116,14 +116,4 @@ pub fn run(a: Args) -> Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// This machine's name, for default ids.
-pub fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|h| h.trim().to_owned())
-        .filter(|h| !h.is_empty())
-        .or_else(|| std::env::var("HOSTNAME").ok())
-        .unwrap_or_else(|| "localhost".into())
 }

@@ -160,13 +160,7 @@ async fn serve_node(args: Args) -> Result<()> {
 /// nodes on different hosts listening on `0.0.0.0:PORT` still get distinct names.
 fn default_node_id(addr: SocketAddr) -> String {
     if addr.ip().is_unspecified() {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .map(|h| h.trim().to_owned())
-            .filter(|h| !h.is_empty())
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .unwrap_or_else(|| "localhost".into());
-        format!("{host}:{}", addr.port())
+        format!("{}:{}", super::hostname(), addr.port())
     } else {
         addr.to_string()
     }
