@@ -22,13 +22,23 @@ fn device_cuda_without_a_gpu_fails_at_start_with_the_reason() {
     }
     let model = tiny_model();
     let model = model.to_str().unwrap();
-    let commands: [&[&str]; 5] = [
+    let commands: [&[&str]; 6] = [
         &["expert-node", "--listen", "127.0.0.1:0", "--model", model],
         &["generate", "--prompt", "hi", "--model", model],
         &["verify", "--model", model],
         &[
             "coordinator",
             "--in-process",
+            "--port",
+            "0",
+            "--model",
+            model,
+        ],
+        // The dense layers go to the GPU too: no longer only with --in-process.
+        &[
+            "coordinator",
+            "--nodes",
+            "127.0.0.1:9",
             "--port",
             "0",
             "--model",

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_engine::{
-    ExpertError, Experts, LogitsFor, Mixtral, ModelError, PagedKvCache, Sampler, SeqCache, SeqChunk,
+    DenseModel, ExpertError, Experts, KvCache, LogitsFor, ModelError, Sampler, SeqCache, SeqChunk,
 };
 use tracing::{debug, debug_span, warn};
 
@@ -123,11 +123,11 @@ impl Sequence {
 }
 
 pub struct Scheduler {
-    model: Arc<Mixtral>,
+    model: Arc<DenseModel>,
     experts: Arc<dyn Experts>,
     tokenizer: Arc<Tokenizer>,
     config: SchedulerConfig,
-    kv: PagedKvCache,
+    kv: KvCache,
     rx: mpsc::Receiver<GenerateRequest>,
     waiting: VecDeque<GenerateRequest>,
     running: Vec<Sequence>,
@@ -137,15 +137,23 @@ pub struct Scheduler {
     seed_counter: u64,
 }
 
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("allocating the KV cache: {0}")]
+    KvCache(#[from] ModelError),
+    #[error("starting the scheduler thread: {0}")]
+    Thread(#[from] std::io::Error),
+}
+
 /// Starts the scheduler thread. It runs until every handle is dropped.
 pub fn spawn(
-    model: Arc<Mixtral>,
+    model: Arc<DenseModel>,
     experts: Arc<dyn Experts>,
     tokenizer: Arc<Tokenizer>,
     config: SchedulerConfig,
     metrics: Arc<Metrics>,
-) -> std::io::Result<SchedulerHandle> {
-    let kv = model.new_kv_cache(config.kv_block_size, config.kv_cache_bytes);
+) -> Result<SchedulerHandle, SpawnError> {
+    let kv = model.new_kv_cache(config.kv_block_size, config.kv_cache_bytes)?;
     let (tx, rx) = mpsc::channel();
     let stats = Arc::new(SchedulerStats::default());
     stats

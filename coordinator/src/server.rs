@@ -5,9 +5,10 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use switchyard_engine::cuda::{Device, LoadError};
 use switchyard_engine::tokenizer::{Tokenizer, TokenizerError};
-use switchyard_engine::{ExpertSelection, Experts, LocalExperts, Mixtral, ModelError};
+use switchyard_engine::{DenseModel, ExpertSelection, Experts, LocalExperts, ModelError};
 use switchyard_proto::WireFormat;
 use switchyard_proto::tls::Tls;
 use tokio::net::TcpListener;
@@ -18,7 +19,7 @@ use crate::http::{AppState, HealthCheck, HttpConfig, Refresh, router};
 use crate::metrics::{CountingExperts, Metrics};
 use crate::placement::{Placement, PlacementError};
 use crate::remote::{RemoteError, RemoteExperts};
-use crate::scheduler::{SchedulerConfig, spawn};
+use crate::scheduler::{SchedulerConfig, SpawnError, spawn};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -34,6 +35,8 @@ pub enum CoordinatorError {
     Remote(#[from] RemoteError),
     #[error("I/O: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Scheduler(#[from] SpawnError),
     #[error("{0}")]
     Config(String),
 }
@@ -41,8 +44,8 @@ pub enum CoordinatorError {
 /// Where the experts run.
 #[derive(Debug, Clone)]
 pub enum ExpertsAt {
-    /// In this process, on `device` (the dense layers stay on the CPU whatever it is).
-    InProcess { device: Device },
+    /// In this process, on the coordinator's device.
+    InProcess,
     Nodes {
         addrs: Vec<String>,
         replicas: usize,
@@ -64,6 +67,8 @@ pub enum ExpertsAt {
 pub struct CoordinatorConfig {
     pub model_dir: PathBuf,
     pub served_model_name: Option<String>,
+    /// Where the dense layers (and in-process experts) run; `Auto` is resolved at start.
+    pub device: Device,
     pub experts: ExpertsAt,
     pub scheduler: SchedulerConfig,
     /// API keys and request limits.
@@ -80,20 +85,20 @@ pub struct Coordinator {
 impl Coordinator {
     pub async fn start(cfg: CoordinatorConfig) -> Result<Self, CoordinatorError> {
         let dir = cfg.model_dir.clone();
-        let in_process = match cfg.experts {
-            ExpertsAt::InProcess { device } => Some(device),
-            _ => None,
-        };
+        let in_process = matches!(cfg.experts, ExpertsAt::InProcess);
+        let device = cfg.device.resolve().map_err(ModelError::from)?;
         let (model, store) = tokio::task::spawn_blocking(move || -> Result<_, CoordinatorError> {
-            let (model, ckpt) = Mixtral::load(&dir)?;
-            let store = match in_process {
-                Some(device) => Some(LocalExperts::load(
+            let (model, ckpt) = DenseModel::load(device, &dir)?;
+            info!(device = %model.device(), "dense layers loaded");
+            let store = if in_process {
+                Some(LocalExperts::load(
                     device,
                     &ckpt,
                     model.config(),
                     &ExpertSelection::All,
-                )?),
-                None => None,
+                )?)
+            } else {
+                None
             };
             Ok((model, store))
         })
@@ -231,11 +236,11 @@ impl Coordinator {
                     let refresh: Refresh = Arc::new(move || r.refresh_metrics());
                     (remote, health, refresh)
                 }
-                (ExpertsAt::InProcess { .. }, Some(store)) => {
+                (ExpertsAt::InProcess, Some(store)) => {
                     info!(device = %store.device(), "in-process experts loaded");
                     (Arc::new(store), Arc::new(|| Ok(())), Arc::new(|| {}))
                 }
-                (ExpertsAt::InProcess { .. }, None) => {
+                (ExpertsAt::InProcess, None) => {
                     return Err(CoordinatorError::Config(
                         "in-process experts were not loaded".into(),
                     ));
@@ -288,6 +293,13 @@ impl Coordinator {
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), CoordinatorError> {
+        // Streamed tokens are small writes: with Nagle's algorithm each one after the first
+        // waits for the client's (delayed, up to 40 ms) ACK of the one before.
+        let listener = listener.tap_io(|tcp| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
+            }
+        });
         axum::serve(listener, router(self.state))
             .with_graceful_shutdown(shutdown)
             .await?;

@@ -5,6 +5,7 @@ pub mod attention;
 pub mod checkpoint;
 pub mod config;
 pub mod cuda;
+pub mod dense_model;
 pub mod dtype;
 pub mod experts;
 pub mod kv_cache;
@@ -19,6 +20,7 @@ pub mod verify;
 
 pub use checkpoint::{Checkpoint, WeightError};
 pub use config::{ConfigError, ModelConfig};
+pub use dense_model::{DenseModel, KvCache};
 pub use dtype::DType;
 pub use experts::{Assignment, ExpertError, ExpertSelection, ExpertStore, Experts};
 pub use kv_cache::{KvCacheError, PagedKvCache, SeqCache};

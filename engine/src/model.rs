@@ -9,6 +9,7 @@ use rayon::prelude::*;
 use crate::attention::{AttentionShape, causal_attention};
 use crate::checkpoint::{Checkpoint, WeightError};
 use crate::config::{ConfigError, ModelConfig};
+use crate::cuda::CudaError;
 use crate::experts::{ExpertError, Experts, moe_prefix};
 use crate::kv_cache::{KvCacheError, PagedKvCache, SeqCache};
 use crate::ops::{Linear, Rope, rms_norm};
@@ -30,6 +31,9 @@ pub enum ModelError {
     KvCache(#[from] KvCacheError),
     #[error(transparent)]
     Experts(#[from] ExpertError),
+    /// The GPU running the dense layers failed or is missing.
+    #[error(transparent)]
+    Device(#[from] CudaError),
 }
 
 struct DenseLayer {

@@ -97,7 +97,7 @@ fn fused_copy(prefix: &str, suffix: &str) -> tempfile::TempDir {
 fn verify_dir(dir: &Path) -> bool {
     let (model, ckpt) = Mixtral::load(dir).unwrap();
     let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
-    verify(&model, &experts, dir).unwrap().passed
+    verify(&model.into(), &experts, dir).unwrap().passed
 }
 
 #[test]

@@ -14,7 +14,7 @@ fn fixture(name: &str) -> PathBuf {
 fn verify_dir(dir: &Path) -> switchyard_engine::verify::VerifyReport {
     let (model, ckpt) = Mixtral::load(dir).unwrap();
     let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
-    verify(&model, &experts, dir).unwrap()
+    verify(&model.into(), &experts, dir).unwrap()
 }
 
 #[test]
@@ -93,10 +93,14 @@ fn bf16_experts_meet_the_top1_bar_on_both_fixtures() {
         let check = Check::Top1 {
             min_agreement: TOP1_MIN_AGREEMENT,
         };
-        let r = verify_with(&model, &experts, &dir, check).unwrap();
+        let r = verify_with(&model.into(), &experts, &dir, check).unwrap();
         eprintln!(
-            "{name}: top-1 {:.4}, max logit err {:.3e}, router {:.4}",
-            r.top1_agreement, r.max_logit_rel_err, r.min_router_agreement
+            "{name}: top-1 {:.4}, decided {}/{}, max logit err {:.3e}, router {:.4}",
+            r.top1_agreement,
+            r.decided_matched,
+            r.decided_positions,
+            r.max_logit_rel_err,
+            r.min_router_agreement
         );
         // Measured with this emulation: mixtral-tiny 99.65%, mixtral-tiny-bf16 98.62%. The
         // second misses the 99% bar at bf16 precision whatever the kernels do, so
@@ -107,6 +111,11 @@ fn bf16_experts_meet_the_top1_bar_on_both_fixtures() {
         } else {
             assert!(r.top1_agreement >= 0.98, "{name}: {r:#?}");
         }
+        // Every flip is at a near-tie of the f32 reference (its top two within 1% of the
+        // largest |logit|: 8-9% of these fixtures' prompt positions): where the reference is
+        // decided, bf16 agrees everywhere (826/826 and 824/824 measured).
+        assert!(r.decided_positions > 0, "{name}");
+        assert_eq!(r.decided_matched, r.decided_positions, "{name}: {r:#?}");
     }
 }
 
@@ -116,7 +125,13 @@ fn top1_check_reports_full_agreement_for_the_f32_engine() {
     let dir = fixture("mixtral-tiny");
     let (model, ckpt) = Mixtral::load(&dir).unwrap();
     let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
-    let r = verify_with(&model, &experts, &dir, Check::Top1 { min_agreement: 1.0 }).unwrap();
+    let r = verify_with(
+        &model.into(),
+        &experts,
+        &dir,
+        Check::Top1 { min_agreement: 1.0 },
+    )
+    .unwrap();
     assert_eq!(r.top1_agreement, 1.0, "{r:#?}");
     assert!(r.passed);
 }

@@ -43,15 +43,9 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<ExitCode> {
     let cluster = a.cluster.config()?;
-    let device = a.device.resolve_with_dense_on_cpu()?;
-    if !a.in_process && device != switchyard_engine::cuda::Device::Cpu {
-        tracing::warn!(
-            %device,
-            "--device only places in-process experts; without --in-process the experts run on the nodes (give them --device)"
-        );
-    }
+    let device = a.device.resolve()?;
     let experts = if a.in_process {
-        ExpertsAt::InProcess { device }
+        ExpertsAt::InProcess
     } else if let Some(etcd) = cluster {
         if !a.nodes.is_empty() {
             bail!("--nodes and --etcd exclude each other: with etcd, nodes register themselves");
@@ -85,6 +79,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let cfg = CoordinatorConfig {
         model_dir: a.model.clone(),
         served_model_name: a.serve.served_model_name.clone(),
+        device,
         experts,
         scheduler: a.serve.scheduler()?,
         http: a.serve.http()?,
@@ -100,7 +95,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .with_context(|| format!("binding {}:{}", a.serve.host, a.serve.port))?;
         let url = format!("http://{}", listener.local_addr()?);
         let what = if a.in_process {
-            format!("experts in process on {device}")
+            format!("dense layers and experts in process on {device}")
         } else if !a.cluster.etcd.is_empty() {
             format!(
                 "cluster `{}` on etcd {}",

@@ -5,11 +5,11 @@ use switchyard_engine::cuda::Device;
 
 #[derive(clap::Args, Clone, Debug)]
 pub struct DeviceArgs {
-    /// Where the experts computed by this process run: cpu, cuda (GPU 0), cuda:N, or auto
-    /// (GPU 0 when usable, else the CPU). GPU experts are bf16. The dense layers
-    /// (embedding, attention, router, LM head) run on the CPU whatever this says: there is
-    /// no GPU dense path yet. `coordinator` uses it only with --in-process; `up` also
-    /// gives it to every expert node it starts.
+    /// Where this process computes: cpu, cuda (GPU 0), cuda:N, or auto (GPU 0 when
+    /// usable, else the CPU). On a GPU the weights are bf16 (f32 accumulation): the dense
+    /// layers (embedding, attention, router, LM head) of `generate`, `verify` and a
+    /// coordinator, and the experts of an expert node or an in-process coordinator. `up`
+    /// gives it to the coordinator and every expert node it starts (they share the GPU).
     #[arg(long, default_value = "cpu", value_name = "cpu|cuda|cuda:N|auto")]
     pub device: Device,
 }
@@ -21,18 +21,5 @@ impl DeviceArgs {
         self.device
             .resolve()
             .with_context(|| format!("--device {}: cannot use this device", self.device))
-    }
-
-    /// [`Self::resolve`] for a command that also runs dense layers: says once, when the
-    /// experts go to a GPU, that the dense layers stay on the CPU.
-    pub fn resolve_with_dense_on_cpu(&self) -> Result<Device> {
-        let device = self.resolve()?;
-        if let Device::Cuda(_) = device {
-            tracing::info!(
-                %device,
-                "experts run on {device}; the dense layers (attention, router, LM head) run on the CPU: no GPU dense path yet"
-            );
-        }
-        Ok(device)
     }
 }

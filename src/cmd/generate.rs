@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::{Context, Result, bail};
 use switchyard_engine::sampling::{Sampler, SamplingParams};
 use switchyard_engine::tokenizer::{IncrementalDecoder, Tokenizer};
-use switchyard_engine::{ExpertSelection, LocalExperts, LogitsFor, Mixtral, SeqCache, SeqChunk};
+use switchyard_engine::{DenseModel, ExpertSelection, LocalExperts, LogitsFor, SeqCache, SeqChunk};
 
 use super::device::DeviceArgs;
 
@@ -41,9 +41,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     if !(a.top_p > 0.0 && a.top_p <= 1.0) {
         bail!("--top-p must be in (0, 1]");
     }
-    let device = a.device.resolve_with_dense_on_cpu()?;
-    let (model, ckpt) =
-        Mixtral::load(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let device = a.device.resolve()?;
+    let (model, ckpt) = DenseModel::load(device, &a.model)
+        .with_context(|| format!("loading {} onto {device}", a.model.display()))?;
     let cfg = model.config().clone();
     let experts = LocalExperts::load(device, &ckpt, &cfg, &ExpertSelection::All)?;
     let tokenizer = Tokenizer::from_dir(&a.model)?;
@@ -58,8 +58,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let mut kv = model.new_kv_cache(
         block,
         switchyard_engine::PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), block)
-            * (prompt.len() + max_tokens).div_ceil(block),
-    );
+            * (prompt.len() + max_tokens).div_ceil(block).max(1),
+    )?;
     let mut sampler = Sampler::new(
         SamplingParams {
             temperature: a.temperature,

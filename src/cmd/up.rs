@@ -157,7 +157,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let http = a.serve.http()?;
     // Settled once here, so that `auto` means the same for every node and `cuda` without
     // a GPU fails before any node starts.
-    let device = a.device.resolve_with_dense_on_cpu()?;
+    let device = a.device.resolve()?;
     // Kept until `up` returns; the nodes read their files at start-up.
     let cert_dir = if a.tls {
         let dir = tempfile::Builder::new()
@@ -231,7 +231,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             wait_healthy(addr, left, coordinator_tls.as_ref()).await?;
         }
         let experts = if a.in_process {
-            ExpertsAt::InProcess { device }
+            ExpertsAt::InProcess
         } else if let Some(urls) = &etcd_urls {
             ExpertsAt::Cluster {
                 mode: ClusterMode {
@@ -257,6 +257,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         let coordinator = Coordinator::start(CoordinatorConfig {
             model_dir: model.clone(),
             served_model_name: a.serve.served_model_name.clone(),
+            device,
             experts,
             scheduler,
             http,
@@ -267,10 +268,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
             .with_context(|| format!("binding {}:{}", a.serve.host, a.serve.port))?;
         let url = format!("http://{}", listener.local_addr()?);
         let what = if a.in_process {
-            format!("experts in process on {device}")
+            format!("dense layers and experts in process on {device}")
         } else {
             format!(
-                "coordinator + {} expert nodes on {device}{}{}",
+                "coordinator + {} expert nodes, all on {device}{}{}",
                 addrs.len(),
                 if a.tls { ", mutual TLS" } else { "" },
                 match &etcd_urls {

@@ -34,7 +34,7 @@ use super::{CudaBackend, CudaError, DenseKernels};
 use crate::checkpoint::{Checkpoint, WeightError};
 use crate::config::ModelConfig;
 use crate::experts::{ExpertError, Experts, moe_prefix};
-use crate::kv_cache::{PagedKvCache, SeqCache};
+use crate::kv_cache::{KvCacheError, PagedKvCache, SeqCache};
 use crate::model::{ForwardOutput, LogitsFor, ModelError, SeqChunk, admit, spans};
 use crate::ops::Rope;
 use crate::router::Routing;
@@ -54,6 +54,21 @@ pub enum CudaModelError {
 impl From<cudarc::driver::DriverError> for CudaModelError {
     fn from(e: cudarc::driver::DriverError) -> Self {
         CudaModelError::Cuda(e.into())
+    }
+}
+
+/// What callers that run either dense path see: the CUDA-only cases become
+/// [`ModelError::Device`].
+impl From<CudaModelError> for ModelError {
+    fn from(e: CudaModelError) -> Self {
+        match e {
+            CudaModelError::Model(m) => m,
+            CudaModelError::Cuda(c) => ModelError::Device(c),
+            CudaModelError::Weights(w) => ModelError::Weights(w),
+            mismatch @ CudaModelError::CacheMismatch { .. } => {
+                ModelError::Device(CudaError::Shape(mismatch.to_string()))
+            }
+        }
     }
 }
 
@@ -251,6 +266,16 @@ impl CudaKvCache {
 
     pub fn free_blocks(&self) -> usize {
         self.book.free_blocks()
+    }
+
+    /// Blocks a sequence of `len` positions occupies.
+    pub fn blocks_for(&self, len: usize) -> usize {
+        self.book.blocks_for(len)
+    }
+
+    /// Makes room for `extra` more positions in `seq`, all or nothing.
+    pub fn reserve(&mut self, seq: &mut SeqCache, extra: usize) -> Result<(), KvCacheError> {
+        self.book.reserve(seq, extra)
     }
 
     /// Returns every block of `seq` to the pool.

@@ -1,0 +1,241 @@
+//! The dense part of the model on the device that runs it: [`Mixtral`] (f32, CPU) or
+//! [`CudaModel`] (bf16 weights, one GPU), with the KV cache that lives beside it. Callers
+//! (the scheduler, `generate`, `verify`) hold one [`DenseModel`] and one [`KvCache`] and
+//! never ask which; a cache only works with the model that made it.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use crate::checkpoint::Checkpoint;
+use crate::config::ModelConfig;
+use crate::cuda::{CudaBackend, CudaError, CudaKvCache, CudaModel, Device};
+use crate::experts::Experts;
+use crate::kv_cache::{KvCacheError, PagedKvCache, SeqCache};
+use crate::model::{ForwardOutput, LogitsFor, Mixtral, ModelError, SeqChunk};
+
+// One per process, behind an Arc: the variants' sizes do not matter.
+#[allow(clippy::large_enum_variant)]
+pub enum DenseModel {
+    Cpu(Mixtral),
+    Cuda(CudaModel),
+}
+
+/// The KV cache of a [`DenseModel`], on the same device.
+pub enum KvCache {
+    Cpu(PagedKvCache),
+    Cuda(CudaKvCache),
+}
+
+impl From<Mixtral> for DenseModel {
+    fn from(m: Mixtral) -> Self {
+        DenseModel::Cpu(m)
+    }
+}
+
+impl DenseModel {
+    /// Loads the dense weights of the checkpoint in `dir` onto `device` (`Auto` resolved
+    /// here); the experts are loaded separately from the returned checkpoint.
+    pub fn load(device: Device, dir: &Path) -> Result<(Self, Checkpoint), ModelError> {
+        let config = ModelConfig::from_dir(dir)?;
+        let ckpt = Checkpoint::open(dir)?;
+        let model = Self::from_checkpoint(device, config, &ckpt)?;
+        Ok((model, ckpt))
+    }
+
+    pub fn from_checkpoint(
+        device: Device,
+        config: ModelConfig,
+        ckpt: &Checkpoint,
+    ) -> Result<Self, ModelError> {
+        Ok(match device.resolve()? {
+            Device::Cuda(n) => DenseModel::Cuda(CudaModel::from_checkpoint(
+                CudaBackend::new(n)?,
+                config,
+                ckpt,
+            )?),
+            Device::Cpu | Device::Auto => DenseModel::Cpu(Mixtral::from_checkpoint(config, ckpt)?),
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        match self {
+            DenseModel::Cpu(m) => m.config(),
+            DenseModel::Cuda(m) => m.config(),
+        }
+    }
+
+    /// `cpu`, or `cuda:N (GPU NAME)`.
+    pub fn device(&self) -> String {
+        match self {
+            DenseModel::Cpu(_) => "cpu".into(),
+            DenseModel::Cuda(m) => m.backend().label(),
+        }
+    }
+
+    /// The GPU this model runs on, if any.
+    pub fn backend(&self) -> Option<&Arc<CudaBackend>> {
+        match self {
+            DenseModel::Cpu(_) => None,
+            DenseModel::Cuda(m) => Some(m.backend()),
+        }
+    }
+
+    /// A KV cache holding `bytes` of f32 keys and values over all layers, on the model's
+    /// device. Fails only on a GPU (out of memory, or a bad block size).
+    pub fn new_kv_cache(&self, block_size: usize, bytes: usize) -> Result<KvCache, ModelError> {
+        if block_size == 0 {
+            return Err(ModelError::Device(CudaError::Shape(
+                "KV cache block size must be positive".into(),
+            )));
+        }
+        Ok(match self {
+            DenseModel::Cpu(m) => KvCache::Cpu(m.new_kv_cache(block_size, bytes)),
+            DenseModel::Cuda(m) => KvCache::Cuda(m.new_kv_cache(block_size, bytes)?),
+        })
+    }
+
+    /// [`Mixtral::forward`] on this model's device.
+    pub fn forward(
+        &self,
+        kv: &mut KvCache,
+        experts: &dyn Experts,
+        batch: &mut [SeqChunk<'_>],
+        logits_for: LogitsFor,
+        trace_routing: bool,
+    ) -> Result<ForwardOutput, ModelError> {
+        match (self, kv) {
+            (DenseModel::Cpu(m), KvCache::Cpu(kv)) => {
+                m.forward(kv, experts, batch, logits_for, trace_routing)
+            }
+            (DenseModel::Cuda(m), KvCache::Cuda(kv)) => {
+                Ok(m.forward(kv, experts, batch, logits_for, trace_routing)?)
+            }
+            _ => Err(ModelError::Device(CudaError::Shape(
+                "the KV cache is on a different device than the model".into(),
+            ))),
+        }
+    }
+}
+
+impl KvCache {
+    pub fn block_size(&self) -> usize {
+        match self {
+            KvCache::Cpu(c) => c.block_size(),
+            KvCache::Cuda(c) => c.block_size(),
+        }
+    }
+
+    pub fn num_blocks(&self) -> usize {
+        match self {
+            KvCache::Cpu(c) => c.num_blocks(),
+            KvCache::Cuda(c) => c.num_blocks(),
+        }
+    }
+
+    pub fn free_blocks(&self) -> usize {
+        match self {
+            KvCache::Cpu(c) => c.free_blocks(),
+            KvCache::Cuda(c) => c.free_blocks(),
+        }
+    }
+
+    /// Blocks a sequence of `len` positions occupies.
+    pub fn blocks_for(&self, len: usize) -> usize {
+        match self {
+            KvCache::Cpu(c) => c.blocks_for(len),
+            KvCache::Cuda(c) => c.blocks_for(len),
+        }
+    }
+
+    /// Makes room for `extra` more positions in `seq`, all or nothing.
+    pub fn reserve(&mut self, seq: &mut SeqCache, extra: usize) -> Result<(), KvCacheError> {
+        match self {
+            KvCache::Cpu(c) => c.reserve(seq, extra),
+            KvCache::Cuda(c) => c.reserve(seq, extra),
+        }
+    }
+
+    /// Returns every block of `seq` to the pool.
+    pub fn release(&mut self, seq: &mut SeqCache) {
+        match self {
+            KvCache::Cpu(c) => c.release(seq),
+            KvCache::Cuda(c) => c.release(seq),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::experts::{ExpertSelection, ExpertStore};
+
+    fn fixture() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral-tiny")
+    }
+
+    /// Through the enum the CPU path is `Mixtral::forward` itself: the same logits, bit
+    /// for bit, and the same block accounting.
+    #[test]
+    fn cpu_dense_model_is_the_mixtral_forward() {
+        let dir = fixture();
+        let (dense, ckpt) = DenseModel::load(Device::Cpu, &dir).unwrap();
+        let (direct, _) = Mixtral::load(&dir).unwrap();
+        let experts = ExpertStore::load(&ckpt, dense.config(), &ExpertSelection::All).unwrap();
+        let mut kv = dense.new_kv_cache(4, 1 << 20).unwrap();
+        let mut kv_direct = direct.new_kv_cache(4, 1 << 20);
+        assert_eq!(kv.num_blocks(), kv_direct.num_blocks());
+        let tokens = [1u32, 17, 42, 7, 99];
+        let (mut a, mut b) = (SeqCache::new(), SeqCache::new());
+        let ours = dense
+            .forward(
+                &mut kv,
+                &experts,
+                &mut [SeqChunk {
+                    tokens: &tokens,
+                    cache: &mut a,
+                }],
+                LogitsFor::EveryToken,
+                false,
+            )
+            .unwrap();
+        let theirs = direct
+            .forward(
+                &mut kv_direct,
+                &experts,
+                &mut [SeqChunk {
+                    tokens: &tokens,
+                    cache: &mut b,
+                }],
+                LogitsFor::EveryToken,
+                false,
+            )
+            .unwrap();
+        assert_eq!(ours.logits, theirs.logits);
+        assert_eq!(kv.free_blocks(), kv_direct.free_blocks());
+        assert_eq!(kv.blocks_for(5), 2);
+        kv.release(&mut a);
+        assert_eq!(kv.free_blocks(), kv.num_blocks());
+    }
+
+    #[test]
+    fn a_zero_block_size_is_an_error_not_a_panic() {
+        let (dense, _) = DenseModel::load(Device::Cpu, &fixture()).unwrap();
+        assert!(matches!(
+            dense.new_kv_cache(0, 1 << 20),
+            Err(ModelError::Device(CudaError::Shape(_)))
+        ));
+    }
+
+    #[test]
+    fn an_unusable_gpu_is_a_typed_error() {
+        if crate::cuda::device_count().is_ok() {
+            return; // a GPU machine: the ignored GPU tests cover this path
+        }
+        let err = DenseModel::load(Device::Cuda(0), &fixture()).err();
+        assert!(
+            matches!(err, Some(ModelError::Device(_))),
+            "{:?}",
+            err.map(|e| e.to_string())
+        );
+    }
+}
