@@ -98,12 +98,12 @@ pub fn run(a: Args) -> Result<ExitCode> {
             format!("dense layers and experts in process on {device}")
         } else if !a.cluster.etcd.is_empty() {
             format!(
-                "cluster `{}` on etcd {}",
+                "dense layers on {device}, cluster `{}` on etcd {}",
                 a.cluster.cluster,
                 a.cluster.etcd.join(",")
             )
         } else {
-            format!("{} expert nodes", a.nodes.len())
+            format!("dense layers on {device}, {} expert nodes", a.nodes.len())
         };
         let stop = shutdown_signal();
         print_ready(&url, &coordinator.state().model_name, &what);
