@@ -269,7 +269,9 @@ extern "C" __global__ void top_p_sample(const float* __restrict__ logits, int vo
     mass = block_sum(mass, shm);
     float target = u[blockIdx.x] * mass;
     // Walk the nucleus in order: each step selects the largest remaining (value, id) pair
-    // strictly after the previous one in (value desc, id asc) order.
+    // strictly after the previous one in (value desc, id asc) order. Zero probabilities
+    // never enter it (tau can bisect down to 0 when the tree sum rounds below top_p = 1).
+    // Unlike the CPU's shortest prefix, every token tied at tau is in the nucleus.
     float prev_v = __int_as_float(0x7f800000);
     int prev_i = -1, pick = -1;
     float cum = 0.0f;
@@ -279,7 +281,7 @@ extern "C" __global__ void top_p_sample(const float* __restrict__ logits, int vo
         for (int c = threadIdx.x; c < vocab; c += blockDim.x) {
             float pc = p[c];
             bool after = pc < prev_v || (pc == prev_v && c > prev_i);
-            if (after && pc >= tau) better(v, i, pc, c);
+            if (after && pc >= tau && pc > 0.0f) better(v, i, pc, c);
         }
         block_argmax(v, i, shv, shi);
         if (i == 0x7fffffff) break;

@@ -146,7 +146,7 @@ impl DenseKernels {
         if n == 0 {
             return Ok(Vec::new());
         }
-        if d == 0 || !d.is_multiple_of(2) || !x.len().is_multiple_of(n * d) {
+        if d == 0 || x.is_empty() || !d.is_multiple_of(2) || !x.len().is_multiple_of(n * d) {
             return Err(CudaError::Shape(format!(
                 "{} values are not {n} tokens of heads x {d}",
                 x.len()
@@ -232,6 +232,7 @@ impl DenseKernels {
         let seqs = a.lens.len();
         let (hd, kvd) = (a.heads * a.head_dim, a.kv_heads * a.head_dim);
         if a.kv_heads == 0
+            || a.heads == 0
             || a.head_dim == 0
             || a.block_size == 0
             || !a.heads.is_multiple_of(a.kv_heads)

@@ -97,6 +97,9 @@ pub struct DeviceBatch {
     pub tokens: usize,
     pub rows: usize,
     pub tiles: usize,
+    /// The model expert ids of the layer it was planned for, in packing order: its plan
+    /// holds local indices into exactly that packing.
+    packing: Vec<u32>,
     layout: PlanLayout,
     x: CudaSlice<u16>,
     plan: CudaSlice<i32>,
@@ -485,23 +488,34 @@ impl CudaExperts {
         })
     }
 
-    /// Grows the workspaces (never shrinks) to fit `tokens` tokens and `rows` assignments.
-    fn ensure(&self, ws: &mut Workspace, tokens: usize, rows: usize) -> Result<(), CudaError> {
-        if tokens <= ws.max_tokens && rows <= ws.max_rows {
-            return Ok(());
+    /// Grows the workspaces (never shrinks) to fit `tokens` tokens and `rows` assignments
+    /// in `tiles` row tiles, the down projection's split-K slices included.
+    fn ensure(
+        &self,
+        ws: &mut Workspace,
+        tokens: usize,
+        rows: usize,
+        tiles: usize,
+    ) -> Result<(), CudaError> {
+        if tokens > ws.max_tokens || rows > ws.max_rows {
+            let max_tokens = tokens.max(ws.max_tokens);
+            let max_rows = rows.max(ws.max_rows);
+            tracing::info!(max_tokens, max_rows, "growing CUDA expert workspaces");
+            *ws = Self::alloc_workspace(
+                &self.backend,
+                self.hidden,
+                self.h_pad,
+                self.f_pad,
+                max_tokens,
+                max_rows,
+                self.num_experts,
+            )?;
         }
-        let max_tokens = tokens.max(ws.max_tokens);
-        let max_rows = rows.max(ws.max_rows);
-        tracing::info!(max_tokens, max_rows, "growing CUDA expert workspaces");
-        *ws = Self::alloc_workspace(
-            &self.backend,
-            self.hidden,
-            self.h_pad,
-            self.f_pad,
-            max_tokens,
-            max_rows,
-            self.num_experts,
-        )?;
+        let (splits, _) = self.down_splits(tiles);
+        let yp = splits * rows * self.h_pad;
+        if ws.yp.len() < yp {
+            ws.yp = self.backend.stream.alloc_zeros(yp)?;
+        }
         Ok(())
     }
 
@@ -629,7 +643,7 @@ impl CudaExperts {
             .ws
             .lock()
             .map_err(|_| ExpertError::Unavailable("CUDA workspace lock poisoned".into()))?;
-        self.ensure(&mut guard, tokens, plan.rows())
+        self.ensure(&mut guard, tokens, plan.rows(), plan.tiles.len())
             .map_err(unavailable)?;
         let ws = &mut *guard;
         let mut host_x = std::mem::take(&mut ws.host_x);
@@ -675,10 +689,14 @@ impl CudaExperts {
         host_x.push(0); // never an empty allocation
         host_plan.push(0);
         let s = &self.backend.stream;
+        let packing = self.layers[layer]
+            .as_ref()
+            .map_or_else(Vec::new, |l| l.experts.clone());
         Ok(DeviceBatch {
             tokens,
             rows: plan.rows(),
             tiles: plan.tiles.len(),
+            packing,
             layout: plan.layout(),
             x: s.clone_htod(&host_x).map_err(|e| unavailable(e.into()))?,
             plan: s
@@ -695,11 +713,18 @@ impl CudaExperts {
             .get(layer)
             .and_then(Option::as_ref)
             .ok_or_else(|| CudaError::Shape(format!("layer {layer} holds no experts")))?;
+        if lw.experts != batch.packing {
+            // Its local expert indices would address another layer's weights.
+            return Err(CudaError::Shape(format!(
+                "batch planned for experts {:?}, layer {layer} holds {:?}",
+                batch.packing, lw.experts
+            )));
+        }
         let mut guard = self
             .ws
             .lock()
             .map_err(|_| CudaError::Driver("workspace lock poisoned".into()))?;
-        self.ensure(&mut guard, batch.tokens, batch.rows)?;
+        self.ensure(&mut guard, batch.tokens, batch.rows, batch.tiles)?;
         let ws = &mut *guard;
         self.enqueue(
             lw,
@@ -732,9 +757,16 @@ impl CudaExperts {
         Ok(out)
     }
 
-    /// Split-K slices for the down projection: enough blocks to cover the device twice,
-    /// within the `yp` workspace.
-    fn down_splits(&self, tiles: usize, rows: usize, yp_len: usize) -> (usize, usize) {
+    /// The split-K slice count of the down projection for a batch of `tiles` row tiles
+    /// (64 rows each, per expert): what [`Self::forward_layer`] will use.
+    pub fn split_k(&self, tiles: usize) -> usize {
+        self.down_splits(tiles).0
+    }
+
+    /// Split-K slices for the down projection: enough blocks to cover the device twice.
+    /// A function of the batch's shape alone (not of the workspace's size), so the same
+    /// batch always sums in the same order.
+    fn down_splits(&self, tiles: usize) -> (usize, usize) {
         let nkt = self.f_pad.div_ceil(TILE_K);
         let blocks = tiles * self.h_pad.div_ceil(2 * TILE_N);
         let target = 2 * self.backend.sm_count;
@@ -746,7 +778,6 @@ impl CudaExperts {
         splits = splits
             .min(MAX_SPLITS)
             .min((nkt / MIN_KT_PER_SPLIT).max(1))
-            .min((yp_len / (rows * self.h_pad).max(1)).max(1))
             .max(1);
         let per = nkt.div_ceil(splits);
         (nkt.div_ceil(per).max(1), per.max(1))
@@ -772,7 +803,14 @@ impl CudaExperts {
         let h_pad = to_i32(self.h_pad, "hidden")?;
         let f_pad = to_i32(self.f_pad, "ffn")?;
         let hidden = to_i32(self.hidden, "hidden")?;
-        let (splits, kt_per_split) = self.down_splits(tiles, rows, yp.len());
+        let (splits, kt_per_split) = self.down_splits(tiles);
+        if splits * rows * self.h_pad > yp.len() {
+            return Err(CudaError::Shape(format!(
+                "split-K workspace holds {} values, {splits} x {rows} x {} needed",
+                yp.len(),
+                self.h_pad
+            )));
+        }
         let split_stride = (rows * self.h_pad) as i64;
         let splits_i = to_i32(splits, "splits")?;
         let kt_i = to_i32(kt_per_split, "kt_per_split")?;
