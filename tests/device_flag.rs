@@ -5,10 +5,10 @@ mod common;
 
 use std::process::Command;
 
-use common::{Cluster, Proc, engine_greedy, exe, greedy, text_of, tiny_model, tokenizer};
+use common::{
+    Cluster, Proc, describe_node, engine_greedy, exe, greedy, text_of, tiny_model, tokenizer,
+};
 use serde_json::json;
-use switchyard_proto::ExpertServiceClient;
-use switchyard_proto::pb::DescribeRequest;
 
 fn gpu_present() -> bool {
     switchyard_engine::cuda::device_count().is_ok()
@@ -93,21 +93,7 @@ fn device_auto_serves_on_the_cpu_without_a_gpu() {
         .arg("--model")
         .arg(tiny_model());
     let (_node, addr) = Proc::start("expert-node-auto", cmd, "listening on ");
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let info = runtime.block_on(async {
-        let mut client = ExpertServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        client
-            .describe(DescribeRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    });
-    drop(runtime);
+    let info = describe_node(&addr);
     if gpu_present() {
         assert!(info.device.starts_with("cuda:0 ("), "{}", info.device);
         return;

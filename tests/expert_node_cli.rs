@@ -1,14 +1,13 @@
 //! `switchyard expert-node` as a process: it announces its address on stdout, answers
 //! gRPC, refuses a bad expert spec, and exits cleanly on SIGTERM.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use switchyard_proto::ExpertServiceClient;
-use switchyard_proto::pb::DescribeRequest;
 
 fn fixture() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/mixtral-tiny")
@@ -49,28 +48,13 @@ fn expert_node_prints_its_address_and_serves_describe() {
         .unwrap();
     assert_ne!(port, 0);
 
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let info = runtime.block_on(async {
-        let mut client = ExpertServiceClient::connect(format!("http://{addr}"))
-            .await
-            .unwrap();
-        client
-            .describe(DescribeRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-    });
+    let info = common::describe_node(addr);
     assert_eq!(info.node_id, addr);
     assert_eq!(info.model, "mixtral-tiny");
     assert_eq!(info.num_layers, 4);
     let held: Vec<(u32, u32)> = info.held.iter().map(|r| (r.layer, r.expert)).collect();
     let want: Vec<(u32, u32)> = (0..4).flat_map(|l| [(l, 0), (l, 5)]).collect();
     assert_eq!(held, want);
-    // Closes the connection, so that shutdown need not wait out the drain time-out.
-    drop(runtime);
 
     // SIGTERM is a clean shutdown.
     let status = Command::new("kill")

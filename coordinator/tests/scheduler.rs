@@ -11,7 +11,7 @@ use switchyard_coordinator::scheduler::{SchedulerConfig, SchedulerHandle, spawn}
 use switchyard_engine::cuda::Device;
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_engine::verify::{GOLDEN_FILE, GoldenPrompt, read_golden};
-use switchyard_engine::{DenseModel, ExpertSelection, ExpertStore, SamplingParams};
+use switchyard_engine::{DenseModel, ExpertSelection, ExpertStore, LocalExperts, SamplingParams};
 use tokio::sync::mpsc;
 
 fn fixture() -> PathBuf {
@@ -25,10 +25,15 @@ struct Setup {
 }
 
 fn setup(config: SchedulerConfig) -> Setup {
+    setup_on(Device::Cpu, config)
+}
+
+/// The scheduler over the fixture with the dense layers and the experts on `device`.
+fn setup_on(device: Device, config: SchedulerConfig) -> Setup {
     let dir = fixture();
-    let (model, ckpt) = DenseModel::load(Device::Cpu, &dir).unwrap();
+    let (model, ckpt) = DenseModel::load(device, &dir).unwrap();
     let cfg = model.config().clone();
-    let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All).unwrap();
+    let experts = LocalExperts::load(device, &ckpt, &cfg, &ExpertSelection::All).unwrap();
     let tokenizer = Arc::new(Tokenizer::from_dir(&dir).unwrap());
     let golden = read_golden(
         &dir.join(GOLDEN_FILE),
@@ -256,40 +261,24 @@ fn stop_strings_end_generation_and_are_not_emitted() {
 #[test]
 #[ignore = "needs a CUDA GPU"]
 fn gpu_scheduler_picks_tokens_the_f32_reference_ranks_top() {
-    use switchyard_engine::{LocalExperts, LogitsFor, SeqCache, SeqChunk};
+    use switchyard_engine::{LogitsFor, SeqCache, SeqChunk};
     /// max |gpu - cpu| / max |cpu| of the dense path (engine/tests/cuda_model.rs).
     const LOGIT_REL_TOLERANCE: f32 = 3e-2;
-    let dir = fixture();
-    let (gpu, ckpt) = DenseModel::load(Device::Cuda(0), &dir).unwrap();
-    let cfg = gpu.config().clone();
-    let gpu_experts =
-        LocalExperts::load(Device::Cuda(0), &ckpt, &cfg, &ExpertSelection::All).unwrap();
-    let golden = read_golden(
-        &dir.join(GOLDEN_FILE),
-        cfg.num_layers,
-        cfg.vocab_size,
-        cfg.experts_per_token,
-    )
-    .unwrap();
-    let handle = spawn(
-        Arc::new(gpu),
-        Arc::new(gpu_experts),
-        Arc::new(Tokenizer::from_dir(&dir).unwrap()),
+    let Setup { handle, golden, .. } = setup_on(
+        Device::Cuda(0),
         SchedulerConfig {
             max_batch_tokens: 24,
             ..Default::default()
         },
-        switchyard_coordinator::metrics::Metrics::new().unwrap(),
-    )
-    .unwrap();
+    );
     let mut pending = Vec::new();
     for g in &golden {
         let (req, rx) = greedy(&g.input_ids, g.greedy_ids.len());
         handle.submit(req).unwrap();
         pending.push((g, rx));
     }
-    let (cpu, _) = DenseModel::load(Device::Cpu, &dir).unwrap();
-    let cpu_experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All).unwrap();
+    let (cpu, ckpt) = DenseModel::load(Device::Cpu, &fixture()).unwrap();
+    let cpu_experts = ExpertStore::load(&ckpt, cpu.config(), &ExpertSelection::All).unwrap();
     let (mut worst, mut same_as_golden, mut total) = (0f32, 0, 0);
     for (g, mut rx) in pending {
         let (ids, _) = collect(&mut rx);

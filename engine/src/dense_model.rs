@@ -4,7 +4,6 @@
 //! never ask which; a cache only works with the model that made it.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
@@ -69,14 +68,6 @@ impl DenseModel {
         match self {
             DenseModel::Cpu(_) => "cpu".into(),
             DenseModel::Cuda(m) => m.backend().label(),
-        }
-    }
-
-    /// The GPU this model runs on, if any.
-    pub fn backend(&self) -> Option<&Arc<CudaBackend>> {
-        match self {
-            DenseModel::Cpu(_) => None,
-            DenseModel::Cuda(m) => Some(m.backend()),
         }
     }
 

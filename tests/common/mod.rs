@@ -342,6 +342,25 @@ pub fn expert_node(index: usize) -> (Proc, String) {
     Proc::start(&format!("expert-node-{index}"), cmd, "listening on ")
 }
 
+/// The node at `addr`'s answer to Describe (plaintext gRPC). The connection is closed on
+/// return, so a later shutdown of the node need not wait out its drain time-out.
+pub fn describe_node(addr: &str) -> switchyard_proto::pb::NodeInfo {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the gRPC client");
+    runtime.block_on(async {
+        let mut client = switchyard_proto::ExpertServiceClient::connect(format!("http://{addr}"))
+            .await
+            .expect("connecting to the node");
+        client
+            .describe(switchyard_proto::pb::DescribeRequest {})
+            .await
+            .expect("Describe")
+            .into_inner()
+    })
+}
+
 /// `switchyard expert-node` registered in the cluster at `etcd` as `id`.
 pub fn cluster_node(etcd: &str, id: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(exe());
