@@ -83,9 +83,16 @@ impl Load {
         let target = self.done() + n;
         assert!(
             poll(Duration::from_secs(60), || self.done() >= target),
-            "requests stopped completing: {:?}",
-            self.failures.lock().unwrap()
+            "requests stopped completing; {}",
+            self.failed()
         );
+    }
+
+    /// How many requests failed, and the first few reasons.
+    fn failed(&self) -> String {
+        let failures = self.failures.lock().unwrap();
+        let first: Vec<&String> = failures.iter().take(5).collect();
+        format!("{} requests failed, first: {first:?}", failures.len())
     }
 
     /// Stops the clients and asserts nothing failed; returns how many completed.
@@ -94,12 +101,7 @@ impl Load {
         for t in self.threads {
             t.join().expect("load thread panicked");
         }
-        let failures = self.failures.lock().unwrap();
-        assert!(
-            failures.is_empty(),
-            "{} requests failed: {failures:?}",
-            failures.len()
-        );
+        assert!(self.failures.lock().unwrap().is_empty(), "{}", self.failed());
         self.done.load(Ordering::SeqCst)
     }
 }
@@ -387,5 +389,128 @@ fn a_hung_node_is_given_up_after_the_deadline_and_rejoins_when_it_wakes() {
     unsafe { libc::kill(pid, libc::SIGCONT) };
     wait_placed(&etcd.url(), &["n0", "n1", "n2"]);
     load.wait_for(6);
+    load.finish();
+}
+
+/// Writes `value` under the cluster's `key` (relative to `/switchyard/default/`), or
+/// deletes the key: what an operator with etcdctl, or a restored backup, does.
+fn etcd_write(etcd: &str, key: &str, value: Option<&str>) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a runtime for the etcd client");
+    runtime.block_on(async {
+        let cfg = switchyard_cluster::ClusterConfig::new(vec![etcd.to_owned()], "default")
+            .expect("cluster config");
+        let mut client = cfg.connect().await.expect("connecting to etcd");
+        let key = format!("{}{key}", cfg.keys.root());
+        match value {
+            Some(v) => client.put(key, v, None).await.map(|_| ()),
+            None => client.delete(key, None).await.map(|_| ()),
+        }
+        .expect("writing to etcd");
+    });
+}
+
+fn epoch(etcd: &str) -> u64 {
+    status(etcd)["placement"]["epoch"].as_u64().unwrap_or(0)
+}
+
+/// Waits until the leader has published a placement of `want` above epoch `above`.
+fn wait_republished(etcd: &str, above: u64, want: &[&str]) {
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    assert!(
+        poll(Duration::from_secs(15), || epoch(etcd) > above
+            && placed(etcd) == want),
+        "no placement of {want:?} above epoch {above}: {}",
+        status(etcd)
+    );
+}
+
+/// Issue 22 (1): a record whose shape is not the model's (a hand-written one, or the real
+/// one with layers cut) used to kill the coordinator's scheduler for good while /health
+/// said ok. It must be ignored, serving must go on, and the leader must overwrite it.
+#[test]
+fn a_placement_of_another_shape_is_ignored_and_overwritten_under_load() {
+    let etcd = Etcd::start();
+    let url = etcd.url();
+    let _ns = nodes(&url, 3, &[]);
+    let c = Arc::new(Cluster::cluster_coordinator(
+        &url,
+        "c0",
+        &["--wire-dtype", "f32"],
+    ));
+    wait_placed(&url, &["n0", "n1", "n2"]);
+    let load = Load::start(&c, 3);
+    load.wait_for(3);
+
+    let foreign = json!({"epoch": 100, "num_layers": 1, "num_experts": 1,
+        "nodes": [{"id": "n0", "addr": "127.0.0.1:1"}], "holders": [[0]]});
+    etcd_write(&url, "placement", Some(&foreign.to_string()));
+    load.wait_for(6);
+    wait_republished(&url, 100, &["n0", "n1", "n2"]);
+    assert_eq!(c.health().status, 200, "{}", c.health().text());
+
+    // The live record with its layers cut to 2, at a newer epoch.
+    let mut cut = status(&url)["placement"].clone();
+    let experts = cut["num_experts"].as_u64().unwrap() as usize;
+    let above = cut["epoch"].as_u64().unwrap() + 50;
+    cut["epoch"] = json!(above);
+    cut["num_layers"] = json!(2);
+    cut["holders"] = json!(cut["holders"].as_array().unwrap()[..2 * experts].to_vec());
+    etcd_write(&url, "placement", Some(&cut.to_string()));
+    load.wait_for(6);
+    wait_republished(&url, above, &["n0", "n1", "n2"]);
+    load.wait_for(3);
+    load.finish();
+    let health = c.health();
+    assert_eq!(health.status, 200, "{}", health.text());
+}
+
+/// Issue 22 (2): deleting the placement key (lost or restored etcd data) or writing
+/// garbage to it sent the leader's epoch back to 1, which every node refused: nothing
+/// could be placed again and a new coordinator could not start. The leader must publish
+/// above the nodes' epoch, and overwrite garbage.
+#[test]
+fn a_lost_or_garbage_placement_key_is_republished_above_the_nodes_epoch() {
+    let etcd = Etcd::start();
+    let url = etcd.url();
+    let mut ns = nodes(&url, 2, &[]);
+    let c = Arc::new(Cluster::cluster_coordinator(
+        &url,
+        "c0",
+        &["--wire-dtype", "f32"],
+    ));
+    wait_placed(&url, &["n0", "n1"]);
+    // Two joins: the nodes reach epoch 3.
+    ns.push(cluster_node(&url, "n2", &[]));
+    wait_placed(&url, &["n0", "n1", "n2"]);
+    ns.push(cluster_node(&url, "n3", &[]));
+    wait_placed(&url, &["n0", "n1", "n2", "n3"]);
+    let before = epoch(&url);
+    assert!(before >= 3, "{before}");
+    let load = Load::start(&c, 3);
+    load.wait_for(3);
+
+    etcd_write(&url, "placement", None);
+    wait_republished(&url, before, &["n0", "n1", "n2", "n3"]);
+    load.wait_for(3);
+    // Scale-out and a new coordinator work again.
+    ns.push(cluster_node(&url, "n4", &[]));
+    wait_placed(&url, &["n0", "n1", "n2", "n3", "n4"]);
+    let c1 = Arc::new(Cluster::cluster_coordinator(
+        &url,
+        "c1",
+        &["--wire-dtype", "f32"],
+    ));
+    let load1 = Load::start(&c1, 1);
+    load1.wait_for(2);
+
+    let before = epoch(&url);
+    etcd_write(&url, "placement", Some("not json"));
+    wait_republished(&url, before, &["n0", "n1", "n2", "n3", "n4"]);
+    load.wait_for(3);
+    load1.wait_for(1);
+    load1.finish();
     load.finish();
 }

@@ -303,3 +303,108 @@ fn sigterm_stops_up_and_its_nodes_cleanly() {
     let gone = poll(Duration::from_secs(10), || kids.iter().all(|&p| is_gone(p)));
     assert!(gone, "expert nodes outlived a clean stop of `up`");
 }
+
+/// UnloadExperts for one expert of a node's share, as a confused operator or a stray
+/// tool might send it (plaintext gRPC, static epoch 0).
+fn unload_on(addr: &str, layer: u32, expert: u32) {
+    common::node_rpc(addr, |mut client| async move {
+        client
+            .unload_experts(switchyard_proto::pb::ExpertsRequest {
+                experts: vec![switchyard_proto::pb::ExpertRef { layer, expert }],
+                epoch: 0,
+            })
+            .await
+            .expect("UnloadExperts");
+    });
+}
+
+fn holds(addr: &str, layer: u32, expert: u32) -> bool {
+    common::describe_node(addr)
+        .held
+        .iter()
+        .any(|r| r.layer == layer && r.expert == expert)
+}
+
+/// Issue 22 (5): in static mode a node that lost an expert of its share (here: unloaded
+/// behind the coordinator's back) made every prompt routed to it fail with 503 for good,
+/// while /health said ok. The coordinator must reload it, in the step that finds it
+/// missing, and without any request by its periodic audit.
+#[test]
+fn static_mode_reloads_an_expert_a_node_lost() {
+    let nodes: Vec<_> = (0..2).map(expert_node).collect();
+    let addrs: Vec<String> = nodes.iter().map(|(_, a)| a.clone()).collect();
+    let c = Cluster::coordinator(&addrs, &["--wire-dtype", "f32"]);
+    let client = c.client();
+    // Round-robin placement: expert 0 of layer 0 lives on node 0.
+    assert!(holds(&addrs[0], 0, 0));
+
+    // Found by the next step that routes to it: every prompt still gets its answer.
+    unload_on(&addrs[0], 0, 0);
+    assert!(!holds(&addrs[0], 0, 0));
+    let expected = common::golden_texts();
+    for (g, want) in common::golden().iter().zip(&expected) {
+        let body = greedy(&c.model, json!(g.input_ids), g.greedy_ids.len());
+        assert_eq!(&text_of(&post_ok(&client, "/v1/completions", &body)), want);
+    }
+    assert!(holds(&addrs[0], 0, 0), "{}", c.proc.log_tail());
+
+    // Found by the audit with no traffic at all.
+    unload_on(&addrs[0], 0, 0);
+    assert!(
+        poll(Duration::from_secs(10), || holds(&addrs[0], 0, 0)),
+        "the lost expert was never reloaded: {}",
+        c.proc.log_tail()
+    );
+    assert_eq!(c.health().status, 200, "{}", c.health().text());
+}
+
+/// Issue 22 (6): `up` stopped its nodes 5 s after SIGTERM while requests it had accepted
+/// were still queued, and those failed with 503. It must stop them only after its
+/// coordinator has drained.
+#[test]
+fn sigterm_lets_up_finish_every_accepted_request_before_its_nodes_stop() {
+    const REQUESTS: usize = 20;
+    const TOKENS: usize = 400;
+    let mut c = Cluster::up(&["--max-running", "1"]);
+    let started = Instant::now();
+    let body = json!({"model": c.model, "prompt": "Mixture of Experts", "max_tokens": TOKENS,
+        "temperature": 0, "ignore_eos": true});
+    let clients: Vec<_> = (0..REQUESTS)
+        .map(|_| {
+            let (client, body) = (c.client(), body.clone());
+            std::thread::spawn(move || client.post_json("/v1/completions", &body))
+        })
+        .collect();
+    // Every request accepted (running or queued) before the signal.
+    assert!(
+        poll(Duration::from_secs(10), || {
+            let h = health_numbers(&c);
+            h["running"].as_u64().unwrap_or(0) + h["waiting"].as_u64().unwrap_or(0)
+                == REQUESTS as u64
+        }),
+        "{}",
+        c.health().text()
+    );
+    unsafe { libc::kill(c.proc.pid() as libc::pid_t, libc::SIGTERM) };
+    let signalled = Instant::now();
+    for client in clients {
+        let r = client.join().expect("client thread").expect("POST");
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.json()["usage"]["completion_tokens"], TOKENS);
+    }
+    let drained = signalled.elapsed();
+    let mut status = None;
+    assert!(
+        poll(Duration::from_secs(10), || {
+            status = c.proc.child.try_wait().unwrap();
+            status.is_some()
+        }),
+        "up did not exit after draining: {}",
+        c.proc.log_tail()
+    );
+    assert!(status.unwrap().success(), "{}", c.proc.log_tail());
+    eprintln!(
+        "{REQUESTS} x {TOKENS} tokens: drained {drained:?} after SIGTERM ({:?} in all)",
+        started.elapsed()
+    );
+}

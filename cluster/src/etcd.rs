@@ -72,6 +72,8 @@ pub struct Snapshot {
     /// Revision the placement key was last written at (0: never), for compare-and-swap.
     #[serde(skip)]
     pub placement_revision: i64,
+    /// Why the placement key holds something unusable (it is then `None` above).
+    pub placement_invalid: Option<String>,
     pub drains: BTreeSet<String>,
     pub loads: Vec<LoadReport>,
     pub leader: Option<String>,
@@ -130,15 +132,15 @@ pub async fn read_snapshot(
                 Err(e) => warn!(key, "skipping a load report that does not parse: {e}"),
             }
         } else if key == placement {
-            match serde_json::from_slice::<PlacementRecord>(value)
-                .map_err(|e| e.to_string())
-                .and_then(|p| p.validate().map(|()| p))
-            {
-                Ok(p) => {
-                    snap.placement = Some(p);
-                    snap.placement_revision = kv.mod_revision();
+            // The revision counts even for a record that cannot be used: the leader's
+            // compare-and-swap must be able to overwrite it.
+            snap.placement_revision = kv.mod_revision();
+            match PlacementRecord::decode(value) {
+                Ok(p) => snap.placement = Some(p),
+                Err(e) => {
+                    warn!(key, "ignoring a placement that cannot be used: {e}");
+                    snap.placement_invalid = Some(e);
                 }
-                Err(e) => warn!(key, "ignoring a placement that does not parse: {e}"),
             }
         } else if key == leader
             && let Ok(r) = serde_json::from_slice::<LeaderRecord>(value)

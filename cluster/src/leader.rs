@@ -18,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use crate::etcd::{ClusterConfig, ClusterError, Snapshot};
 use crate::planner::{Candidate, PlanError, PlanInput, plan};
-use crate::records::{LeaderRecord, PlacementRecord};
+use crate::records::{LeaderRecord, MAX_EPOCH, PlacementRecord};
 use crate::session::Session;
 use crate::watch::View;
 
@@ -72,6 +72,7 @@ pub async fn run(
         failed: HashMap::new(),
         last_error: None,
         was_leader: false,
+        published: 0,
     };
     let mut client: Option<Client> = None;
     loop {
@@ -117,6 +118,22 @@ struct LeaderState {
     failed: HashMap<String, Instant>,
     last_error: Option<String>,
     was_leader: bool,
+    /// The highest epoch this coordinator has published.
+    published: u64,
+}
+
+/// The epoch of the next publication: above the published record's, above any epoch a
+/// node has accepted and above our own last one. The placement key alone is not enough:
+/// deleted, restored from an old backup, or garbage, it would send the epoch backwards,
+/// and the nodes (rightly) refuse older epochs. `None` past [`MAX_EPOCH`].
+fn next_epoch(snap: &Snapshot, published: u64) -> Option<u64> {
+    let highest = snap
+        .nodes
+        .values()
+        .map(|n| n.epoch)
+        .chain(snap.placement.as_ref().map(|p| p.epoch))
+        .fold(published, u64::max);
+    highest.checked_add(1).filter(|&e| e <= MAX_EPOCH)
 }
 
 /// Leaving a node out after a failed load: long enough not to retry it every tick,
@@ -163,12 +180,25 @@ async fn round(
             capacity: n.capacity,
         })
         .collect();
-    let epoch = snap.placement.as_ref().map_or(0, |p| p.epoch) + 1;
+    let Some(epoch) = next_epoch(snap, st.published) else {
+        let text = format!("placement epochs are exhausted (above {MAX_EPOCH}): reset the cluster");
+        if st.last_error.as_deref() != Some(&text) {
+            warn!("{text}");
+            st.last_error = Some(text);
+        }
+        return Ok(());
+    };
+    // A record for another shape (another model's leader, a hand-written value) is not
+    // a starting point: it is overwritten.
+    let current = snap
+        .placement
+        .as_ref()
+        .filter(|p| p.fits(leader.num_layers, leader.num_experts).is_ok());
     let input = PlanInput {
         num_layers: leader.num_layers,
         num_experts: leader.num_experts,
         nodes: &candidates,
-        current: snap.placement.as_ref(),
+        current,
         load: &st.load,
         min_replicas: leader.min_replicas,
     };
@@ -191,11 +221,7 @@ async fn round(
         }
     };
     st.last_error = None;
-    if snap
-        .placement
-        .as_ref()
-        .is_some_and(|p| p.same_assignment(&desired))
-    {
+    if current.is_some_and(|p| p.same_assignment(&desired)) {
         return Ok(());
     }
 
@@ -233,6 +259,7 @@ async fn round(
         );
         return Ok(());
     }
+    st.published = st.published.max(epoch);
     info!(
         epoch,
         nodes = desired.nodes.len(),
@@ -329,4 +356,58 @@ fn schedule_unloads(
             }
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::records::{NodeRecord, PlacedNode};
+
+    fn node(id: &str, epoch: u64) -> NodeRecord {
+        NodeRecord {
+            id: id.into(),
+            addr: format!("{id}:1"),
+            device: "cpu".into(),
+            num_layers: 1,
+            num_experts: 1,
+            capacity: 1,
+            bytes_per_expert: 1,
+            held: vec![(0, 0)],
+            version: "test".into(),
+            epoch,
+        }
+    }
+
+    fn placement(epoch: u64) -> PlacementRecord {
+        PlacementRecord {
+            epoch,
+            num_layers: 1,
+            num_experts: 1,
+            nodes: vec![PlacedNode {
+                id: "a".into(),
+                addr: "a:1".into(),
+            }],
+            holders: vec![vec![0]],
+        }
+    }
+
+    #[test]
+    fn the_next_epoch_is_above_everything_any_node_or_record_has_seen() {
+        let mut snap = Snapshot::default();
+        assert_eq!(next_epoch(&snap, 0), Some(1));
+        snap.placement = Some(placement(4));
+        assert_eq!(next_epoch(&snap, 0), Some(5));
+        // The key is lost (or garbage): the nodes still remember epoch 4.
+        snap.placement = None;
+        snap.nodes.insert("a".into(), node("a", 4));
+        snap.nodes.insert("b".into(), node("b", 2));
+        assert_eq!(next_epoch(&snap, 0), Some(5));
+        // A backup restored from epoch 2 while the nodes are at 4.
+        snap.placement = Some(placement(2));
+        assert_eq!(next_epoch(&snap, 0), Some(5));
+        // What this leader published itself, before the nodes' records caught up.
+        assert_eq!(next_epoch(&snap, 7), Some(8));
+        snap.nodes.insert("c".into(), node("c", MAX_EPOCH));
+        assert_eq!(next_epoch(&snap, 0), None);
+    }
 }

@@ -19,6 +19,11 @@ pub struct NodeRecord {
     /// (layer, expert) pairs resident now.
     pub held: Vec<(usize, usize)>,
     pub version: String,
+    /// The highest placement epoch the node has accepted: a leader that lost the
+    /// placement key (etcd data lost or restored, a key deleted by hand) publishes above
+    /// it, since nodes refuse older epochs. Absent from records of older versions.
+    #[serde(default)]
+    pub epoch: u64,
 }
 
 /// One node of a placement.
@@ -41,16 +46,47 @@ pub struct PlacementRecord {
     pub holders: Vec<Vec<u32>>,
 }
 
+/// Fencing epochs count publications: one a second for a billion years stays below this.
+/// A record claiming more was not written by a leader, and honouring it would leave no
+/// room to publish a newer one.
+pub const MAX_EPOCH: u64 = 1 << 53;
+
 impl PlacementRecord {
+    /// Parses and checks a record read from etcd: anyone with access can write the key,
+    /// so nothing in it is trusted before this.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        let p: PlacementRecord = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        p.validate()?;
+        Ok(p)
+    }
+
     /// Checks the internal consistency of a record read from etcd.
     pub fn validate(&self) -> Result<(), String> {
-        if self.holders.len() != self.num_layers * self.num_experts {
+        if self.epoch == 0 || self.epoch > MAX_EPOCH {
+            return Err(format!(
+                "placement epoch {} is outside 1..={MAX_EPOCH}",
+                self.epoch
+            ));
+        }
+        let expected = self
+            .num_layers
+            .checked_mul(self.num_experts)
+            .ok_or_else(|| format!("placement epoch {}: shape overflows", self.epoch))?;
+        if self.holders.len() != expected {
             return Err(format!(
                 "placement epoch {} has {} expert entries, expected {} x {}",
                 self.epoch,
                 self.holders.len(),
                 self.num_layers,
                 self.num_experts
+            ));
+        }
+        let mut ids: Vec<&str> = self.nodes.iter().map(|n| n.id.as_str()).collect();
+        ids.sort_unstable();
+        if let Some(w) = ids.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!(
+                "placement epoch {}: node `{}` is listed twice",
+                self.epoch, w[0]
             ));
         }
         for (i, h) in self.holders.iter().enumerate() {
@@ -71,6 +107,19 @@ impl PlacementRecord {
             }
         }
         Ok(())
+    }
+
+    /// Whether this record places a model of `num_layers` x `num_experts` (a record for
+    /// another model, or a hand-written one, must never be used for this one).
+    pub fn fits(&self, num_layers: usize, num_experts: usize) -> Result<(), String> {
+        if (self.num_layers, self.num_experts) == (num_layers, num_experts) {
+            Ok(())
+        } else {
+            Err(format!(
+                "placement epoch {} is for {} layers x {} experts, this model has {num_layers} x {num_experts}",
+                self.epoch, self.num_layers, self.num_experts
+            ))
+        }
     }
 
     pub fn holders_of(&self, layer: usize, expert: usize) -> impl Iterator<Item = &PlacedNode> {
@@ -132,4 +181,106 @@ pub struct LoadReport {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaderRecord {
     pub id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn record(epoch: u64, layers: usize, experts: usize, nodes: usize) -> PlacementRecord {
+        PlacementRecord {
+            epoch,
+            num_layers: layers,
+            num_experts: experts,
+            nodes: (0..nodes)
+                .map(|i| PlacedNode {
+                    id: format!("n{i}"),
+                    addr: format!("127.0.0.1:{}", 5000 + i),
+                })
+                .collect(),
+            holders: (0..layers * experts)
+                .map(|i| vec![(i % nodes) as u32])
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn records_that_cannot_be_used_are_refused_with_the_reason() {
+        let good = record(3, 2, 4, 2);
+        assert_eq!(good.validate(), Ok(()));
+        let bytes = serde_json::to_vec(&good).unwrap();
+        assert_eq!(PlacementRecord::decode(&bytes), Ok(good.clone()));
+
+        let mut p = good.clone();
+        p.epoch = 0;
+        assert!(p.validate().unwrap_err().contains("outside"));
+        p.epoch = u64::MAX;
+        assert!(p.validate().unwrap_err().contains("outside"));
+        let mut p = good.clone();
+        p.num_layers = usize::MAX;
+        assert!(p.validate().unwrap_err().contains("overflows"));
+        let mut p = good.clone();
+        p.num_layers = 1;
+        assert!(p.validate().unwrap_err().contains("expert entries"));
+        let mut p = good.clone();
+        p.nodes[1].id = "n0".into();
+        assert!(p.validate().unwrap_err().contains("listed twice"));
+        let mut p = good.clone();
+        p.holders[5] = vec![];
+        assert!(p.validate().unwrap_err().contains("no holder"));
+        let mut p = good.clone();
+        p.holders[5] = vec![2];
+        assert!(p.validate().unwrap_err().contains("out of 2 nodes"));
+        assert!(PlacementRecord::decode(b"not json").is_err());
+        assert!(PlacementRecord::decode(b"{\"epoch\":-1}").is_err());
+
+        assert_eq!(good.fits(2, 4), Ok(()));
+        assert!(
+            good.fits(1, 1)
+                .unwrap_err()
+                .contains("this model has 1 x 1")
+        );
+    }
+
+    proptest! {
+        // What an etcd key can hold is anyone's bytes: decoding never panics, and what
+        // it accepts can be walked without an out-of-range index.
+        #[test]
+        fn decoding_arbitrary_records_never_panics(
+            epoch in prop_oneof![Just(0u64), 1u64..10, Just(MAX_EPOCH), Just(u64::MAX)],
+            layers in 0usize..4,
+            experts in 0usize..4,
+            nodes in 0usize..4,
+            holders in proptest::collection::vec(
+                proptest::collection::vec(0u32..6, 0..3), 0..20),
+            cut in 0usize..400,
+        ) {
+            let mut p = record(1, 0, 0, nodes);
+            p.epoch = epoch;
+            p.num_layers = layers;
+            p.num_experts = experts;
+            p.holders = holders;
+            let bytes = serde_json::to_vec(&p).unwrap();
+            // Whole records, truncated ones, and bytes flipped in the middle.
+            let truncated = &bytes[..cut.min(bytes.len())];
+            let mut flipped = bytes.clone();
+            if let Some(b) = flipped.get_mut(cut) {
+                *b ^= 0x5a;
+            }
+            for input in [&bytes[..], truncated, &flipped[..]] {
+                if let Ok(r) = PlacementRecord::decode(input) {
+                    for l in 0..r.num_layers {
+                        for e in 0..r.num_experts {
+                            prop_assert!(r.holders_of(l, e).count() > 0);
+                        }
+                    }
+                    for n in &r.nodes {
+                        let _ = r.experts_of(&n.id);
+                    }
+                    prop_assert!(r.same_assignment(&r));
+                }
+            }
+        }
+    }
 }

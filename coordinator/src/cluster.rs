@@ -13,6 +13,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use crate::metrics::Metrics;
+use crate::placement::Placement;
 use crate::remote::{RemoteError, RemoteExperts};
 
 /// Cluster-mode settings of one coordinator.
@@ -117,42 +118,43 @@ pub async fn join(
         view.clone(),
         Arc::new(GrpcControl { tls }),
     ));
+    // A record for another shape may be a cluster name shared with another model, or a
+    // bad value the leader is about to overwrite: wait for one that fits, and say which
+    // shape was seen if none comes.
+    let mut misfit: Option<String> = None;
     let wait = async {
         loop {
             let placement = {
                 let v = view.borrow_and_update();
                 v.snapshot.placement.clone()
             };
-            match placement {
-                Some(p) if p.num_layers == num_layers && p.num_experts == num_experts => {
-                    return Ok(p);
+            if let Some(p) = placement {
+                match p.fits(num_layers, num_experts) {
+                    Ok(()) => return Ok(p),
+                    Err(e) => misfit = Some(e),
                 }
-                Some(p) => {
-                    return Err(err(format!(
-                        "cluster {} is placed for {} layers x {} experts, this model has {num_layers} x {num_experts}",
-                        mode.etcd.keys.root(),
-                        p.num_layers,
-                        p.num_experts
-                    )));
-                }
-                None => {}
             }
             if view.changed().await.is_err() {
                 return Err(err("cluster follower stopped".into()));
             }
         }
     };
-    let placement = tokio::time::timeout(mode.startup_timeout, wait)
-        .await
-        .map_err(|_| {
-            err(format!(
-                "no placement published in cluster {} within {:?}: are expert nodes registered \
+    let waited = tokio::time::timeout(mode.startup_timeout, wait).await;
+    let placement = waited.map_err(|_| {
+        let root = mode.etcd.keys.root();
+        err(match &misfit {
+            Some(reason) => format!(
+                "cluster {root} has no placement for this model within {:?}: {reason}",
+                mode.startup_timeout
+            ),
+            None => format!(
+                "no placement published in cluster {root} within {:?}: are expert nodes registered \
                  with enough memory for every expert, and is etcd at {} reachable?",
-                mode.etcd.keys.root(),
                 mode.startup_timeout,
                 mode.etcd.endpoints.join(",")
-            ))
-        })??;
+            ),
+        })
+    })??;
     info!(
         epoch = placement.epoch,
         nodes = placement.nodes.len(),
@@ -161,7 +163,9 @@ pub async fn join(
     Ok((ClusterHandle { session, view }, placement))
 }
 
-/// Installs `p` in `remote` (if newer than what it has).
+/// Installs `p` in `remote` if it is newer than what it has and fits this model; a
+/// record that does not is logged and ignored, and serving goes on with the last good
+/// placement (the leader overwrites a bad record at its next round).
 pub async fn install(remote: &RemoteExperts, p: &PlacementRecord) -> bool {
     let addrs: Vec<String> = p.nodes.iter().map(|n| n.addr.clone()).collect();
     let holders = p
@@ -169,35 +173,47 @@ pub async fn install(remote: &RemoteExperts, p: &PlacementRecord) -> bool {
         .iter()
         .map(|h| h.iter().map(|&n| n as usize).collect())
         .collect();
-    let installed = remote
-        .install(p.epoch, &addrs, p.num_layers, p.num_experts, holders)
-        .await;
-    if installed {
-        info!(
-            epoch = p.epoch,
-            nodes = p.nodes.len(),
-            "placement installed"
-        );
+    let installed = match Placement::from_holders(p.num_layers, p.num_experts, addrs.len(), holders)
+    {
+        Ok(placement) => remote.install(p.epoch, &addrs, placement).await,
+        Err(e) => Err(e),
+    };
+    match installed {
+        Ok(true) => {
+            info!(
+                epoch = p.epoch,
+                nodes = p.nodes.len(),
+                "placement installed"
+            );
+            true
+        }
+        Ok(false) => false,
+        Err(e) => {
+            warn!(epoch = p.epoch, "ignoring a published placement: {e}");
+            false
+        }
     }
-    installed
 }
 
 /// Switches `remote` to every newer placement published, until the view closes.
 pub fn follow_placements(remote: Arc<RemoteExperts>, mut view: watch::Receiver<View>) {
     tokio::spawn(async move {
+        // The view wakes on every re-read of etcd: a bad record is reported once.
+        let mut refused = 0;
         while view.changed().await.is_ok() {
-            // The view wakes on every re-read of etcd; copy the placement only when it
-            // is newer than the one in use.
             let current = remote.topology().epoch;
             let newer = view
                 .borrow_and_update()
                 .snapshot
                 .placement
                 .as_ref()
-                .filter(|p| p.epoch > current)
+                .filter(|p| p.epoch > current && p.epoch != refused)
                 .cloned();
-            if let Some(p) = newer {
-                install(&remote, &p).await;
+            if let Some(p) = newer
+                && !install(&remote, &p).await
+                && remote.topology().epoch < p.epoch
+            {
+                refused = p.epoch;
             }
         }
     });

@@ -9,6 +9,8 @@ pub enum PlacementError {
     TooFewNodes { replicas: usize, nodes: usize },
     #[error("--replicas must be at least 1")]
     ZeroReplicas,
+    #[error("unusable placement: {0}")]
+    Invalid(String),
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -53,19 +55,40 @@ impl Placement {
     }
 
     /// A placement given per expert (`layer * num_experts + expert`), as published by the
-    /// cluster leader. The caller has checked that every holder is below `num_nodes`.
+    /// cluster leader: refused unless it has one non-empty entry per expert and every
+    /// holder is one of the `num_nodes` nodes (dispatch indexes by both).
     pub fn from_holders(
         num_layers: usize,
         num_experts: usize,
         num_nodes: usize,
         holders: Vec<Vec<usize>>,
-    ) -> Self {
-        debug_assert_eq!(holders.len(), num_layers * num_experts);
-        Placement {
+    ) -> Result<Self, PlacementError> {
+        let bad = |reason: String| Err(PlacementError::Invalid(reason));
+        if Some(holders.len()) != num_layers.checked_mul(num_experts) {
+            return bad(format!(
+                "{} expert entries for {num_layers} layers x {num_experts} experts",
+                holders.len()
+            ));
+        }
+        if let Some(bad_node) = holders.iter().flatten().find(|&&n| n >= num_nodes) {
+            return bad(format!("holder {bad_node} out of {num_nodes} nodes"));
+        }
+        Ok(Placement {
             num_layers,
             num_experts,
             num_nodes,
             holders,
+        })
+    }
+
+    /// A placement where nobody holds anything yet (cluster mode before the first
+    /// published epoch): every expert is uncovered.
+    pub fn empty(num_layers: usize, num_experts: usize) -> Self {
+        Placement {
+            num_layers,
+            num_experts,
+            num_nodes: 0,
+            holders: vec![Vec::new(); num_layers * num_experts],
         }
     }
 
@@ -124,6 +147,18 @@ mod tests {
             assert!(max - min <= 1, "{counts:?}");
             assert_eq!(counts.iter().sum::<usize>(), 32 * replicas);
         }
+    }
+
+    #[test]
+    fn published_placements_that_do_not_fit_are_refused() {
+        let ok = Placement::from_holders(2, 2, 2, vec![vec![0], vec![1], vec![0, 1], vec![1]]);
+        assert_eq!(ok.map(|p| p.holders(1, 0).to_vec()), Ok(vec![0, 1]));
+        let short = Placement::from_holders(2, 2, 2, vec![vec![0]]);
+        assert!(matches!(short, Err(PlacementError::Invalid(r)) if r.contains("1 expert entries")));
+        let far = Placement::from_holders(1, 2, 2, vec![vec![0], vec![2]]);
+        assert!(matches!(far, Err(PlacementError::Invalid(r)) if r.contains("holder 2 out of 2")));
+        let overflow = Placement::from_holders(usize::MAX, 2, 1, vec![]);
+        assert!(matches!(overflow, Err(PlacementError::Invalid(_))));
     }
 
     #[test]

@@ -21,7 +21,7 @@ use tracing::{instrument, warn};
 
 use crate::dispatch::plan;
 use crate::metrics::Metrics;
-use crate::placement::Placement;
+use crate::placement::{Placement, PlacementError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -45,6 +45,9 @@ pub struct NodeLink {
     /// when a dead node is reconnected.
     stream: std::sync::RwLock<Option<Arc<NodeStream>>>,
     next_id: AtomicU64,
+    /// Experts of this node's share that it was found not to hold (unloaded behind our
+    /// back, a restart we missed): not served here until reloaded.
+    missing: Mutex<Vec<(usize, usize)>>,
 }
 
 /// One connection to a node and the Forward stream open on it.
@@ -94,6 +97,7 @@ impl NodeLink {
             tls: tls.cloned(),
             stream: std::sync::RwLock::new(Some(Arc::new(stream))),
             next_id: AtomicU64::new(1),
+            missing: Mutex::default(),
         })
     }
 
@@ -104,6 +108,7 @@ impl NodeLink {
             tls: tls.cloned(),
             stream: std::sync::RwLock::new(None),
             next_id: AtomicU64::new(1),
+            missing: Mutex::default(),
         }
     }
 
@@ -122,6 +127,9 @@ impl NodeLink {
         match self.stream.write() {
             Ok(mut s) => *s = Some(Arc::new(fresh)),
             Err(poisoned) => *poisoned.into_inner() = Some(Arc::new(fresh)),
+        }
+        if let Ok(mut m) = self.missing.lock() {
+            m.clear();
         }
         Ok(())
     }
@@ -243,6 +251,67 @@ impl NodeLink {
         load_on(&stream.client, &self.addr, experts).await
     }
 
+    /// Whether this node serves (layer, expert) now: connected, and not known to lack it.
+    pub fn serves(&self, layer: usize, expert: usize) -> bool {
+        self.is_alive()
+            && self
+                .missing
+                .lock()
+                .map(|m| !m.contains(&(layer, expert)))
+                .unwrap_or(true)
+    }
+
+    /// Loads whatever of `share` the node lacks (the load is idempotent) and forgets
+    /// what it was missing.
+    pub async fn repair(&self, share: &[(usize, usize)]) -> Result<(), RemoteError> {
+        self.load(share).await?;
+        if let Ok(mut m) = self.missing.lock() {
+            m.clear();
+        }
+        Ok(())
+    }
+
+    /// Asks the node what it holds; records and reloads what `share` says it should and
+    /// it does not. Returns what was missing.
+    pub async fn audit(
+        &self,
+        share: &[(usize, usize)],
+    ) -> Result<Vec<(usize, usize)>, RemoteError> {
+        let Some(stream) = self.current() else {
+            return Ok(Vec::new());
+        };
+        let info = stream
+            .client
+            .clone()
+            .describe(switchyard_proto::pb::DescribeRequest {})
+            .await
+            .map_err(|s| RemoteError::Connect {
+                addr: self.addr.clone(),
+                reason: s.message().to_owned(),
+            })?
+            .into_inner();
+        let held: Vec<(usize, usize)> = info
+            .held
+            .iter()
+            .map(|r| (r.layer as usize, r.expert as usize))
+            .collect();
+        let missing: Vec<(usize, usize)> = share
+            .iter()
+            .copied()
+            .filter(|x| !held.contains(x))
+            .collect();
+        if missing.is_empty() {
+            return Ok(missing);
+        }
+        warn!(node = %self.addr, ?missing, "node lacks experts of its share: reloading them");
+        if let Ok(mut m) = self.missing.lock() {
+            *m = missing.clone();
+        }
+        self.repair(share).await?;
+        tracing::info!(node = %self.addr, reloaded = missing.len(), "experts reloaded");
+        Ok(missing)
+    }
+
     /// Sends one request on the stream and waits for its answer.
     async fn call(
         &self,
@@ -302,22 +371,36 @@ pub struct DispatchStats {
 /// How often dead nodes are retried.
 const RECONNECT_EVERY: Duration = Duration::from_millis(500);
 
+/// How often (in reconnect periods) live nodes are asked what they hold, in static mode.
+const AUDIT_EVERY: u32 = 4;
+
 /// Brings back nodes whose stream died (a restarted process, a rotated certificate):
 /// reconnects, reloads the node's share of the placement, then puts it back in service.
-/// Ends when the `RemoteExperts` is dropped.
-async fn reconnect_dead_nodes(topology: std::sync::Weak<TopologyCell>) {
+/// With `audit` (static mode: nobody else owns the placement) live nodes are also asked
+/// what they hold every few periods, and what they lost is reloaded. Ends when the
+/// `RemoteExperts` is dropped.
+async fn reconnect_dead_nodes(topology: std::sync::Weak<TopologyCell>, audit: Arc<AtomicBool>) {
+    let mut tick = 0u32;
     loop {
         tokio::time::sleep(RECONNECT_EVERY).await;
+        tick = tick.wrapping_add(1);
         let Some(cell) = topology.upgrade() else {
             return;
         };
         let topo = cell.get();
         drop(cell);
         for (i, link) in topo.links.iter().enumerate() {
+            let share = topo.placement.experts_of(i);
             if link.is_alive() {
+                if tick % AUDIT_EVERY == 0
+                    && audit.load(Ordering::SeqCst)
+                    && let Err(e) = link.audit(&share).await
+                {
+                    tracing::debug!(node = %link.addr(), "audit failed: {e}");
+                }
                 continue;
             }
-            match link.reconnect(&topo.placement.experts_of(i)).await {
+            match link.reconnect(&share).await {
                 Ok(()) => tracing::info!(node = %link.addr(), "expert node reconnected"),
                 Err(e) => tracing::debug!(node = %link.addr(), "still down: {e}"),
             }
@@ -340,7 +423,7 @@ impl Topology {
         let p = &self.placement;
         (0..p.num_layers())
             .flat_map(|l| (0..p.num_experts()).map(move |e| (l, e)))
-            .filter(|&(l, e)| !p.holders(l, e).iter().any(|&n| self.links[n].is_alive()))
+            .filter(|&(l, e)| !p.holders(l, e).iter().any(|&n| self.links[n].serves(l, e)))
             .map(|(l, e)| format!("{l}:{e}"))
             .collect()
     }
@@ -382,6 +465,8 @@ impl TopologyCell {
 /// Nodes that failed one attempt at a layer, and why.
 struct DispatchFailure {
     failed: Vec<usize>,
+    /// Those of `failed` that answered that they do not hold an expert we sent them.
+    not_held: Vec<usize>,
     error: ExpertError,
 }
 
@@ -396,6 +481,8 @@ pub struct RemoteExperts {
     /// Whether a layer whose experts have no live holder may load them on live nodes
     /// (cluster mode) or fails (static mode: the operator chose the placement).
     recover: bool,
+    /// Whether live nodes are audited for lost experts (static mode).
+    audit: Arc<AtomicBool>,
     hidden: usize,
     wire: WireFormat,
     timeout: Duration,
@@ -423,13 +510,18 @@ impl RemoteExperts {
             links,
             placement,
         }))));
-        runtime.spawn(reconnect_dead_nodes(Arc::downgrade(&topology)));
+        let audit = Arc::new(AtomicBool::new(true));
+        runtime.spawn(reconnect_dead_nodes(
+            Arc::downgrade(&topology),
+            Arc::clone(&audit),
+        ));
         RemoteExperts {
             runtime,
             topology,
             links: Mutex::new(by_addr),
             tls,
             recover: false,
+            audit,
             hidden,
             wire,
             timeout,
@@ -449,6 +541,9 @@ impl RemoteExperts {
     /// (cluster mode, where the leader will replan anyway).
     pub fn with_recovery(mut self, tls: Option<Tls>) -> Self {
         self.recover = true;
+        // The leader owns what each node holds (and unloads what moved): reloading a
+        // share from an older topology would fight it.
+        self.audit.store(false, Ordering::SeqCst);
         self.tls = tls;
         self
     }
@@ -458,20 +553,31 @@ impl RemoteExperts {
         self.topology.get()
     }
 
-    /// Follows a published placement: `nodes` are (id, address) and `holders` index
-    /// them per `layer * num_experts + expert`. Connects to new nodes (a node that cannot
-    /// be reached yet starts down and is retried), then switches every later layer to
-    /// it. Ignored unless `epoch` is newer than the current one.
+    /// Follows a published placement: `addrs` are the nodes `placement` indexes. Connects
+    /// to new nodes (a node that cannot be reached yet starts down and is retried), then
+    /// switches every later layer to it. Ignored (`Ok(false)`) unless `epoch` is newer than
+    /// the current one; refused unless it places this model's experts on these nodes.
     pub async fn install(
         &self,
         epoch: u64,
         addrs: &[String],
-        num_layers: usize,
-        num_experts: usize,
-        holders: Vec<Vec<usize>>,
-    ) -> bool {
-        if epoch <= self.topology.get().epoch {
-            return false;
+        placement: Placement,
+    ) -> Result<bool, PlacementError> {
+        let current = self.topology.get();
+        if epoch <= current.epoch {
+            return Ok(false);
+        }
+        let shape = |p: &Placement| (p.num_layers(), p.num_experts());
+        if shape(&placement) != shape(&current.placement) || placement.num_nodes() != addrs.len() {
+            return Err(PlacementError::Invalid(format!(
+                "epoch {epoch} places {} x {} experts on {} nodes ({} addresses given); this model has {} x {}",
+                placement.num_layers(),
+                placement.num_experts(),
+                placement.num_nodes(),
+                addrs.len(),
+                current.placement.num_layers(),
+                current.placement.num_experts()
+            )));
         }
         let known: HashMap<String, Arc<NodeLink>> =
             self.links.lock().map(|m| m.clone()).unwrap_or_default();
@@ -500,10 +606,9 @@ impl RemoteExperts {
                     .or_insert_with(|| Arc::clone(l));
             }
         }
-        let placement = Placement::from_holders(num_layers, num_experts, links.len(), holders);
         // A concurrent install of a newer epoch wins.
         if epoch <= self.topology.get().epoch {
-            return false;
+            return Ok(false);
         }
         self.topology.set(Arc::new(Topology {
             epoch,
@@ -514,7 +619,7 @@ impl RemoteExperts {
             m.placement_epoch
                 .set(i64::try_from(epoch).unwrap_or(i64::MAX));
         }
-        true
+        Ok(true)
     }
 
     /// Brings the per-node gauges up to date (called when metrics are scraped).
@@ -578,12 +683,32 @@ impl RemoteExperts {
         let mut usable: Vec<bool> = topo.links.iter().map(|l| l.is_alive()).collect();
         let mut failed_addrs: Vec<String> = Vec::new();
         let mut recoveries = 0;
+        let mut repairs = 0;
         loop {
             match self.dispatch_once(&topo, layer, x, routing, &usable).await {
                 Ok(out) => return Ok(out),
-                Err(DispatchFailure { failed, error }) if !failed.is_empty() => {
-                    warn!(layer, %error, "dispatch failed on {} node(s): retrying on replicas", failed.len());
+                Err(DispatchFailure {
+                    failed,
+                    not_held,
+                    error,
+                }) if !failed.is_empty() => {
+                    warn!(layer, %error, "dispatch failed on {} node(s): retrying", failed.len());
+                    repairs += 1;
                     for node in failed {
+                        // Static mode: a node that lost experts of its share gets them
+                        // back and keeps its work (the leader owns this in cluster mode).
+                        if !self.recover && repairs <= 2 && not_held.contains(&node) {
+                            let link = &topo.links[node];
+                            match link.repair(&topo.placement.experts_of(node)).await {
+                                Ok(()) => {
+                                    tracing::info!(node = %link.addr(), layer, "reloaded experts the node had lost");
+                                    continue;
+                                }
+                                Err(e) => {
+                                    warn!(node = %link.addr(), "reloading lost experts failed: {e}")
+                                }
+                            }
+                        }
                         usable[node] = false;
                         failed_addrs.push(topo.links[node].addr().to_owned());
                     }
@@ -697,6 +822,7 @@ impl RemoteExperts {
         let work =
             plan(layer, routing, &topo.placement, usable).map_err(|(l, e)| DispatchFailure {
                 failed: Vec::new(),
+                not_held: Vec::new(),
                 error: ExpertError::Unavailable(format!(
                     "no live node holds expert {e} of layer {l}"
                 )),
@@ -735,6 +861,7 @@ impl RemoteExperts {
         let mut out = vec![0.0f32; routing.tokens() * h];
         let mut max_compute = 0;
         let mut failed = Vec::new();
+        let mut not_held = Vec::new();
         let mut first_error = None;
         for (node, answer, elapsed, received) in answers {
             let link = &topo.links[node];
@@ -745,6 +872,12 @@ impl RemoteExperts {
                 m.dispatch_bytes
                     .with_label_values(&[link.addr(), "received"])
                     .inc_by(received);
+            }
+            if answer
+                .as_ref()
+                .is_ok_and(|r| r.error_code == tonic::Code::NotFound as i32)
+            {
+                not_held.push(node);
             }
             let decoded = answer.and_then(|resp| {
                 if resp.error_code != 0 {
@@ -779,6 +912,7 @@ impl RemoteExperts {
         if let Some(e) = first_error {
             return Err(DispatchFailure {
                 failed,
+                not_held,
                 error: ExpertError::Unavailable(e),
             });
         }

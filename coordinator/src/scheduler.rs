@@ -62,6 +62,9 @@ pub struct SchedulerStats {
 #[derive(Clone)]
 pub struct SchedulerHandle {
     tx: mpsc::Sender<GenerateRequest>,
+    /// Becomes `Some(reason)` if the scheduler thread dies (a panic): the process must
+    /// then stop looking healthy, since nothing will ever be served again.
+    failure: tokio::sync::watch::Receiver<Option<String>>,
     stats: Arc<SchedulerStats>,
     max_waiting: usize,
     kv_blocks: usize,
@@ -96,6 +99,27 @@ impl SchedulerHandle {
 
     pub fn stats(&self) -> &SchedulerStats {
         &self.stats
+    }
+
+    /// Why the scheduler thread died, if it did.
+    pub fn failure(&self) -> Option<String> {
+        self.failure.borrow().clone()
+    }
+
+    /// Resolves with the reason when the scheduler thread dies; never if it does not.
+    pub fn died(&self) -> impl std::future::Future<Output = String> + Send + 'static {
+        let mut failure = self.failure.clone();
+        async move {
+            let reason = match failure.wait_for(Option::is_some).await {
+                Ok(reason) => reason.clone(),
+                Err(_) => None,
+            };
+            match reason {
+                Some(r) => r,
+                // The thread ended normally (every handle dropped): nothing to report.
+                None => std::future::pending().await,
+            }
+        }
     }
 }
 
@@ -155,6 +179,7 @@ pub fn spawn(
 ) -> Result<SchedulerHandle, SpawnError> {
     let kv = model.new_kv_cache(config.kv_block_size, config.kv_cache_bytes)?;
     let (tx, rx) = mpsc::channel();
+    let (failed, failure) = tokio::sync::watch::channel(None);
     let stats = Arc::new(SchedulerStats::default());
     stats
         .kv_total_blocks
@@ -164,6 +189,7 @@ pub fn spawn(
         .store(kv.free_blocks(), Ordering::Relaxed);
     let handle = SchedulerHandle {
         tx,
+        failure,
         stats: stats.clone(),
         max_waiting: config.max_waiting,
         kv_blocks: kv.num_blocks(),
@@ -193,7 +219,21 @@ pub fn spawn(
     };
     std::thread::Builder::new()
         .name("scheduler".into())
-        .spawn(move || scheduler.run())?;
+        .spawn(move || {
+            // Unwinding drops every sequence's event sender, so each client in flight gets
+            // an error; the reason goes to /health and to the server, which stops.
+            let outcome =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| scheduler.run()));
+            if let Err(panic) = outcome {
+                let reason = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                tracing::error!("the scheduler thread panicked: {reason}");
+                let _ = failed.send(Some(format!("the scheduler thread panicked: {reason}")));
+            }
+        })?;
     Ok(handle)
 }
 

@@ -39,6 +39,8 @@ pub enum CoordinatorError {
     Scheduler(#[from] SpawnError),
     #[error("{0}")]
     Config(String),
+    #[error("{0}: stopping")]
+    SchedulerDied(String),
 }
 
 /// Where the experts run.
@@ -135,12 +137,7 @@ impl Coordinator {
                         RemoteExperts::new(
                             tokio::runtime::Handle::current(),
                             Vec::new(),
-                            Placement::from_holders(
-                                mc.num_layers,
-                                mc.num_experts,
-                                0,
-                                vec![Vec::new(); mc.num_layers * mc.num_experts],
-                            ),
+                            Placement::empty(mc.num_layers, mc.num_experts),
                             mc.hidden_size,
                             *wire,
                             *timeout,
@@ -162,23 +159,8 @@ impl Coordinator {
                     let r = remote.clone();
                     // Healthy while every expert has a live holder: a lost node whose
                     // experts have replicas (or were reloaded elsewhere) costs nothing.
-                    let health: HealthCheck = Arc::new(move || {
-                        let uncovered = r.topology().uncovered();
-                        if uncovered.is_empty() {
-                            Ok(())
-                        } else {
-                            Err(format!(
-                                "{} experts have no live node (layer:expert {})",
-                                uncovered.len(),
-                                uncovered
-                                    .iter()
-                                    .take(8)
-                                    .cloned()
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            ))
-                        }
-                    });
+                    let health: HealthCheck =
+                        Arc::new(move || uncovered_problem(&r.topology()).map_or(Ok(()), Err));
                     let r = remote.clone();
                     let refresh: Refresh = Arc::new(move || r.refresh_metrics());
                     (remote, health, refresh)
@@ -219,17 +201,25 @@ impl Coordinator {
                         .with_metrics(metrics.clone()),
                     );
                     let r = remote.clone();
+                    // Static mode: any node down is an operator's problem (nothing
+                    // replaces it), and so is an expert no node serves.
                     let health: HealthCheck = Arc::new(move || {
-                        let nodes = r.nodes();
-                        let down: Vec<&str> = nodes
+                        let topo = r.topology();
+                        let down: Vec<&str> = topo
+                            .links
                             .iter()
                             .filter(|n| !n.is_alive())
                             .map(|n| n.addr())
                             .collect();
-                        if down.is_empty() {
+                        let mut problems = Vec::new();
+                        if !down.is_empty() {
+                            problems.push(format!("expert nodes down: {}", down.join(", ")));
+                        }
+                        problems.extend(uncovered_problem(&topo));
+                        if problems.is_empty() {
                             Ok(())
                         } else {
-                            Err(format!("expert nodes down: {}", down.join(", ")))
+                            Err(problems.join("; "))
                         }
                     });
                     let r = remote.clone();
@@ -300,13 +290,49 @@ impl Coordinator {
                 tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
             }
         });
+        // A dead scheduler serves nothing ever again: stop, and say so in the exit status,
+        // so a supervisor restarts the process instead of probing a zombie.
+        let died = self.state.scheduler.died();
+        let (dead_tx, dead_rx) = tokio::sync::oneshot::channel();
+        let stop = async move {
+            tokio::select! {
+                () = shutdown => {}
+                reason = died => {
+                    let _ = dead_tx.send(reason);
+                }
+            }
+        };
         axum::serve(listener, router(self.state))
-            .with_graceful_shutdown(shutdown)
+            .with_graceful_shutdown(stop)
             .await?;
+        if let Ok(reason) = dead_rx.await {
+            if let Some(c) = self.cluster {
+                c.session.revoke().await;
+            }
+            return Err(CoordinatorError::SchedulerDied(reason));
+        }
         // Leave the election and drop the load report now, not a TTL later.
         if let Some(c) = self.cluster {
             c.session.revoke().await;
         }
         Ok(())
     }
+}
+
+/// "N experts have no live node (layer:expert ...)" when some expert has no node that
+/// serves it.
+fn uncovered_problem(topo: &crate::remote::Topology) -> Option<String> {
+    let uncovered = topo.uncovered();
+    (!uncovered.is_empty()).then(|| {
+        format!(
+            "{} experts have no live node (layer:expert {})",
+            uncovered.len(),
+            uncovered
+                .iter()
+                .take(8)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    })
 }

@@ -322,3 +322,54 @@ fn gpu_scheduler_picks_tokens_the_f32_reference_ranks_top() {
         "| scheduler on GPU | {total} tokens | worst gap to f32 top-1 {worst:.3e} | greedy prefix equal to the reference {same_as_golden}/{total} |"
     );
 }
+
+/// Experts that panic, standing for any bug on the scheduler thread.
+struct PanickingExperts;
+
+impl switchyard_engine::Experts for PanickingExperts {
+    fn forward(
+        &self,
+        layer: usize,
+        _x: &[f32],
+        _routing: &switchyard_engine::Routing,
+    ) -> Result<Vec<f32>, switchyard_engine::ExpertError> {
+        panic!("injected failure at layer {layer}");
+    }
+}
+
+/// Issue 22 (1): a panic on the scheduler thread left the process up with /health at
+/// 200. The request in flight must end, and the handle must report the death (which
+/// /health answers 503 with and which stops the server).
+#[test]
+fn a_panicking_scheduler_reports_its_death() {
+    let dir = fixture();
+    let (model, _) = DenseModel::load(Device::Cpu, &dir).unwrap();
+    let tokenizer = Arc::new(Tokenizer::from_dir(&dir).unwrap());
+    let metrics = switchyard_coordinator::metrics::Metrics::new().unwrap();
+    let handle = spawn(
+        Arc::new(model),
+        Arc::new(PanickingExperts),
+        tokenizer,
+        SchedulerConfig::default(),
+        metrics,
+    )
+    .unwrap();
+    assert_eq!(handle.failure(), None);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let died = handle.died();
+    let (req, mut rx) = greedy(&[1, 2, 3], 4);
+    handle.submit(req).unwrap();
+    // The sequence's events end without a token (its sender went with the thread).
+    assert!(matches!(rx.blocking_recv(), None | Some(Event::Error(_))));
+    let reason = runtime
+        .block_on(async { tokio::time::timeout(Duration::from_secs(10), died).await })
+        .expect("died() resolves");
+    assert!(reason.contains("injected failure at layer 0"), "{reason}");
+    assert_eq!(handle.failure(), Some(reason));
+    // Later requests are refused at once instead of queueing forever.
+    let (req, _rx) = greedy(&[1, 2, 3], 4);
+    assert!(handle.submit(req).is_err());
+}

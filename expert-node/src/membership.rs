@@ -53,6 +53,7 @@ impl Membership {
                 bytes_per_expert: node.bytes_per_expert(),
                 held: node.held(),
                 version: env!("CARGO_PKG_VERSION").into(),
+                epoch: node.epoch(),
             })
         };
         let first = record(&node).map_err(|e| NodeError::Internal(e.to_string()))?;

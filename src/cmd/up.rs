@@ -56,6 +56,10 @@ pub struct Args {
     device: DeviceArgs,
 }
 
+/// How long a stopping `up` lets its coordinator finish the requests it accepted before
+/// the nodes go.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
 /// The expert-node children; killed when this is dropped, however `up` ends.
 struct Children(Vec<(usize, Child)>);
 
@@ -311,15 +315,28 @@ pub fn run(a: Args) -> Result<ExitCode> {
             })
         };
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(coordinator.serve(listener, async {
+        let mut server = tokio::spawn(coordinator.serve(listener, async {
             let _ = stop_rx.await;
         }));
-        let outcome = tokio::select! {
+        let mut outcome = tokio::select! {
             _ = stop_signal => Ok(()),
             reason = died_rx => Err(anyhow!(reason.unwrap_or_else(|_| "node watcher stopped".into()))),
+            served = &mut server => Err(match served {
+                Ok(Ok(())) => anyhow!("the coordinator stopped"),
+                Ok(Err(e)) => e.into(),
+                Err(e) => anyhow!("the coordinator task failed: {e}"),
+            }),
         };
+        // The nodes stay up until the coordinator has drained: every request it accepted
+        // (queued ones too) still needs them.
         let _ = stop_tx.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        if !server.is_finished() {
+            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+                Ok(Ok(Err(e))) if outcome.is_ok() => outcome = Err(e.into()),
+                Ok(_) => {}
+                Err(_) => warn!("requests still running after {SHUTDOWN_GRACE:?}: stopping anyway"),
+            }
+        }
         stop_watching.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(kids) = watch.await {
             children = kids;

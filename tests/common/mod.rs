@@ -342,17 +342,27 @@ pub fn expert_node(index: usize) -> (Proc, String) {
     Proc::start(&format!("expert-node-{index}"), cmd, "listening on ")
 }
 
-/// The node at `addr`'s answer to Describe (plaintext gRPC). The connection is closed on
-/// return, so a later shutdown of the node need not wait out its drain time-out.
-pub fn describe_node(addr: &str) -> switchyard_proto::pb::NodeInfo {
+/// Runs `call` with a plaintext gRPC client of the node at `addr`. The connection is
+/// closed on return, so a later shutdown of the node need not wait out its drain time-out.
+pub fn node_rpc<T, F: std::future::Future<Output = T>>(
+    addr: &str,
+    call: impl FnOnce(switchyard_proto::ExpertServiceClient<tonic::transport::Channel>) -> F,
+) -> T {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("a runtime for the gRPC client");
     runtime.block_on(async {
-        let mut client = switchyard_proto::ExpertServiceClient::connect(format!("http://{addr}"))
+        let client = switchyard_proto::ExpertServiceClient::connect(format!("http://{addr}"))
             .await
             .expect("connecting to the node");
+        call(client).await
+    })
+}
+
+/// The node at `addr`'s answer to Describe.
+pub fn describe_node(addr: &str) -> switchyard_proto::pb::NodeInfo {
+    node_rpc(addr, |mut client| async move {
         client
             .describe(switchyard_proto::pb::DescribeRequest {})
             .await

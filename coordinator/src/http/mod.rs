@@ -129,10 +129,15 @@ fn request_id(prefix: &str) -> String {
     )
 }
 
-/// 200 with the scheduler's numbers while every expert is reachable, else 503.
+/// 200 with the scheduler's numbers while the scheduler runs and every expert is
+/// reachable, else 503 with the reason.
 async fn health(State(s): State<AppState>) -> Response {
     use std::sync::atomic::Ordering::Relaxed;
-    match (s.health)() {
+    let status = match s.scheduler.failure() {
+        Some(reason) => Err(reason),
+        None => (s.health)(),
+    };
+    match status {
         Ok(()) => {
             let st = s.scheduler.stats();
             axum::Json(json!({
