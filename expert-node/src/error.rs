@@ -27,6 +27,8 @@ pub enum NodeError {
     NoCapacity { wanted: usize, max: usize },
     #[error("cluster: {0}")]
     Cluster(String),
+    #[error("work memory budget: {0}")]
+    Budget(String),
     #[error("internal error: {0}")]
     Internal(String),
     #[error("gRPC transport: {0}")]
@@ -44,6 +46,7 @@ impl From<NodeError> for Status {
             | NodeError::Device(_)
             | NodeError::Internal(_)
             | NodeError::Cluster(_)
+            | NodeError::Budget(_)
             | NodeError::Transport(_) => Code::Internal,
         };
         Status::new(code, e.to_string())

@@ -1,12 +1,16 @@
 //! One `ForwardRequest` from wire to answer: checked in full against the model's shape
-//! before any activation is decoded or any expert weight is touched, then computed.
+//! before any activation is decoded or any expert weight is touched, then computed in
+//! chunks of consecutive tokens, so that working memory is bounded by a chunk and not by
+//! the request (see `budget.rs`).
 
 use std::time::Instant;
 
 use bytes::Bytes;
 use switchyard_engine::{Assignment, ExpertError, LocalExperts, ModelConfig};
 use switchyard_proto::pb::{ForwardRequest, ForwardResponse};
-use switchyard_proto::{CodecError, WireFormat, decode_activations, encode_activations};
+use switchyard_proto::{
+    CodecError, WireFormat, decode_activations, encode_activations_into, find_non_finite,
+};
 use tonic::Code;
 
 /// Why a request was refused; it becomes the in-band error of its response.
@@ -34,6 +38,10 @@ pub(crate) enum ForwardError {
     },
     #[error("token {token} is assigned to expert {expert} more than once")]
     Duplicate { token: u32, expert: u32 },
+    #[error(
+        "{tokens} tokens in one request; this node takes at most {max} (max_request_tokens in Describe): split the request"
+    )]
+    TooLarge { tokens: u32, max: usize },
     #[error("expert output overflowed: non-finite value at index {0} (activations too large)")]
     NonFiniteOutput(usize),
     #[error("internal error: {0}")]
@@ -47,6 +55,9 @@ impl ForwardError {
             ForwardError::Expert(ExpertError::Unavailable(_)) => Code::Unavailable,
             ForwardError::Internal(_) => Code::Internal,
             ForwardError::NonFiniteOutput(_) => Code::OutOfRange,
+            // What gRPC answers for a message over the size limit: retrying the same
+            // request cannot help, a smaller one (or a node with more memory) can.
+            ForwardError::TooLarge { .. } => Code::ResourceExhausted,
             ForwardError::Expert(_)
             | ForwardError::Codec(_)
             | ForwardError::Ragged { .. }
@@ -68,14 +79,21 @@ pub(crate) struct Work {
 
 impl Work {
     /// Checks everything the model's shape decides: dtype, layer, the three assignment
-    /// arrays, every expert id, token index and weight, and the activations' byte length.
-    /// Whether the experts are held here is for [`Work::run`], under the store's lock.
+    /// arrays, every expert id, token index and weight, and the activations' byte length;
+    /// and that the request has at most `max_tokens` tokens. Whether the experts are held
+    /// here is for [`Work::run`], under the store's lock.
     ///
     /// The order matters: the byte length is checked before anything is allocated, so a
-    /// declared token count cannot make us reserve memory the message does not carry; the
-    /// assignment count is bounded by tokens x experts, and duplicates are refused, so a
-    /// small message cannot buy more expert work than a real step needs.
-    pub(crate) fn check(req: &ForwardRequest, cfg: &ModelConfig) -> Result<Self, ForwardError> {
+    /// declared token count cannot make us reserve memory the message does not carry (and
+    /// a lie about it is INVALID_ARGUMENT, not a size refusal); the token cap comes next,
+    /// so a request too big for this node allocates nothing; the assignment count is
+    /// bounded by tokens x experts, and duplicates are refused, so a small message cannot
+    /// buy more expert work than a real step needs.
+    pub(crate) fn check(
+        req: &ForwardRequest,
+        cfg: &ModelConfig,
+        max_tokens: usize,
+    ) -> Result<Self, ForwardError> {
         let format = WireFormat::from_proto(req.dtype)?;
         let layer = req.layer as usize;
         if layer >= cfg.num_layers {
@@ -104,6 +122,12 @@ impl Work {
                 size: format.size(),
             }
             .into());
+        }
+        if tokens > max_tokens {
+            return Err(ForwardError::TooLarge {
+                tokens: req.num_tokens,
+                max: max_tokens,
+            });
         }
         let most = tokens.saturating_mul(cfg.num_experts);
         if req.token.len() > most {
@@ -134,18 +158,24 @@ impl Work {
                 weight,
             });
         }
-        // Both ids are below 2^32, so one u64 key per pair; sorting is O(n log n) with n
-        // already bounded above.
-        let mut pairs: Vec<u64> = assignments
-            .iter()
-            .map(|a| (u64::from(a.token) << 32) | u64::from(a.expert))
-            .collect();
-        pairs.sort_unstable();
-        if let Some(w) = pairs.windows(2).find(|w| w[0] == w[1]) {
-            return Err(ForwardError::Duplicate {
-                token: (w[0] >> 32) as u32,
-                expert: w[0] as u32,
-            });
+        // By token, so that `run` can cut the request into chunks of consecutive tokens
+        // and a duplicate pair falls within one token's run. Stable: a coordinator already
+        // sends its assignments by token, and keeping their order keeps every expert's
+        // rows, hence the results, exactly as they were. O(n log n), n bounded above.
+        assignments.sort_by_key(|a| a.token);
+        let mut seen = vec![false; cfg.num_experts];
+        for run in assignments.chunk_by(|a, b| a.token == b.token) {
+            for a in run {
+                if std::mem::replace(&mut seen[a.expert as usize], true) {
+                    return Err(ForwardError::Duplicate {
+                        token: a.token,
+                        expert: a.expert,
+                    });
+                }
+            }
+            for a in run {
+                seen[a.expert as usize] = false;
+            }
         }
         Ok(Work {
             layer,
@@ -156,29 +186,77 @@ impl Work {
         })
     }
 
-    /// Decodes, computes and encodes; blocking (run it off the async workers). Returns the
-    /// encoded output and the microseconds it took.
-    pub(crate) fn run(&self, store: &LocalExperts) -> Result<(Bytes, u64), ForwardError> {
+    /// Decodes, computes and encodes, at most `chunk_rows` tokens and `chunk_rows`
+    /// assignments at a time (a token is never split); blocking (run it off the async
+    /// workers). Returns the encoded output and the microseconds it took.
+    ///
+    /// Every refusal that needs no compute comes before any: experts not held, then a
+    /// non-finite activation anywhere in the request.
+    pub(crate) fn run(
+        &self,
+        store: &LocalExperts,
+        chunk_rows: usize,
+    ) -> Result<(Bytes, u64), ForwardError> {
         let started = Instant::now();
         let hidden = store.hidden();
-        // Refuse experts we do not hold before paying for the decode.
         store.validate(
             self.layer,
             self.tokens * hidden,
             self.tokens,
             &self.assignments,
         )?;
-        let x = decode_activations(&self.activations, self.format, self.tokens, hidden)?;
-        let y = store.combine(self.layer, &x, self.tokens, &self.assignments)?;
-        // Finite inputs can still overflow (huge activations): say so here rather than
-        // ship an Inf that every later layer would spread.
-        if let Some(i) = y.iter().position(|v| !v.is_finite()) {
-            return Err(ForwardError::NonFiniteOutput(i));
+        if let Some(i) = find_non_finite(&self.activations, self.format) {
+            return Err(CodecError::NonFinite(i).into());
         }
-        let output = encode_activations(&y, self.format);
+        let row_bytes = hidden * self.format.size();
+        let mut output = Vec::with_capacity(self.activations.len());
+        let mut local = Vec::new();
+        let (mut first, mut rest) = (0, &self.assignments[..]);
+        while first < self.tokens {
+            let (end, rows) = chunk_end(first, rest, self.tokens, chunk_rows);
+            let (chunk, tail) = rest.split_at(rows);
+            let n = end - first;
+            let bytes = &self.activations[first * row_bytes..end * row_bytes];
+            let x = decode_activations(bytes, self.format, n, hidden)?;
+            // Token indices relative to the chunk; `first` fits a u32 as every token does.
+            local.clear();
+            local.extend(chunk.iter().map(|a| Assignment {
+                token: a.token - first as u32,
+                ..*a
+            }));
+            let y = store.combine(self.layer, &x, n, &local)?;
+            // Finite inputs can still overflow (huge activations): say so here rather than
+            // ship an Inf that every later layer would spread.
+            if let Some(i) = y.iter().position(|v| !v.is_finite()) {
+                return Err(ForwardError::NonFiniteOutput(first * hidden + i));
+            }
+            encode_activations_into(&y, self.format, &mut output);
+            (first, rest) = (end, tail);
+        }
         let micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
-        Ok((output, micros))
+        Ok((Bytes::from(output), micros))
     }
+}
+
+/// Where the chunk starting at token `first` ends: `(end token, its assignment count)`.
+/// `rest` is sorted by token and starts at `first`'s assignments. The chunk takes whole
+/// tokens, at most `chunk_rows` of them carrying at most `chunk_rows` assignments, and
+/// always at least one token (which may carry more, up to the model's expert count).
+fn chunk_end(
+    first: usize,
+    rest: &[Assignment],
+    tokens: usize,
+    chunk_rows: usize,
+) -> (usize, usize) {
+    let mut end = first.saturating_add(chunk_rows.max(1)).min(tokens);
+    let mut rows = rest.partition_point(|a| (a.token as usize) < end);
+    if rows > chunk_rows {
+        // Stop before the token whose assignment crosses the limit; every token before it
+        // has all its assignments below the limit.
+        end = (rest[chunk_rows].token as usize).max(first + 1);
+        rows = rest.partition_point(|a| (a.token as usize) < end);
+    }
+    (end, rows)
 }
 
 pub(crate) fn answer(id: u64, format: WireFormat, output: Bytes, micros: u64) -> ForwardResponse {
@@ -253,6 +331,84 @@ mod tests {
         }
     }
 
+    fn store() -> &'static LocalExperts {
+        static S: OnceLock<LocalExperts> = OnceLock::new();
+        S.get_or_init(|| {
+            let dir = concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../tests/fixtures/mixtral-tiny"
+            );
+            let ckpt = switchyard_engine::Checkpoint::open(std::path::Path::new(dir))
+                .expect("fixture weights");
+            LocalExperts::load(
+                switchyard_engine::cuda::Device::Cpu,
+                &ckpt,
+                config(),
+                &switchyard_engine::ExpertSelection::All,
+            )
+            .expect("fixture experts")
+        })
+    }
+
+    /// Chunks of every size, tokens with none, one or all eight experts, in bf16 and f32:
+    /// the chunked answer is the one-pass answer, bit for bit.
+    #[test]
+    fn chunked_runs_match_a_single_pass() {
+        let cfg = config();
+        let h = cfg.hidden_size;
+        let tokens = 37usize;
+        let x: Vec<f32> = (0..tokens * h)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0)
+            .collect();
+        let (mut token, mut expert, mut weight) = (Vec::new(), Vec::new(), Vec::new());
+        for t in 0..tokens as u32 {
+            let k = match t % 5 {
+                0 => 0,
+                1 => 8,
+                n => n - 1,
+            };
+            for j in 0..k {
+                token.push(t);
+                expert.push((t + 3 * j) % 8);
+                weight.push(0.1 + j as f32 / 10.0);
+            }
+        }
+        for format in [WireFormat::F32, WireFormat::Bf16] {
+            let req = ForwardRequest {
+                id: 1,
+                layer: 2,
+                num_tokens: tokens as u32,
+                dtype: format.to_proto() as i32,
+                activations: switchyard_proto::encode_activations(&x, format),
+                token: token.clone(),
+                expert: expert.clone(),
+                weight: weight.clone(),
+            };
+            let work = Work::check(&req, cfg, usize::MAX).expect("a valid request");
+            let (whole, _) = work.run(store(), usize::MAX).expect("one pass");
+            for chunk_rows in [1, 2, 3, 7, 8, 9, 16, 40, 1000] {
+                let (chunked, _) = work.run(store(), chunk_rows).expect("chunked");
+                assert!(chunked == whole, "{format:?}, chunks of {chunk_rows}");
+            }
+        }
+    }
+
+    #[test]
+    fn chunks_take_whole_tokens_within_the_row_limit() {
+        let a = |token| Assignment {
+            token,
+            expert: 0,
+            weight: 1.0,
+        };
+        // Tokens 0..6 carrying 2, 0, 5, 1, 0, 0 assignments.
+        let work: Vec<Assignment> = [0, 0, 2, 2, 2, 2, 2, 3].into_iter().map(a).collect();
+        assert_eq!(chunk_end(0, &work, 6, 3), (2, 2));
+        assert_eq!(chunk_end(2, &work[2..], 6, 3), (3, 5));
+        assert_eq!(chunk_end(3, &work[7..], 6, 3), (6, 1));
+        assert_eq!(chunk_end(0, &work, 6, 100), (6, 8));
+        assert_eq!(chunk_end(0, &[], 0, 4), (0, 0));
+    }
+
     proptest! {
         // CI runs 2048 cases per property (a fraction of a second); PROPTEST_CASES raises it
             // for a longer session (SECURITY.md).
@@ -266,8 +422,9 @@ mod tests {
         #[test]
         fn the_request_check_never_panics_and_ok_means_valid(req in request()) {
             let cfg = config();
-            match Work::check(&req, cfg) {
+            match Work::check(&req, cfg, 4) {
                 Ok(work) => {
+                    prop_assert!(work.tokens <= 4);
                     prop_assert!(work.layer < cfg.num_layers);
                     prop_assert_eq!(work.tokens, req.num_tokens as usize);
                     prop_assert_eq!(
@@ -275,6 +432,7 @@ mod tests {
                         work.tokens * cfg.hidden_size * work.format.size()
                     );
                     prop_assert!(work.assignments.len() <= work.tokens * cfg.num_experts);
+                    prop_assert!(work.assignments.is_sorted_by_key(|a| a.token));
                     let mut seen = std::collections::HashSet::new();
                     for a in &work.assignments {
                         prop_assert!((a.token as usize) < work.tokens);
@@ -285,7 +443,11 @@ mod tests {
                 }
                 Err(e) => {
                     let code = e.code();
-                    prop_assert!(matches!(code, Code::InvalidArgument | Code::NotFound), "{e}: {code:?}");
+                    prop_assert!(
+                        matches!(code, Code::InvalidArgument | Code::NotFound | Code::ResourceExhausted),
+                        "{e}: {code:?}"
+                    );
+                    prop_assert_eq!(code == Code::ResourceExhausted, matches!(e, ForwardError::TooLarge { tokens: 5.., .. }));
                     let _ = refusal(req.id, req.dtype, &e);
                 }
             }

@@ -6,6 +6,7 @@
 //! of its experts' outputs per token. Bad requests are answered in-band so one malformed
 //! message never tears down the stream that every other layer depends on.
 
+mod budget;
 mod error;
 mod forward;
 mod membership;
@@ -15,6 +16,7 @@ mod server;
 mod service;
 mod spec;
 
+pub use budget::DEFAULT_WORK_MEMORY_BYTES;
 pub use error::NodeError;
 pub use membership::Membership;
 pub use metrics::NodeMetrics;

@@ -15,6 +15,7 @@ use tokio::task::spawn_blocking;
 use crate::metrics::NodeMetrics;
 
 use crate::NodeError;
+use crate::budget::Budget;
 use crate::forward::{ForwardError, Work, answer, refusal};
 
 /// What an expert node serves.
@@ -31,6 +32,12 @@ pub struct NodeConfig {
     /// Where the experts live and run; `Auto` falls back to the CPU, an explicit CUDA
     /// device that is not usable fails [`ExpertNode::open`].
     pub device: Device,
+    /// Memory Forward requests in flight may use together (messages, answers, working
+    /// buffers); past it they wait. `None`: [`crate::DEFAULT_WORK_MEMORY_BYTES`].
+    pub work_memory_bytes: Option<u64>,
+    /// Most tokens one Forward request may carry, advertised in Describe. `None`: what a
+    /// quarter of the work memory holds at worst.
+    pub max_request_tokens: Option<usize>,
 }
 
 pub struct ExpertNode {
@@ -51,6 +58,7 @@ pub struct ExpertNode {
     /// cannot interleave with another change.
     placement: tokio::sync::Mutex<()>,
     metrics: Arc<NodeMetrics>,
+    budget: Budget,
 }
 
 impl ExpertNode {
@@ -64,6 +72,7 @@ impl ExpertNode {
         {
             return Err(no_such_expert(&config, layer as u64, expert as u64));
         }
+        let budget = Budget::new(&config, cfg.work_memory_bytes, cfg.max_request_tokens)?;
         let checkpoint = Checkpoint::open(&cfg.model_dir)?;
         let store = LocalExperts::load(cfg.device, &checkpoint, &config, &cfg.initial)?;
         if let Some(max) = cfg.max_experts
@@ -90,6 +99,9 @@ impl ExpertNode {
             model = %model,
             experts = store.held().len(),
             %device,
+            max_request_tokens = budget.max_request_tokens(),
+            work_memory_mib = budget.total_bytes() >> 20,
+            chunk_rows = budget.chunk_rows(),
             "expert node opened"
         );
         Ok(ExpertNode {
@@ -105,6 +117,7 @@ impl ExpertNode {
             max_experts: cfg.max_experts,
             placement: tokio::sync::Mutex::new(()),
             metrics: Arc::new(metrics),
+            budget,
         })
     }
 
@@ -148,6 +161,16 @@ impl ExpertNode {
         &self.device
     }
 
+    /// Most tokens one Forward request may carry.
+    pub fn max_request_tokens(&self) -> usize {
+        self.budget.max_request_tokens()
+    }
+
+    /// Memory Forward requests in flight may use together.
+    pub fn work_memory_bytes(&self) -> u64 {
+        self.budget.total_bytes()
+    }
+
     pub fn describe(&self) -> NodeInfo {
         let to_u32 = |n: usize| u32::try_from(n).unwrap_or(u32::MAX);
         NodeInfo {
@@ -167,20 +190,35 @@ impl ExpertNode {
             bytes_per_expert: self.bytes_per_expert(),
             epoch: self.epoch(),
             device: self.device.clone(),
+            max_request_tokens: self.max_request_tokens() as u64,
         }
     }
 
     /// Answers one forward request. Never fails: a bad request gets an in-band error.
     pub async fn forward(&self, req: ForwardRequest) -> ForwardResponse {
-        let work = match Work::check(&req, &self.config) {
+        let (id, layer, dtype) = (req.id, req.layer, req.dtype);
+        let work = match Work::check(&req, &self.config, self.budget.max_request_tokens()) {
             Ok(work) => work,
-            Err(e) => return self.refuse(&req, e),
+            Err(e) => return self.refuse(id, layer, dtype, e),
+        };
+        // The wire's assignment arrays are copied into `work`; free them before waiting.
+        drop(req);
+        // A request waits here holding only its message; the answer and the working
+        // buffers are allocated under the permit, which is held until they are done.
+        let _permit = match self
+            .budget
+            .reserve(work.tokens, work.assignments.len(), work.format)
+            .await
+        {
+            Ok(permit) => permit,
+            Err(e) => return self.refuse(id, layer, dtype, e),
         };
         let store = Arc::clone(&self.store);
         let metrics = Arc::clone(&self.metrics);
+        let chunk_rows = self.budget.chunk_rows();
         let compute = move || {
             let store = store.read().unwrap_or_else(PoisonError::into_inner);
-            work.run(&store).map(|(output, micros)| {
+            work.run(&store, chunk_rows).map(|(output, micros)| {
                 metrics.computed(work.layer, &work.assignments, micros);
                 (work.format, output, micros)
             })
@@ -197,10 +235,12 @@ impl ExpertNode {
             spawn_blocking(compute).await
         };
         match result {
-            Ok(Ok((format, output, micros))) => answer(req.id, format, output, micros),
-            Ok(Err(e)) => self.refuse(&req, e),
+            Ok(Ok((format, output, micros))) => answer(id, format, output, micros),
+            Ok(Err(e)) => self.refuse(id, layer, dtype, e),
             Err(join) => self.refuse(
-                &req,
+                id,
+                layer,
+                dtype,
                 ForwardError::Internal(format!("expert computation failed: {join}")),
             ),
         }
@@ -211,10 +251,10 @@ impl ExpertNode {
         Arc::clone(&self.metrics)
     }
 
-    fn refuse(&self, req: &ForwardRequest, e: ForwardError) -> ForwardResponse {
+    fn refuse(&self, id: u64, layer: u32, dtype: i32, e: ForwardError) -> ForwardResponse {
         self.metrics.refused();
-        tracing::warn!(id = req.id, layer = req.layer, code = ?e.code(), "forward request refused: {e}");
-        refusal(req.id, req.dtype, &e)
+        tracing::warn!(id, layer, code = ?e.code(), "forward request refused: {e}");
+        refusal(id, dtype, &e)
     }
 
     /// Loads the experts not yet held (idempotent) and returns the node's new state.
@@ -360,6 +400,8 @@ mod tests {
             initial,
             max_experts: None,
             device: Device::Cpu,
+            work_memory_bytes: None,
+            max_request_tokens: None,
         }
     }
 

@@ -65,6 +65,13 @@ impl std::str::FromStr for WireFormat {
 
 pub fn encode_activations(values: &[f32], format: WireFormat) -> Bytes {
     let mut out = Vec::with_capacity(values.len() * format.size());
+    encode_activations_into(values, format, &mut out);
+    Bytes::from(out)
+}
+
+/// [`encode_activations`], appending to `out`: a large answer is encoded piece by piece
+/// into one buffer instead of being held whole in f32 first.
+pub fn encode_activations_into(values: &[f32], format: WireFormat, out: &mut Vec<u8>) {
     match format {
         WireFormat::F32 => {
             for v in values {
@@ -77,7 +84,21 @@ pub fn encode_activations(values: &[f32], format: WireFormat) -> Bytes {
             }
         }
     }
-    Bytes::from(out)
+}
+
+/// The index of the first NaN or infinity in encoded activations, read in place: lets a
+/// large request be refused for a bad value before any of it is decoded or computed.
+/// A trailing partial value is ignored (lengths are checked elsewhere).
+pub fn find_non_finite(bytes: &[u8], format: WireFormat) -> Option<usize> {
+    match format {
+        WireFormat::F32 => bytes
+            .chunks_exact(4)
+            .position(|b| !f32::from_le_bytes([b[0], b[1], b[2], b[3]]).is_finite()),
+        // A bf16 is NaN or infinite exactly when its eight exponent bits are all set.
+        WireFormat::Bf16 => bytes
+            .chunks_exact(2)
+            .position(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7f80 == 0x7f80),
+    }
 }
 
 /// Decodes `[tokens, hidden]` values, refusing a wrong length or a NaN/Inf (which would
@@ -203,6 +224,22 @@ mod tests {
                 let d = decode_activations(&e, WireFormat::Bf16, values.len(), 1).unwrap();
                 for (a, b) in d.iter().zip(&values) {
                     prop_assert_eq!(*a, half::bf16::from_f32(*b).to_f32());
+                }
+            }
+
+            /// The in-place scan finds exactly the value decoding would refuse.
+            #[test]
+            fn the_in_place_scan_agrees_with_decoding(
+                bytes in prop::collection::vec(prop_oneof![any::<u8>(), Just(0x7f), Just(0xff), Just(0x80)], 0..256),
+                bf16 in any::<bool>(),
+            ) {
+                let format = if bf16 { WireFormat::Bf16 } else { WireFormat::F32 };
+                let whole = &bytes[..bytes.len() / format.size() * format.size()];
+                let n = whole.len() / format.size();
+                let decoded = decode_activations(whole, format, 1, n);
+                match find_non_finite(whole, format) {
+                    Some(i) => prop_assert_eq!(decoded, Err(CodecError::NonFinite(i))),
+                    None => prop_assert!(decoded.is_ok()),
                 }
             }
 

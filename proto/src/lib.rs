@@ -9,7 +9,10 @@ pub mod pb {
     tonic::include_proto!("switchyard.expert.v1");
 }
 
-pub use codec::{CodecError, WireFormat, decode_activations, encode_activations};
+pub use codec::{
+    CodecError, WireFormat, decode_activations, encode_activations, encode_activations_into,
+    find_non_finite,
+};
 pub use pb::expert_service_client::ExpertServiceClient;
 pub use pb::expert_service_server::{ExpertService, ExpertServiceServer};
 

@@ -36,6 +36,15 @@ pub struct Args {
     /// Most experts this node may hold (its memory budget) [default: all of the model's].
     #[arg(long)]
     max_experts: Option<usize>,
+    /// Memory, in MiB, that Forward requests in flight may use together (their messages,
+    /// answers and working buffers); past it, requests wait their turn [default: 2048].
+    #[arg(long)]
+    work_memory_mb: Option<u64>,
+    /// Most tokens one Forward request may carry, advertised in Describe; larger requests
+    /// are refused with RESOURCE_EXHAUSTED [default: what a quarter of --work-memory-mb
+    /// holds in the worst case].
+    #[arg(long)]
+    max_request_tokens: Option<usize>,
     /// Address coordinators dial, `HOST:PORT`, registered in etcd [default: the listen
     /// address, with this host's name in place of a wildcard IP].
     #[arg(long)]
@@ -65,6 +74,17 @@ async fn serve_node(args: Args) -> Result<()> {
     if args.max_experts == Some(0) {
         anyhow::bail!("--max-experts must be at least 1");
     }
+    if args.work_memory_mb == Some(0) || args.max_request_tokens == Some(0) {
+        anyhow::bail!("--work-memory-mb and --max-request-tokens must be at least 1");
+    }
+    let work_memory_bytes = match args.work_memory_mb {
+        Some(mb) => Some(
+            mb.checked_mul(1 << 20)
+                .context("--work-memory-mb is too large")?,
+        ),
+        None => None,
+    };
+    let max_request_tokens = args.max_request_tokens;
     let device = args.device.resolve()?;
     // Before binding: a bad certificate path fails the start, not the first handshake.
     let tls = args.tls.load()?;
@@ -87,6 +107,8 @@ async fn serve_node(args: Args) -> Result<()> {
             initial,
             max_experts,
             device,
+            work_memory_bytes,
+            max_request_tokens,
         })
     })
     .await

@@ -48,6 +48,21 @@ impl Running {
     }
 }
 
+/// The CPU node the tests serve: [`HELD`] in every layer of the f32 fixture.
+pub fn node_config() -> NodeConfig {
+    let cfg = ModelConfig::from_dir(&fixture()).unwrap();
+    let initial = ExpertSelection::in_every_layer(&HELD.map(|e| e as usize), cfg.num_layers);
+    NodeConfig {
+        model_dir: fixture(),
+        node_id: "test-node".into(),
+        initial,
+        max_experts: None,
+        device: switchyard_engine::cuda::Device::Cpu,
+        work_memory_bytes: None,
+        max_request_tokens: None,
+    }
+}
+
 /// A node holding [`HELD`] in every layer of the f32 fixture.
 pub async fn start() -> Running {
     start_with_tls(None).await
@@ -55,16 +70,7 @@ pub async fn start() -> Running {
 
 /// [`start`], serving mutual TLS with `tls` when given.
 pub async fn start_with_tls(tls: Option<switchyard_proto::tls::Tls>) -> Running {
-    let cfg = ModelConfig::from_dir(&fixture()).unwrap();
-    let initial = ExpertSelection::in_every_layer(&HELD.map(|e| e as usize), cfg.num_layers);
-    let node = ExpertNode::open(NodeConfig {
-        model_dir: fixture(),
-        node_id: "test-node".into(),
-        initial,
-        max_experts: None,
-        device: switchyard_engine::cuda::Device::Cpu,
-    })
-    .unwrap();
+    let node = ExpertNode::open(node_config()).unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = oneshot::channel::<()>();
