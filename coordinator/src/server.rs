@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use switchyard_engine::cuda::{Device, LoadError};
 use switchyard_engine::tokenizer::{Tokenizer, TokenizerError};
 use switchyard_engine::{DenseModel, ExpertSelection, Experts, LocalExperts, ModelError};
@@ -287,22 +286,15 @@ impl Coordinator {
         &self.state
     }
 
-    /// Serves the HTTP API on `listener` until `shutdown` resolves.
+    /// Serves the HTTP API on `listener` until `shutdown` resolves, then lets requests in
+    /// progress finish for at most the shutdown grace period (`HttpConfig::timeouts`).
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), CoordinatorError> {
-        // Streamed tokens are small writes: with Nagle's algorithm each one after the first
-        // waits for the client's (delayed, up to 40 ms) ACK of the one before.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-        });
-        axum::serve(listener, router(self.state))
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let timeouts = self.state.http.timeouts;
+        crate::http::transport::serve(listener, router(self.state), timeouts, shutdown).await;
         // Leave the election and drop the load report now, not a TTL later.
         if let Some(c) = self.cluster {
             c.session.revoke().await;

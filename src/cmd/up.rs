@@ -155,6 +155,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     let scheduler = a.serve.scheduler()?;
     let http = a.serve.http()?;
+    // The server bounds its own shutdown by the grace period; the margin is for its last
+    // writes.
+    let server_stop_limit = http.timeouts.shutdown_grace + Duration::from_secs(5);
     // Settled once here, so that `auto` means the same for every node and `cuda` without
     // a GPU fails before any node starts.
     let device = a.device.resolve()?;
@@ -319,7 +322,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             reason = died_rx => Err(anyhow!(reason.unwrap_or_else(|_| "node watcher stopped".into()))),
         };
         let _ = stop_tx.send(());
-        let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        let _ = tokio::time::timeout(server_stop_limit, server).await;
         stop_watching.store(true, std::sync::atomic::Ordering::SeqCst);
         if let Ok(kids) = watch.await {
             children = kids;
