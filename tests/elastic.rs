@@ -96,12 +96,16 @@ impl Load {
     }
 
     /// Stops the clients and asserts nothing failed; returns how many completed.
-    fn finish(self) -> usize {
+    fn finish(mut self) -> usize {
         self.stop.store(true, Ordering::SeqCst);
-        for t in self.threads {
+        for t in std::mem::take(&mut self.threads) {
             t.join().expect("load thread panicked");
         }
-        assert!(self.failures.lock().unwrap().is_empty(), "{}", self.failed());
+        assert!(
+            self.failures.lock().unwrap().is_empty(),
+            "{}",
+            self.failed()
+        );
         self.done.load(Ordering::SeqCst)
     }
 }

@@ -133,7 +133,9 @@ fn expert_node_metrics_count_the_tokens_each_expert_computed() {
         .enable_all()
         .build()
         .unwrap();
-    let link = runtime.block_on(NodeLink::connect(&grpc, None)).unwrap();
+    let link = runtime
+        .block_on(NodeLink::connect(&grpc, None, Default::default()))
+        .unwrap();
     let placement = Placement::round_robin(4, 8, 1, 1).unwrap();
     let experts = RemoteExperts::new(
         runtime.handle().clone(),

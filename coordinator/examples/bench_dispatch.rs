@@ -180,16 +180,19 @@ fn main() -> Result<(), BoxError> {
             for a in &addrs {
                 wait_healthy(a, Duration::from_secs(60), None).await?;
             }
-            RemoteExperts::connect_static(&addrs, &placement, None).await
+            RemoteExperts::connect_static(&addrs, &placement, None, Default::default()).await
         })?;
         let mut links = Some(links);
         for wire in [WireFormat::Bf16, WireFormat::F32] {
             // One set of links per wire format: rebuild from the same nodes.
             let l = match links.take() {
                 Some(l) => l,
-                None => {
-                    runtime.block_on(RemoteExperts::connect_static(&addrs, &placement, None))?
-                }
+                None => runtime.block_on(RemoteExperts::connect_static(
+                    &addrs,
+                    &placement,
+                    None,
+                    Default::default(),
+                ))?,
             };
             let remote = Arc::new(RemoteExperts::new(
                 runtime.handle().clone(),

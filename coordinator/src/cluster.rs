@@ -14,7 +14,7 @@ use tracing::{info, warn};
 
 use crate::metrics::Metrics;
 use crate::placement::Placement;
-use crate::remote::{RemoteError, RemoteExperts};
+use crate::remote::{Keepalive, RemoteError, RemoteExperts};
 
 /// Cluster-mode settings of one coordinator.
 #[derive(Debug, Clone)]
@@ -50,7 +50,7 @@ impl GrpcControl {
     ) -> BoxFuture<'static, Result<(), String>> {
         let (addr, tls) = (addr.to_owned(), self.tls.clone());
         Box::pin(async move {
-            let channel = crate::remote::endpoint(&addr, tls.as_ref())
+            let channel = crate::remote::endpoint(&addr, tls.as_ref(), Keepalive::default())
                 .map_err(|e| e.to_string())?
                 .connect()
                 .await

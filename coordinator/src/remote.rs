@@ -41,6 +41,7 @@ type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ForwardResponse>>>>;
 pub struct NodeLink {
     addr: String,
     tls: Option<Tls>,
+    keepalive: Keepalive,
     /// The current connection (none before the first one succeeds); replaced whole
     /// when a dead node is reconnected.
     stream: std::sync::RwLock<Option<Arc<NodeStream>>>,
@@ -58,9 +59,35 @@ struct NodeStream {
     alive: Arc<AtomicBool>,
 }
 
+/// HTTP/2 pings on every coordinator -> node connection: how a node that goes silent
+/// (no reset: a cut link, a partition, a hung host) is found. A connection whose ping is
+/// not answered within `timeout` is closed, which fails every dispatch in flight on it
+/// at once, and the layer is planned again on replicas: one step carries every running
+/// sequence, so nothing may wait on one node for longer than this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Silence on the connection before a ping is sent.
+    pub interval: Duration,
+    /// How long the answer to a ping may take.
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Keepalive {
+            interval: Duration::from_millis(500),
+            timeout: Duration::from_millis(1000),
+        }
+    }
+}
+
 /// The endpoint of a node at `addr` (`HOST:PORT` or a URI). With `tls`, the connection
 /// is `https` and the node's certificate must chain to our CA and name `HOST`.
-pub(crate) fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, RemoteError> {
+pub(crate) fn endpoint(
+    addr: &str,
+    tls: Option<&Tls>,
+    keepalive: Keepalive,
+) -> Result<Endpoint, RemoteError> {
     let bad = |reason: String| RemoteError::Address {
         addr: addr.to_owned(),
         reason,
@@ -85,16 +112,22 @@ pub(crate) fn endpoint(addr: &str, tls: Option<&Tls>) -> Result<Endpoint, Remote
         // make every layer wait for window updates.
         .initial_stream_window_size(16 << 20)
         .initial_connection_window_size(64 << 20)
-        .http2_keep_alive_interval(Duration::from_secs(10))
+        .http2_keep_alive_interval(keepalive.interval)
+        .keep_alive_timeout(keepalive.timeout)
         .keep_alive_while_idle(true))
 }
 
 impl NodeLink {
-    pub async fn connect(addr: &str, tls: Option<&Tls>) -> Result<Self, RemoteError> {
-        let stream = NodeStream::open(addr, tls).await?;
+    pub async fn connect(
+        addr: &str,
+        tls: Option<&Tls>,
+        keepalive: Keepalive,
+    ) -> Result<Self, RemoteError> {
+        let stream = NodeStream::open(addr, tls, keepalive).await?;
         Ok(NodeLink {
             addr: addr.to_owned(),
             tls: tls.cloned(),
+            keepalive,
             stream: std::sync::RwLock::new(Some(Arc::new(stream))),
             next_id: AtomicU64::new(1),
             missing: Mutex::default(),
@@ -102,10 +135,11 @@ impl NodeLink {
     }
 
     /// A link to a node not reached yet: down until the reconnect loop reaches it.
-    pub fn unconnected(addr: &str, tls: Option<&Tls>) -> Self {
+    pub fn unconnected(addr: &str, tls: Option<&Tls>, keepalive: Keepalive) -> Self {
         NodeLink {
             addr: addr.to_owned(),
             tls: tls.cloned(),
+            keepalive,
             stream: std::sync::RwLock::new(None),
             next_id: AtomicU64::new(1),
             missing: Mutex::default(),
@@ -122,7 +156,7 @@ impl NodeLink {
     /// Opens a fresh connection to a node that went away, has it load `experts`, and
     /// only then puts it in service, so no request reaches a node that lacks its experts.
     pub async fn reconnect(&self, experts: &[(usize, usize)]) -> Result<(), RemoteError> {
-        let fresh = NodeStream::open(&self.addr, self.tls.as_ref()).await?;
+        let fresh = NodeStream::open(&self.addr, self.tls.as_ref(), self.keepalive).await?;
         load_on(&fresh.client, &self.addr, experts).await?;
         match self.stream.write() {
             Ok(mut s) => *s = Some(Arc::new(fresh)),
@@ -136,8 +170,12 @@ impl NodeLink {
 }
 
 impl NodeStream {
-    async fn open(addr: &str, tls: Option<&Tls>) -> Result<Self, RemoteError> {
-        let channel = endpoint(addr, tls)?
+    async fn open(
+        addr: &str,
+        tls: Option<&Tls>,
+        keepalive: Keepalive,
+    ) -> Result<Self, RemoteError> {
+        let channel = endpoint(addr, tls, keepalive)?
             .connect()
             .await
             .map_err(|e| RemoteError::Connect {
@@ -467,6 +505,9 @@ struct DispatchFailure {
     failed: Vec<usize>,
     /// Those of `failed` that answered that they do not hold an expert we sent them.
     not_held: Vec<usize>,
+    /// A node refused the work as larger than it takes (its advertised per-request
+    /// cap): its replicas have the same cap, so this is no node failure to route around.
+    too_large: bool,
     error: ExpertError,
 }
 
@@ -478,6 +519,8 @@ pub struct RemoteExperts {
     /// reconnect to nodes that stay.
     links: Mutex<HashMap<String, Arc<NodeLink>>>,
     tls: Option<Tls>,
+    /// For links to nodes a new placement adds.
+    keepalive: Keepalive,
     /// Whether a layer whose experts have no live holder may load them on live nodes
     /// (cluster mode) or fails (static mode: the operator chose the placement).
     recover: bool,
@@ -505,6 +548,9 @@ impl RemoteExperts {
             .map(|l| (l.addr().to_owned(), Arc::clone(l)))
             .collect();
         let tls = links.first().and_then(|l| l.tls.clone());
+        let keepalive = links
+            .first()
+            .map_or_else(Keepalive::default, |l| l.keepalive);
         let topology = Arc::new(TopologyCell(std::sync::RwLock::new(Arc::new(Topology {
             epoch: 0,
             links,
@@ -520,6 +566,7 @@ impl RemoteExperts {
             topology,
             links: Mutex::new(by_addr),
             tls,
+            keepalive,
             recover: false,
             audit,
             hidden,
@@ -534,6 +581,12 @@ impl RemoteExperts {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self.refresh_metrics();
+        self
+    }
+
+    /// Sets the keepalive of links to nodes added later (cluster mode starts with none).
+    pub fn with_keepalive(mut self, keepalive: Keepalive) -> Self {
+        self.keepalive = keepalive;
         self
     }
 
@@ -581,7 +634,7 @@ impl RemoteExperts {
         }
         let known: HashMap<String, Arc<NodeLink>> =
             self.links.lock().map(|m| m.clone()).unwrap_or_default();
-        let tls = self.tls.clone();
+        let (tls, keepalive) = (self.tls.clone(), self.keepalive);
         let connects = addrs.iter().map(|addr| {
             let existing = known.get(addr).cloned();
             let tls = tls.clone();
@@ -589,11 +642,11 @@ impl RemoteExperts {
                 if let Some(link) = existing {
                     return link;
                 }
-                match NodeLink::connect(addr, tls.as_ref()).await {
+                match NodeLink::connect(addr, tls.as_ref(), keepalive).await {
                     Ok(link) => Arc::new(link),
                     Err(e) => {
                         warn!(node = %addr, "new node not reachable yet: {e}");
-                        Arc::new(NodeLink::unconnected(addr, tls.as_ref()))
+                        Arc::new(NodeLink::unconnected(addr, tls.as_ref(), keepalive))
                     }
                 }
             }
@@ -638,8 +691,9 @@ impl RemoteExperts {
         addrs: &[String],
         placement: &Placement,
         tls: Option<&Tls>,
+        keepalive: Keepalive,
     ) -> Result<Vec<NodeLink>, RemoteError> {
-        let links = join_all(addrs.iter().map(|a| NodeLink::connect(a, tls)))
+        let links = join_all(addrs.iter().map(|a| NodeLink::connect(a, tls, keepalive)))
             .await
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
@@ -688,9 +742,15 @@ impl RemoteExperts {
             match self.dispatch_once(&topo, layer, x, routing, &usable).await {
                 Ok(out) => return Ok(out),
                 Err(DispatchFailure {
+                    too_large: true,
+                    error,
+                    ..
+                }) => return Err(error),
+                Err(DispatchFailure {
                     failed,
                     not_held,
                     error,
+                    ..
                 }) if !failed.is_empty() => {
                     warn!(layer, %error, "dispatch failed on {} node(s): retrying", failed.len());
                     repairs += 1;
@@ -823,6 +883,7 @@ impl RemoteExperts {
             plan(layer, routing, &topo.placement, usable).map_err(|(l, e)| DispatchFailure {
                 failed: Vec::new(),
                 not_held: Vec::new(),
+                too_large: false,
                 error: ExpertError::Unavailable(format!(
                     "no live node holds expert {e} of layer {l}"
                 )),
@@ -862,6 +923,7 @@ impl RemoteExperts {
         let mut max_compute = 0;
         let mut failed = Vec::new();
         let mut not_held = Vec::new();
+        let mut too_large = false;
         let mut first_error = None;
         for (node, answer, elapsed, received) in answers {
             let link = &topo.links[node];
@@ -873,12 +935,11 @@ impl RemoteExperts {
                     .with_label_values(&[link.addr(), "received"])
                     .inc_by(received);
             }
-            if answer
-                .as_ref()
-                .is_ok_and(|r| r.error_code == tonic::Code::NotFound as i32)
-            {
+            let code = answer.as_ref().map_or(0, |r| r.error_code);
+            if code == tonic::Code::NotFound as i32 {
                 not_held.push(node);
             }
+            too_large |= code == tonic::Code::ResourceExhausted as i32;
             let decoded = answer.and_then(|resp| {
                 if resp.error_code != 0 {
                     return Err(format!(
@@ -913,6 +974,7 @@ impl RemoteExperts {
             return Err(DispatchFailure {
                 failed,
                 not_held,
+                too_large,
                 error: ExpertError::Unavailable(e),
             });
         }
@@ -994,7 +1056,7 @@ pub async fn wait_healthy(
     let deadline = Instant::now() + timeout;
     let mut last = String::from("not tried");
     while Instant::now() < deadline {
-        match endpoint(addr, tls)?.connect().await {
+        match endpoint(addr, tls, Keepalive::default())?.connect().await {
             Ok(channel) => {
                 let reply = HealthClient::new(channel)
                     .check(HealthCheckRequest {

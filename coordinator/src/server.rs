@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
 use switchyard_engine::cuda::{Device, LoadError};
 use switchyard_engine::tokenizer::{Tokenizer, TokenizerError};
 use switchyard_engine::{DenseModel, ExpertSelection, Experts, LocalExperts, ModelError};
@@ -18,7 +17,7 @@ use crate::cluster::{ClusterHandle, ClusterMode};
 use crate::http::{AppState, HealthCheck, HttpConfig, Refresh, router};
 use crate::metrics::{CountingExperts, Metrics};
 use crate::placement::{Placement, PlacementError};
-use crate::remote::{RemoteError, RemoteExperts};
+use crate::remote::{Keepalive, RemoteError, RemoteExperts};
 use crate::scheduler::{SchedulerConfig, SpawnError, spawn};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,6 +54,7 @@ pub enum ExpertsAt {
         timeout: Duration,
         /// Mutual TLS to the nodes; `None` is plaintext.
         tls: Option<Tls>,
+        keepalive: Keepalive,
     },
     /// Nodes found in etcd; placement published by the elected coordinator.
     Cluster {
@@ -62,6 +62,7 @@ pub enum ExpertsAt {
         wire: WireFormat,
         timeout: Duration,
         tls: Option<Tls>,
+        keepalive: Keepalive,
     },
 }
 
@@ -127,6 +128,7 @@ impl Coordinator {
                         wire,
                         timeout,
                         tls,
+                        keepalive,
                     },
                     _,
                 ) => {
@@ -143,6 +145,7 @@ impl Coordinator {
                             *timeout,
                         )
                         .with_recovery(tls.clone())
+                        .with_keepalive(*keepalive)
                         .with_metrics(metrics.clone()),
                     );
                     crate::cluster::install(&remote, &placement).await;
@@ -172,6 +175,7 @@ impl Coordinator {
                         wire,
                         timeout,
                         tls,
+                        keepalive,
                     },
                     _,
                 ) => {
@@ -182,7 +186,8 @@ impl Coordinator {
                         *replicas,
                     )?;
                     let links =
-                        RemoteExperts::connect_static(addrs, &placement, tls.as_ref()).await?;
+                        RemoteExperts::connect_static(addrs, &placement, tls.as_ref(), *keepalive)
+                            .await?;
                     info!(
                         nodes = addrs.len(),
                         replicas,
@@ -277,19 +282,13 @@ impl Coordinator {
         &self.state
     }
 
-    /// Serves the HTTP API on `listener` until `shutdown` resolves.
+    /// Serves the HTTP API on `listener` until `shutdown` resolves, then lets requests in
+    /// progress finish for at most the shutdown grace period (`HttpConfig::timeouts`).
     pub async fn serve(
         self,
         listener: TcpListener,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> Result<(), CoordinatorError> {
-        // Streamed tokens are small writes: with Nagle's algorithm each one after the first
-        // waits for the client's (delayed, up to 40 ms) ACK of the one before.
-        let listener = listener.tap_io(|tcp| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "could not set TCP_NODELAY on a connection");
-            }
-        });
         // A dead scheduler serves nothing ever again: stop, and say so in the exit status,
         // so a supervisor restarts the process instead of probing a zombie.
         let died = self.state.scheduler.died();
@@ -302,9 +301,8 @@ impl Coordinator {
                 }
             }
         };
-        axum::serve(listener, router(self.state))
-            .with_graceful_shutdown(stop)
-            .await?;
+        let timeouts = self.state.http.timeouts;
+        crate::http::transport::serve(listener, router(self.state), timeouts, stop).await;
         if let Ok(reason) = dead_rx.await {
             if let Some(c) = self.cluster {
                 c.session.revoke().await;

@@ -63,6 +63,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             },
             wire: a.serve.wire_dtype,
             timeout: a.serve.expert_timeout(),
+            keepalive: a.serve.keepalive()?,
             tls: a.tls.load()?,
         }
     } else if a.nodes.is_empty() {
@@ -73,6 +74,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             replicas: a.serve.replicas,
             wire: a.serve.wire_dtype,
             timeout: a.serve.expert_timeout(),
+            keepalive: a.serve.keepalive()?,
             tls: a.tls.load()?,
         }
     };

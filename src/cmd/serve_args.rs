@@ -7,6 +7,8 @@ use anyhow::Context;
 use switchyard_coordinator::http::HttpConfig;
 use switchyard_coordinator::http::auth::ApiKeys;
 use switchyard_coordinator::http::openai::Limits;
+use switchyard_coordinator::http::transport::Timeouts;
+use switchyard_coordinator::remote::Keepalive;
 use switchyard_coordinator::scheduler::SchedulerConfig;
 use switchyard_proto::WireFormat;
 use switchyard_proto::tls::{Tls, TlsFiles};
@@ -112,6 +114,13 @@ pub struct ServeArgs {
     /// How long one layer's dispatch to an expert node may take before it counts as failed.
     #[arg(long, default_value_t = 30_000)]
     pub expert_timeout_ms: u64,
+    /// Silence on a connection to an expert node before the coordinator pings it (HTTP/2).
+    #[arg(long, default_value_t = 500)]
+    pub expert_ping_interval_ms: u64,
+    /// How long a ping may go unanswered before the node counts as gone: its dispatches
+    /// in flight fail at once and go to replicas (a silent node, e.g. a cut link).
+    #[arg(long, default_value_t = 1000)]
+    pub expert_ping_timeout_ms: u64,
     /// An API key clients must send as `Authorization: Bearer KEY` (repeat for several).
     /// Keys in the comma-separated environment variable SWITCHYARD_API_KEYS count too,
     /// and keep them out of `ps`. None given: the API is open.
@@ -140,6 +149,19 @@ pub struct ServeArgs {
     /// cancelled and the client gets 504 (or a final error event when streaming). 0: none.
     #[arg(long, default_value_t = 600.0)]
     pub request_timeout_s: f64,
+    /// Seconds a client may take to send a request's headers (from connecting, or from
+    /// the previous response on a kept-alive connection); then the connection is closed.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout_s: f64,
+    /// Seconds a client may take to send a request's body once its headers are in; then
+    /// it gets 408 `request_body_timeout`. Responses are not bounded by this.
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout_s: f64,
+    /// On SIGTERM/Ctrl-C: seconds requests in progress may take to finish before their
+    /// connections are closed. Idle and half-sent connections are closed at once, and a
+    /// request still waiting for its body gets 503. 0: no wait.
+    #[arg(long, default_value_t = 30.0)]
+    pub shutdown_grace_s: f64,
 }
 
 impl ServeArgs {
@@ -166,6 +188,21 @@ impl ServeArgs {
 
     pub fn expert_timeout(&self) -> Duration {
         Duration::from_millis(self.expert_timeout_ms)
+    }
+
+    pub fn keepalive(&self) -> anyhow::Result<Keepalive> {
+        for (name, v) in [
+            ("--expert-ping-interval-ms", self.expert_ping_interval_ms),
+            ("--expert-ping-timeout-ms", self.expert_ping_timeout_ms),
+        ] {
+            if !(10..=3_600_000).contains(&v) {
+                anyhow::bail!("{name} must be between 10 and 3600000, got {v}");
+            }
+        }
+        Ok(Keepalive {
+            interval: Duration::from_millis(self.expert_ping_interval_ms),
+            timeout: Duration::from_millis(self.expert_ping_timeout_ms),
+        })
     }
 
     /// API keys (flags, then SWITCHYARD_API_KEYS) and request limits.
@@ -204,6 +241,25 @@ impl ServeArgs {
                 max_stop_bytes: self.max_stop_bytes,
                 request_timeout: (t > 0.0).then(|| Duration::from_secs_f64(t)),
             },
+            timeouts: self.timeouts()?,
+        })
+    }
+
+    /// `--header-timeout-s`, `--body-timeout-s`, `--shutdown-grace-s`.
+    fn timeouts(&self) -> anyhow::Result<Timeouts> {
+        // A day at most: `Duration::from_secs_f64` panics on overflow.
+        let secs = |name: &str, v: f64, zero_ok: bool| {
+            let ok = v.is_finite() && v <= 86_400.0 && (v > 0.0 || (zero_ok && v == 0.0));
+            if !ok {
+                let least = if zero_ok { ">= 0" } else { "> 0" };
+                anyhow::bail!("{name} must be a number of seconds {least} and <= 86400, got {v}");
+            }
+            Ok(Duration::from_secs_f64(v))
+        };
+        Ok(Timeouts {
+            header: secs("--header-timeout-s", self.header_timeout_s, false)?,
+            body: secs("--body-timeout-s", self.body_timeout_s, false)?,
+            shutdown_grace: secs("--shutdown-grace-s", self.shutdown_grace_s, true)?,
         })
     }
 }

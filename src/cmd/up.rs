@@ -56,10 +56,6 @@ pub struct Args {
     device: DeviceArgs,
 }
 
-/// How long a stopping `up` lets its coordinator finish the requests it accepted before
-/// the nodes go.
-const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
-
 /// The expert-node children; killed when this is dropped, however `up` ends.
 struct Children(Vec<(usize, Child)>);
 
@@ -159,6 +155,9 @@ pub fn run(a: Args) -> Result<ExitCode> {
     }
     let scheduler = a.serve.scheduler()?;
     let http = a.serve.http()?;
+    // The server bounds its own shutdown by the grace period; the margin is for its last
+    // writes.
+    let server_stop_limit = http.timeouts.shutdown_grace + Duration::from_secs(5);
     // Settled once here, so that `auto` means the same for every node and `cuda` without
     // a GPU fails before any node starts.
     let device = a.device.resolve()?;
@@ -247,6 +246,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 },
                 wire: a.serve.wire_dtype,
                 timeout: a.serve.expert_timeout(),
+                keepalive: a.serve.keepalive()?,
                 tls: coordinator_tls.clone(),
             }
         } else {
@@ -255,6 +255,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 replicas: a.serve.replicas,
                 wire: a.serve.wire_dtype,
                 timeout: a.serve.expert_timeout(),
+                keepalive: a.serve.keepalive()?,
                 tls: coordinator_tls.clone(),
             }
         };
@@ -331,10 +332,10 @@ pub fn run(a: Args) -> Result<ExitCode> {
         // (queued ones too) still needs them.
         let _ = stop_tx.send(());
         if !server.is_finished() {
-            match tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await {
+            match tokio::time::timeout(server_stop_limit, &mut server).await {
                 Ok(Ok(Err(e))) if outcome.is_ok() => outcome = Err(e.into()),
                 Ok(_) => {}
-                Err(_) => warn!("requests still running after {SHUTDOWN_GRACE:?}: stopping anyway"),
+                Err(_) => warn!("the coordinator did not stop within {server_stop_limit:?}: stopping anyway"),
             }
         }
         stop_watching.store(true, std::sync::atomic::Ordering::SeqCst);

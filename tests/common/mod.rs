@@ -5,6 +5,7 @@
 
 pub mod etcd;
 pub mod http;
+pub mod netns;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;

@@ -32,6 +32,9 @@ pub enum ApiError {
     Unauthorized(String),
     #[error("{0}")]
     Timeout(String),
+    /// The client did not send its request body in time (`--body-timeout-s`).
+    #[error("{0}")]
+    BodyTimeout(String),
     #[error("{0}")]
     QueueFull(String),
     #[error("{0}")]
@@ -62,6 +65,7 @@ impl ApiError {
             | ApiError::PromptTooLong { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::QueueFull(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -80,6 +84,7 @@ impl ApiError {
             // What OpenAI answers for a missing or wrong key.
             ApiError::Unauthorized(_) => ("invalid_request_error", Some("invalid_api_key")),
             ApiError::Timeout(_) => ("timeout_error", Some("request_timeout")),
+            ApiError::BodyTimeout(_) => ("invalid_request_error", Some("request_body_timeout")),
             ApiError::QueueFull(_) => ("rate_limit_error", Some("queue_full")),
             ApiError::Unavailable(_) => ("service_unavailable_error", Some("experts_unavailable")),
             ApiError::Internal(_) => ("internal_error", None),

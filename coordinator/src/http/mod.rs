@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod error;
 pub mod openai;
+pub mod transport;
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -30,11 +31,12 @@ use crate::scheduler::SchedulerHandle;
 use auth::ApiKeys;
 use error::ApiError;
 use openai::{InputContext, Limits, Params, chat_input, completion_input};
+use transport::{BodyCut, Timeouts};
 
 /// Largest request body accepted by default (`--max-body-bytes`).
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
-/// Who may call the API and what a request may ask for.
+/// Who may call the API, what a request may ask for, and how long sending it may take.
 #[derive(Debug, Clone, Default)]
 pub struct HttpConfig {
     /// Empty: no key needed.
@@ -42,6 +44,8 @@ pub struct HttpConfig {
     /// Whether `/metrics` needs a key too (it is open by default, for scrapers).
     pub metrics_require_key: bool,
     pub limits: Limits,
+    /// Read timeouts and the shutdown grace period of the connections.
+    pub timeouts: Timeouts,
 }
 
 pub type HealthCheck = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
@@ -176,10 +180,16 @@ enum Kind {
 }
 
 /// The body, or the error a client should see when it could not be read (too large:
-/// 413; otherwise 400), in OpenAI's shape rather than axum's plain text.
+/// 413; not in time: 408; cut by a shutdown: 503; otherwise 400), in OpenAI's shape
+/// rather than axum's plain text.
 fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes, ApiError> {
     body.map_err(|rejection| {
-        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        if let Some(cut) = BodyCut::find(&rejection) {
+            match cut {
+                BodyCut::TimedOut(_) => ApiError::BodyTimeout(cut.to_string()),
+                BodyCut::ShuttingDown => ApiError::Unavailable(cut.to_string()),
+            }
+        } else if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             ApiError::TooLarge(format!("request body exceeds {limit} bytes"))
         } else {
             ApiError::BadRequest {

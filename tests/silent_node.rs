@@ -1,0 +1,154 @@
+//! A node that goes silent (its link cut: packets vanish, no reset) under steady load,
+//! with every expert on two nodes. Issue 20: before HTTP/2 keepalive with a timeout, the
+//! layer in flight to the silent node waited for the link to heal (or for the 30 s
+//! expert timeout), and since one step carries every running sequence, the whole
+//! cluster served nothing meanwhile. Runs as root (network namespaces).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::netns::NetHost;
+use common::{
+    Cluster, Proc, exe, expert_node, golden, golden_texts, greedy, poll, text_of, tiny_model,
+};
+use serde_json::json;
+
+/// One finished request: when it ended, how long it took, and what went wrong if anything.
+type Outcome = (Instant, Duration, Result<(), String>);
+
+/// Clients sending the golden prompts greedily until stopped, recording every request.
+fn load(
+    c: &Arc<Cluster>,
+    clients: usize,
+    stop: &Arc<AtomicBool>,
+) -> (Vec<std::thread::JoinHandle<()>>, Arc<Mutex<Vec<Outcome>>>) {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let expected = golden_texts();
+    let threads = (0..clients)
+        .map(|k| {
+            let (c, stop, log, expected) = (c.clone(), stop.clone(), log.clone(), expected.clone());
+            std::thread::spawn(move || {
+                let client = c.client();
+                let prompts = golden();
+                let mut round = k;
+                while !stop.load(Ordering::SeqCst) {
+                    let i = round % prompts.len();
+                    round += 1;
+                    let g = &prompts[i];
+                    let body = greedy(&c.model, json!(g.input_ids), g.greedy_ids.len());
+                    let started = Instant::now();
+                    let outcome = match client.post_json("/v1/completions", &body) {
+                        Ok(r) if r.status == 200 && text_of(&r.json()) == expected[i] => Ok(()),
+                        Ok(r) => Err(format!("prompt {i}: {} {}", r.status, r.text())),
+                        Err(e) => Err(format!("prompt {i}: {e}")),
+                    };
+                    log.lock()
+                        .unwrap()
+                        .push((Instant::now(), started.elapsed(), outcome));
+                }
+            })
+        })
+        .collect();
+    (threads, log)
+}
+
+/// The longest request that was running at some moment of `from..to`.
+fn worst_across(log: &[Outcome], from: Instant, to: Instant) -> Duration {
+    log.iter()
+        .filter(|(end, took, _)| *end >= from && end.checked_sub(*took).is_some_and(|s| s <= to))
+        .map(|(_, took, _)| *took)
+        .max()
+        .unwrap_or_default()
+}
+
+/// The longest request that ran wholly within `from..to`.
+fn worst_within(log: &[Outcome], from: Instant, to: Instant) -> Duration {
+    log.iter()
+        .filter(|(end, took, _)| *end <= to && end.checked_sub(*took).is_some_and(|s| s >= from))
+        .map(|(_, took, _)| *took)
+        .max()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_cut_link_costs_a_ping_timeout_not_the_whole_cut() {
+    let host = NetHost::create(0);
+    let (_n0, a0) = expert_node(0);
+    let (_n1, a1) = expert_node(1);
+    let mut cmd = host.command(exe());
+    cmd.args([
+        "expert-node",
+        "--listen",
+        &format!("{}:0", host.ip),
+        "--model",
+    ])
+    .arg(tiny_model());
+    let (_n2, a2) = Proc::start("expert-node-in-netns", cmd, "listening on ");
+    let c = Arc::new(Cluster::coordinator(
+        &[a0, a1, a2],
+        &["--wire-dtype", "f32", "--replicas", "2"],
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (threads, log) = load(&c, 3, &stop);
+    let done = |log: &Mutex<Vec<Outcome>>| log.lock().unwrap().len();
+    assert!(
+        poll(Duration::from_secs(30), || done(&log) >= 12),
+        "no steady state"
+    );
+    let steady_from = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+
+    // Longer than a ping timeout, far shorter than the 30 s expert timeout.
+    let cut = Instant::now();
+    host.cut();
+    std::thread::sleep(Duration::from_secs(6));
+    host.heal();
+    let healed = Instant::now();
+    // The node is reconnected and the cluster healthy again.
+    assert!(
+        poll(Duration::from_secs(15), || c.health().status == 200),
+        "the node never came back: {}",
+        c.health().text()
+    );
+    let n = done(&log);
+    assert!(
+        poll(Duration::from_secs(30), || done(&log) >= n + 6),
+        "stopped serving after the heal"
+    );
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().expect("client thread");
+    }
+
+    let log = log.lock().unwrap();
+    let failures: Vec<&String> = log
+        .iter()
+        .filter_map(|(_, _, r)| r.as_ref().err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    let steady = worst_within(&log, steady_from, cut);
+    let during = worst_across(&log, cut, healed);
+    let served_during_cut = log
+        .iter()
+        .filter(|(end, _, _)| *end > cut + Duration::from_secs(2) && *end < healed)
+        .count();
+    eprintln!(
+        "worst request: steady {steady:?}, across the cut {during:?}; {served_during_cut} served while cut"
+    );
+    assert!(
+        during < steady + Duration::from_secs(2),
+        "a request waited {during:?} across the cut (steady worst {steady:?})"
+    );
+    assert!(
+        served_during_cut > 0,
+        "nothing was served while the link was cut"
+    );
+}
