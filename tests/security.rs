@@ -786,12 +786,20 @@ fn health(c: &Cluster) -> Value {
 #[test]
 fn a_request_past_its_deadline_is_cancelled_with_504_or_a_final_error_event() {
     // A stalled node (SIGSTOP) holds requests up without failing them: the expert
-    // time-out is far longer than the request deadline, so only the deadline can end them.
+    // time-out and the keepalive's are far longer than the request deadline, so only the
+    // deadline can end them.
     let nodes: Vec<_> = (0..2).map(common::expert_node).collect();
     let addrs: Vec<String> = nodes.iter().map(|(_, a)| a.clone()).collect();
     let c = Cluster::coordinator(
         &addrs,
-        &["--request-timeout-s", "1.5", "--expert-timeout-ms", "20000"],
+        &[
+            "--request-timeout-s",
+            "1.5",
+            "--expert-timeout-ms",
+            "20000",
+            "--expert-ping-timeout-ms",
+            "20000",
+        ],
     );
     let client = c.client();
     let total = health(&c)["kv_total_blocks"].clone();

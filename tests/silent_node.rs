@@ -1,5 +1,5 @@
-//! A node that goes silent (its link cut: packets vanish, no reset) under steady load,
-//! with every expert on two nodes. Issue 20: before HTTP/2 keepalive with a timeout, the
+//! A node that goes silent (its link cut: packets vanish, no reset) or slow (a delaying
+//! link) under steady load, with every expert on two nodes. Issue 20: before HTTP/2 keepalive with a timeout, the
 //! layer in flight to the silent node waited for the link to heal (or for the 30 s
 //! expert timeout), and since one step carries every running sequence, the whole
 //! cluster served nothing meanwhile. Runs as root (network namespaces).
@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::delay_proxy::DelayProxy;
 use common::netns::NetHost;
 use common::{
     Cluster, Proc, exe, expert_node, golden, golden_texts, greedy, poll, text_of, tiny_model,
@@ -53,6 +54,30 @@ fn load(
         })
         .collect();
     (threads, log)
+}
+
+/// Stops the clients and returns every request's outcome, asserting none failed.
+fn finish(
+    stop: &AtomicBool,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    log: &Mutex<Vec<Outcome>>,
+) -> Vec<Outcome> {
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    let log = std::mem::take(&mut *log.lock().unwrap());
+    let failures: Vec<&String> = log
+        .iter()
+        .filter_map(|(_, _, r)| r.as_ref().err())
+        .collect();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    log
 }
 
 /// The longest request that was running at some moment of `from..to`.
@@ -118,22 +143,7 @@ fn a_cut_link_costs_a_ping_timeout_not_the_whole_cut() {
         poll(Duration::from_secs(30), || done(&log) >= n + 6),
         "stopped serving after the heal"
     );
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().expect("client thread");
-    }
-
-    let log = log.lock().unwrap();
-    let failures: Vec<&String> = log
-        .iter()
-        .filter_map(|(_, _, r)| r.as_ref().err())
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    let log = finish(&stop, threads, &log);
     let steady = worst_within(&log, steady_from, cut);
     let during = worst_across(&log, cut, healed);
     let served_during_cut = log
@@ -151,4 +161,73 @@ fn a_cut_link_costs_a_ping_timeout_not_the_whole_cut() {
         served_during_cut > 0,
         "nothing was served while the link was cut"
     );
+}
+
+/// Sums a counter of /metrics over its label sets.
+fn counter(c: &Cluster, name: &str) -> u64 {
+    let text = c.client().get("/metrics").expect("GET /metrics").text();
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+/// Issue 20, hedged dispatch: a node that turns slow (here every byte to and from it
+/// is held 100 ms each way, far past its round trip on loopback) is hedged on replicas after
+/// k x its recent p99, so a layer costs the hedge delay, not the slow round trip.
+/// `HEDGE_FACTOR=0` runs the same scenario without hedging (it fails).
+#[test]
+fn a_slow_node_is_hedged_on_replicas() {
+    let (_n0, a0) = expert_node(0);
+    let (_n1, a1) = expert_node(1);
+    let (_n2, a2) = expert_node(2);
+    let proxy = DelayProxy::start(&a2);
+    let c = Arc::new(Cluster::coordinator(
+        &[a0, a1, proxy.addr.clone()],
+        &[
+            "--wire-dtype",
+            "f32",
+            "--replicas",
+            "2",
+            "--hedge-floor-ms",
+            "2",
+            "--hedge-factor",
+            &std::env::var("HEDGE_FACTOR").unwrap_or("2".into()),
+        ],
+    ));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (threads, log) = load(&c, 3, &stop);
+    let done = |log: &Mutex<Vec<Outcome>>| log.lock().unwrap().len();
+    // Enough answers from every node for its p99 to count.
+    assert!(
+        poll(Duration::from_secs(30), || done(&log) >= 30),
+        "no steady state"
+    );
+    let steady_from = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+    let hedges_before = counter(&c, "switchyard_dispatch_hedges_total");
+
+    let slow_from = Instant::now();
+    proxy.set_delay(Duration::from_millis(100));
+    std::thread::sleep(Duration::from_secs(5));
+    let slow_to = Instant::now();
+    proxy.set_delay(Duration::ZERO);
+    let log = finish(&stop, threads, &log);
+    let hedges = counter(&c, "switchyard_dispatch_hedges_total") - hedges_before;
+    let wins = counter(&c, "switchyard_dispatch_hedge_wins_total");
+    let steady = worst_within(&log, steady_from, slow_from);
+    let slow = worst_within(&log, slow_from, slow_to);
+    let served = log
+        .iter()
+        .filter(|(end, took, _)| {
+            *end <= slow_to && end.checked_sub(*took).is_some_and(|s| s >= slow_from)
+        })
+        .count();
+    eprintln!(
+        "worst request: steady {steady:?}, slow node {slow:?} ({served} served within the 5 s); {hedges} hedges, {wins} won"
+    );
+    assert!(hedges > 0 && wins > 0, "{hedges} hedges, {wins} won");
+    // Unhedged (HEDGE_FACTOR=0), every step waits out the slow round trip on most
+    // layers and not one request starts and ends within the 5 s.
+    assert!(served > 0, "nothing finished while the node was slow");
 }

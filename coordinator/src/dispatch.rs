@@ -64,6 +64,41 @@ pub fn plan(
     Ok(work)
 }
 
+/// One node's share (`work`, planned for node `from`) planned again on the other live
+/// holders of its experts, for a hedge. Token rows stay global batch rows; a token whose
+/// experts share a replica is still sent there once. `None` if some expert of the share
+/// has no other live holder.
+pub fn replan_away(
+    layer: usize,
+    work: &NodeWork,
+    from: usize,
+    placement: &Placement,
+    live: &[bool],
+) -> Option<Vec<NodeWork>> {
+    let mut out = vec![NodeWork::default(); placement.num_nodes()];
+    // (node, local row of `work`) -> row on that node.
+    let mut rows: std::collections::HashMap<(usize, u32), u32> = Default::default();
+    for a in &work.assignments {
+        let t = *work.tokens.get(a.token as usize)?;
+        let pick = placement
+            .holders(layer, a.expert as usize)
+            .iter()
+            .copied()
+            .filter(|&h| h != from && live.get(h).copied().unwrap_or(false))
+            .min_by_key(|&h| (!rows.contains_key(&(h, a.token)), out[h].tokens.len()))?;
+        let row = *rows.entry((pick, a.token)).or_insert_with(|| {
+            out[pick].tokens.push(t);
+            out[pick].tokens.len() as u32 - 1
+        });
+        out[pick].assignments.push(Assignment {
+            token: row,
+            expert: a.expert,
+            weight: a.weight,
+        });
+    }
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -108,5 +143,49 @@ mod tests {
         assert_eq!(w[1].tokens.len(), 4);
         let p1 = Placement::round_robin(1, 2, 2, 1).unwrap();
         assert_eq!(plan(0, &r, &p1, &[false, true]), Err((0, 0)));
+    }
+
+    /// (global token, expert, weight) of every assignment, sorted.
+    fn triples(works: &[NodeWork]) -> Vec<(u32, u32, u32)> {
+        let mut v: Vec<(u32, u32, u32)> = works
+            .iter()
+            .flat_map(|w| {
+                w.assignments
+                    .iter()
+                    .map(|a| (w.tokens[a.token as usize], a.expert, a.weight.to_bits()))
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn a_hedge_carries_exactly_the_slow_nodes_work_elsewhere() {
+        // 3 nodes, 2 copies of each of 8 experts; every pair of experts for 8 tokens.
+        let p = Placement::round_robin(2, 8, 3, 2).unwrap();
+        let choices: Vec<(u32, u32)> = (0..8).map(|t| (t, (t * 3 + 1) % 8)).collect();
+        let r = routing(&choices);
+        let w = plan(1, &r, &p, &[true; 3]).unwrap();
+        for from in 0..3 {
+            let mut live = [true; 3];
+            let alt = replan_away(1, &w[from], from, &p, &live).unwrap();
+            assert!(alt[from].is_empty());
+            assert_eq!(triples(&alt), triples(&w[from..=from]), "from node {from}");
+            for nw in &alt {
+                // A token is sent to a node at most once.
+                let mut t = nw.tokens.clone();
+                t.sort_unstable();
+                t.dedup();
+                assert_eq!(t.len(), nw.tokens.len());
+            }
+            // With the only other holder of some expert down, there is no hedge.
+            live[(from + 1) % 3] = false;
+            live[(from + 2) % 3] = false;
+            assert_eq!(replan_away(1, &w[from], from, &p, &live), None);
+        }
+        // Without replicas nothing can be hedged.
+        let p1 = Placement::round_robin(2, 8, 3, 1).unwrap();
+        let w1 = plan(1, &r, &p1, &[true; 3]).unwrap();
+        assert_eq!(replan_away(1, &w1[0], 0, &p1, &[true; 3]), None);
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod cluster;
 pub mod dispatch;
+pub mod hedge;
 pub mod http;
 pub mod metrics;
 pub mod output;

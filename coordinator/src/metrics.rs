@@ -30,6 +30,10 @@ pub struct Metrics {
     /// Cluster mode: the placement epoch followed, and layers saved by recovery loads.
     pub placement_epoch: IntGauge,
     pub recoveries: IntCounter,
+    /// Layers a node was late for and that were sent to replicas too; and those the
+    /// replicas answered first.
+    pub hedges: IntCounterVec,
+    pub hedge_wins: IntCounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -122,6 +126,16 @@ impl Metrics {
             recoveries: counter(
                 "expert_recoveries_total",
                 "Times a layer found experts without a live node and loaded them on live nodes",
+            )?,
+            hedges: counter_vec(
+                "dispatch_hedges_total",
+                "Layers a node was late for (past k x its recent p99) and that went to replicas too",
+                &["node"],
+            )?,
+            hedge_wins: counter_vec(
+                "dispatch_hedge_wins_total",
+                "Hedged layers the replicas answered before the late node",
+                &["node"],
             )?,
             registry,
         }))

@@ -19,7 +19,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{instrument, warn};
 
-use crate::dispatch::plan;
+use crate::dispatch::{NodeWork, plan, replan_away};
+use crate::hedge::{Hedging, LatencyWindow};
 use crate::metrics::Metrics;
 use crate::placement::{Placement, PlacementError};
 
@@ -49,6 +50,8 @@ pub struct NodeLink {
     /// Experts of this node's share that it was found not to hold (unloaded behind our
     /// back, a restart we missed): not served here until reloaded.
     missing: Mutex<Vec<(usize, usize)>>,
+    /// Recent answer times, for hedging.
+    latency: Mutex<LatencyWindow>,
 }
 
 /// One connection to a node and the Forward stream open on it.
@@ -131,6 +134,7 @@ impl NodeLink {
             stream: std::sync::RwLock::new(Some(Arc::new(stream))),
             next_id: AtomicU64::new(1),
             missing: Mutex::default(),
+            latency: Mutex::default(),
         })
     }
 
@@ -143,6 +147,7 @@ impl NodeLink {
             stream: std::sync::RwLock::new(None),
             next_id: AtomicU64::new(1),
             missing: Mutex::default(),
+            latency: Mutex::default(),
         }
     }
 
@@ -287,6 +292,16 @@ impl NodeLink {
             });
         };
         load_on(&stream.client, &self.addr, experts).await
+    }
+
+    fn latency_p99(&self, tokens: usize) -> Option<Duration> {
+        self.latency.lock().ok()?.p99(tokens)
+    }
+
+    fn record_latency(&self, tokens: usize, took: Duration) {
+        if let Ok(mut w) = self.latency.lock() {
+            w.record(tokens, took);
+        }
     }
 
     /// Whether this node serves (layer, expert) now: connected, and not known to lack it.
@@ -521,6 +536,7 @@ pub struct RemoteExperts {
     tls: Option<Tls>,
     /// For links to nodes a new placement adds.
     keepalive: Keepalive,
+    hedging: Hedging,
     /// Whether a layer whose experts have no live holder may load them on live nodes
     /// (cluster mode) or fails (static mode: the operator chose the placement).
     recover: bool,
@@ -567,6 +583,7 @@ impl RemoteExperts {
             links: Mutex::new(by_addr),
             tls,
             keepalive,
+            hedging: Hedging::default(),
             recover: false,
             audit,
             hidden,
@@ -581,6 +598,11 @@ impl RemoteExperts {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self.refresh_metrics();
+        self
+    }
+
+    pub fn with_hedging(mut self, hedging: Hedging) -> Self {
+        self.hedging = hedging;
         self
     }
 
@@ -895,27 +917,49 @@ impl RemoteExperts {
             .enumerate()
             .filter(|(_, w)| !w.is_empty())
             .map(|(node, w)| {
-                let mut rows = Vec::with_capacity(w.tokens.len() * h);
-                for &t in &w.tokens {
-                    rows.extend_from_slice(&x[t as usize * h..(t as usize + 1) * h]);
-                }
-                let activations = encode_activations(&rows, self.wire);
-                bytes_sent += activations.len() as u64;
-                let req = ForwardRequest {
-                    id: 0,
-                    layer: layer as u32,
-                    num_tokens: w.tokens.len() as u32,
-                    dtype: self.wire.to_proto() as i32,
-                    activations,
-                    token: w.assignments.iter().map(|a| a.token).collect(),
-                    expert: w.assignments.iter().map(|a| a.expert).collect(),
-                    weight: w.assignments.iter().map(|a| a.weight).collect(),
-                };
+                let req = self.request(layer, w, x);
+                bytes_sent += req.activations.len() as u64;
+                // What a hedge would send instead, planned now (cheap) so the timer
+                // path only sends.
+                let link = &topo.links[node];
+                let hedge = self
+                    .hedging
+                    .after(link.latency_p99(w.tokens.len()))
+                    .and_then(|after| {
+                        replan_away(layer, w, node, &topo.placement, usable)
+                            .map(|alt| (after, alt))
+                    });
                 async move {
                     let t = Instant::now();
-                    let answer = topo.links[node].call(req, self.timeout).await;
-                    let received = bytes_len_of(&answer);
-                    (node, answer, t.elapsed(), received)
+                    let primary = link.call(req, self.timeout);
+                    let Some((after, alt)) = hedge else {
+                        let answer = primary.await;
+                        return (node, Served::Primary(answer), t.elapsed());
+                    };
+                    tokio::pin!(primary);
+                    tokio::select! {
+                        answer = &mut primary => return (node, Served::Primary(answer), t.elapsed()),
+                        () = tokio::time::sleep(after) => {}
+                    }
+                    if let Some(m) = &self.metrics {
+                        m.hedges.with_label_values(&[link.addr()]).inc();
+                    }
+                    let hedged = self.send_all(topo, layer, &alt, x);
+                    tokio::pin!(hedged);
+                    tokio::select! {
+                        answer = &mut primary => (node, Served::Primary(answer), t.elapsed()),
+                        parts = &mut hedged => match parts {
+                            Ok(parts) => {
+                                if let Some(m) = &self.metrics {
+                                    m.hedge_wins.with_label_values(&[link.addr()]).inc();
+                                }
+                                // The primary's late answer, if any, finds no waiter and
+                                // is dropped by its request id.
+                                (node, Served::Hedged(parts), t.elapsed())
+                            }
+                            Err(_) => (node, Served::Primary(primary.await), t.elapsed()),
+                        },
+                    }
                 }
             });
         let answers = join_all(calls).await;
@@ -925,34 +969,34 @@ impl RemoteExperts {
         let mut not_held = Vec::new();
         let mut too_large = false;
         let mut first_error = None;
-        for (node, answer, elapsed, received) in answers {
+        for (node, served, elapsed) in answers {
             let link = &topo.links[node];
+            let answer = match served {
+                Served::Primary(answer) => answer,
+                Served::Hedged(parts) => {
+                    for (tokens, y) in parts {
+                        add_rows(&mut out, h, &tokens, &y);
+                    }
+                    continue;
+                }
+            };
             if let Some(m) = &self.metrics {
                 m.dispatch_seconds
                     .with_label_values(&[link.addr()])
                     .observe(elapsed.as_secs_f64());
                 m.dispatch_bytes
                     .with_label_values(&[link.addr(), "received"])
-                    .inc_by(received);
+                    .inc_by(bytes_len_of(&answer));
             }
             let code = answer.as_ref().map_or(0, |r| r.error_code);
             if code == tonic::Code::NotFound as i32 {
                 not_held.push(node);
             }
             too_large |= code == tonic::Code::ResourceExhausted as i32;
-            let decoded = answer.and_then(|resp| {
-                if resp.error_code != 0 {
-                    return Err(format!(
-                        "node {} answered error {}: {}",
-                        link.addr, resp.error_code, resp.error
-                    ));
-                }
-                let format = WireFormat::from_proto(resp.dtype)
-                    .map_err(|e| format!("node {}: {e}", link.addr))?;
-                let y = decode_activations(&resp.output, format, work[node].tokens.len(), h)
-                    .map_err(|e| format!("node {}: {e}", link.addr))?;
-                Ok((y, resp.compute_micros))
-            });
+            let decoded = answer.and_then(|resp| self.decode(link, resp, work[node].tokens.len()));
+            if decoded.is_ok() {
+                link.record_latency(work[node].tokens.len(), elapsed);
+            }
             let (y, compute_micros) = match decoded {
                 Ok(v) => v,
                 Err(e) => {
@@ -961,13 +1005,7 @@ impl RemoteExperts {
                     continue;
                 }
             };
-            let tokens = &work[node].tokens;
-            for (row, &t) in y.chunks_exact(h).zip(tokens) {
-                let t = t as usize;
-                for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(row) {
-                    *o += v;
-                }
-            }
+            add_rows(&mut out, h, &work[node].tokens, &y);
             max_compute = max_compute.max(compute_micros);
         }
         if let Some(e) = first_error {
@@ -985,6 +1023,90 @@ impl RemoteExperts {
             s.bytes_sent += bytes_sent;
         }
         Ok(out)
+    }
+}
+
+/// Adds a node's answer rows (one per entry of `tokens`) into the layer's output.
+fn add_rows(out: &mut [f32], h: usize, tokens: &[u32], y: &[f32]) {
+    for (row, &t) in y.chunks_exact(h).zip(tokens) {
+        let t = t as usize;
+        for (o, v) in out[t * h..(t + 1) * h].iter_mut().zip(row) {
+            *o += v;
+        }
+    }
+}
+
+/// How a node's share of a layer was answered.
+enum Served {
+    /// By the node itself (or its failure).
+    Primary(Result<ForwardResponse, String>),
+    /// By replicas, after the node was late: (batch rows, their answer rows) per replica.
+    Hedged(Vec<(Vec<u32>, Vec<f32>)>),
+}
+
+impl RemoteExperts {
+    /// The Forward request carrying `w`'s rows of `x`.
+    fn request(&self, layer: usize, w: &NodeWork, x: &[f32]) -> ForwardRequest {
+        let h = self.hidden;
+        let mut rows = Vec::with_capacity(w.tokens.len() * h);
+        for &t in &w.tokens {
+            rows.extend_from_slice(&x[t as usize * h..(t as usize + 1) * h]);
+        }
+        ForwardRequest {
+            id: 0,
+            layer: layer as u32,
+            num_tokens: w.tokens.len() as u32,
+            dtype: self.wire.to_proto() as i32,
+            activations: encode_activations(&rows, self.wire),
+            token: w.assignments.iter().map(|a| a.token).collect(),
+            expert: w.assignments.iter().map(|a| a.expert).collect(),
+            weight: w.assignments.iter().map(|a| a.weight).collect(),
+        }
+    }
+
+    /// A node's answer for `rows` tokens, checked and decoded, with its compute time.
+    fn decode(
+        &self,
+        link: &NodeLink,
+        resp: ForwardResponse,
+        rows: usize,
+    ) -> Result<(Vec<f32>, u64), String> {
+        if resp.error_code != 0 {
+            return Err(format!(
+                "node {} answered error {}: {}",
+                link.addr, resp.error_code, resp.error
+            ));
+        }
+        let format =
+            WireFormat::from_proto(resp.dtype).map_err(|e| format!("node {}: {e}", link.addr))?;
+        let y = decode_activations(&resp.output, format, rows, self.hidden)
+            .map_err(|e| format!("node {}: {e}", link.addr))?;
+        Ok((y, resp.compute_micros))
+    }
+
+    /// Sends every non-empty share of `works` (a hedge) and collects the answers; any
+    /// failure fails the whole hedge (the primary is still running).
+    async fn send_all(
+        &self,
+        topo: &Topology,
+        layer: usize,
+        works: &[NodeWork],
+        x: &[f32],
+    ) -> Result<Vec<(Vec<u32>, Vec<f32>)>, String> {
+        let calls = works
+            .iter()
+            .enumerate()
+            .filter(|(_, w)| !w.is_empty())
+            .map(|(node, w)| {
+                let req = self.request(layer, w, x);
+                let link = &topo.links[node];
+                async move {
+                    let resp = link.call(req, self.timeout).await?;
+                    let (y, _) = self.decode(link, resp, w.tokens.len())?;
+                    Ok((w.tokens.clone(), y))
+                }
+            });
+        join_all(calls).await.into_iter().collect()
     }
 }
 

@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tracing::info;
 
 use crate::cluster::{ClusterHandle, ClusterMode};
+use crate::hedge::Hedging;
 use crate::http::{AppState, HealthCheck, HttpConfig, Refresh, router};
 use crate::metrics::{CountingExperts, Metrics};
 use crate::placement::{Placement, PlacementError};
@@ -55,6 +56,7 @@ pub enum ExpertsAt {
         /// Mutual TLS to the nodes; `None` is plaintext.
         tls: Option<Tls>,
         keepalive: Keepalive,
+        hedging: Hedging,
     },
     /// Nodes found in etcd; placement published by the elected coordinator.
     Cluster {
@@ -63,6 +65,7 @@ pub enum ExpertsAt {
         timeout: Duration,
         tls: Option<Tls>,
         keepalive: Keepalive,
+        hedging: Hedging,
     },
 }
 
@@ -129,6 +132,7 @@ impl Coordinator {
                         timeout,
                         tls,
                         keepalive,
+                        hedging,
                     },
                     _,
                 ) => {
@@ -146,6 +150,7 @@ impl Coordinator {
                         )
                         .with_recovery(tls.clone())
                         .with_keepalive(*keepalive)
+                        .with_hedging(*hedging)
                         .with_metrics(metrics.clone()),
                     );
                     crate::cluster::install(&remote, &placement).await;
@@ -176,6 +181,7 @@ impl Coordinator {
                         timeout,
                         tls,
                         keepalive,
+                        hedging,
                     },
                     _,
                 ) => {
@@ -203,6 +209,7 @@ impl Coordinator {
                             *wire,
                             *timeout,
                         )
+                        .with_hedging(*hedging)
                         .with_metrics(metrics.clone()),
                     );
                     let r = remote.clone();

@@ -64,6 +64,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             wire: a.serve.wire_dtype,
             timeout: a.serve.expert_timeout(),
             keepalive: a.serve.keepalive()?,
+            hedging: a.serve.hedging()?,
             tls: a.tls.load()?,
         }
     } else if a.nodes.is_empty() {
@@ -75,6 +76,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             wire: a.serve.wire_dtype,
             timeout: a.serve.expert_timeout(),
             keepalive: a.serve.keepalive()?,
+            hedging: a.serve.hedging()?,
             tls: a.tls.load()?,
         }
     };

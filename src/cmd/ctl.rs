@@ -143,6 +143,11 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
             }
             let _ = writeln!(out);
         }
+    } else if let Some(reason) = &s.placement_invalid {
+        let _ = writeln!(
+            out,
+            "\nthe placement key holds an unusable record ({reason}); the leader overwrites it"
+        );
     } else {
         let _ = writeln!(out, "\nno placement published yet");
     }

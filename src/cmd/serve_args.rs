@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use switchyard_coordinator::hedge::Hedging;
 use switchyard_coordinator::http::HttpConfig;
 use switchyard_coordinator::http::auth::ApiKeys;
 use switchyard_coordinator::http::openai::Limits;
@@ -121,6 +122,14 @@ pub struct ServeArgs {
     /// in flight fail at once and go to replicas (a silent node, e.g. a cut link).
     #[arg(long, default_value_t = 1000)]
     pub expert_ping_timeout_ms: u64,
+    /// Hedged dispatch: a node later than this many times its recent p99 for a layer of
+    /// that size has the same work sent to replicas too, and the first answer wins.
+    /// 0: never hedge.
+    #[arg(long, default_value_t = 4.0)]
+    pub hedge_factor: f64,
+    /// Never hedge sooner than this.
+    #[arg(long, default_value_t = 20)]
+    pub hedge_floor_ms: u64,
     /// An API key clients must send as `Authorization: Bearer KEY` (repeat for several).
     /// Keys in the comma-separated environment variable SWITCHYARD_API_KEYS count too,
     /// and keep them out of `ps`. None given: the API is open.
@@ -188,6 +197,19 @@ impl ServeArgs {
 
     pub fn expert_timeout(&self) -> Duration {
         Duration::from_millis(self.expert_timeout_ms)
+    }
+
+    pub fn hedging(&self) -> anyhow::Result<Hedging> {
+        if !(self.hedge_factor == 0.0 || (1.0..=1000.0).contains(&self.hedge_factor)) {
+            anyhow::bail!(
+                "--hedge-factor must be 0 (off) or between 1 and 1000, got {}",
+                self.hedge_factor
+            );
+        }
+        Ok(Hedging {
+            factor: self.hedge_factor,
+            floor: Duration::from_millis(self.hedge_floor_ms),
+        })
     }
 
     pub fn keepalive(&self) -> anyhow::Result<Keepalive> {

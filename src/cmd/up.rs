@@ -247,6 +247,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 wire: a.serve.wire_dtype,
                 timeout: a.serve.expert_timeout(),
                 keepalive: a.serve.keepalive()?,
+                hedging: a.serve.hedging()?,
                 tls: coordinator_tls.clone(),
             }
         } else {
@@ -256,6 +257,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 wire: a.serve.wire_dtype,
                 timeout: a.serve.expert_timeout(),
                 keepalive: a.serve.keepalive()?,
+                hedging: a.serve.hedging()?,
                 tls: coordinator_tls.clone(),
             }
         };

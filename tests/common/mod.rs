@@ -3,6 +3,7 @@
 
 #![allow(dead_code)] // each test file uses a different subset
 
+pub mod delay_proxy;
 pub mod etcd;
 pub mod http;
 pub mod netns;
