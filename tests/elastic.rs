@@ -10,9 +10,9 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::etcd::Etcd;
+use common::etcd::{Etcd, placed, status, wait_placed};
 use common::{Cluster, Proc, cluster_node, exe, golden, golden_texts, greedy, poll, text_of};
-use serde_json::{Value, json};
+use serde_json::json;
 
 /// Clients sending the golden prompts in a loop until stopped, checking every answer.
 struct Load {
@@ -110,48 +110,10 @@ impl Load {
     }
 }
 
-/// `switchyard ctl --etcd URL status --json`.
-fn status(etcd: &str) -> Value {
-    let out = Command::new(exe())
-        .args(["ctl", "--etcd", etcd, "status", "--json"])
-        .output()
-        .expect("running ctl status");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("ctl status --json prints JSON")
-}
-
-/// Node ids in the published placement.
-fn placed(etcd: &str) -> Vec<String> {
-    let s = status(etcd);
-    let mut ids: Vec<String> = s["placement"]["nodes"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|n| n["id"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    ids.sort();
-    ids
-}
-
 fn nodes(etcd: &str, n: usize, args: &[&str]) -> Vec<Proc> {
     (0..n)
         .map(|i| cluster_node(etcd, &format!("n{i}"), args))
         .collect()
-}
-
-fn wait_placed(etcd: &str, want: &[&str]) {
-    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-    assert!(
-        poll(Duration::from_secs(30), || placed(etcd) == want),
-        "placement never became {want:?}: {}",
-        status(etcd)
-    );
 }
 
 fn kill_and_keep_serving(replicas: &str) {

@@ -11,9 +11,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::delay_proxy::DelayProxy;
+use common::etcd::{Etcd, wait_placed};
 use common::netns::NetHost;
 use common::{
-    Cluster, Proc, exe, expert_node, golden, golden_texts, greedy, poll, text_of, tiny_model,
+    Cluster, Proc, cluster_node, exe, expert_node, golden, golden_texts, greedy, poll, text_of,
+    tiny_model,
 };
 use serde_json::json;
 
@@ -230,4 +232,70 @@ fn a_slow_node_is_hedged_on_replicas() {
     // Unhedged (HEDGE_FACTOR=0), every step waits out the slow round trip on most
     // layers and not one request starts and ends within the 5 s.
     assert!(served > 0, "nothing finished while the node was slow");
+}
+
+/// Issue 20 without replicas, in cluster mode: a node's link is cut (etcd cannot see it
+/// either). The keepalive gives it up, its experts are loaded on the live nodes (a
+/// recovery load) and the step resumes: requests wait for that only. Its lease runs out,
+/// the leader places without it; when the link heals it registers again and is placed.
+#[test]
+fn a_cut_link_without_replicas_costs_the_recovery_load_only() {
+    let host = NetHost::create(1);
+    let etcd = Etcd::start_also_on(Some(&host.outer_ip));
+    let url = etcd.url();
+    let _n0 = cluster_node(&url, "n0", &[]);
+    let _n1 = cluster_node(&url, "n1", &[]);
+    let mut cmd = host.command(exe());
+    cmd.args([
+        "expert-node",
+        "--listen",
+        &format!("{}:0", host.ip),
+        "--model",
+    ])
+    .arg(tiny_model())
+    .args(["--node-id", "n2", "--lease-ttl-s", "2", "--etcd"])
+    .arg(etcd.url().replace("127.0.0.1", &host.outer_ip));
+    let (_n2, _) = Proc::start("expert-node-n2-in-netns", cmd, "listening on ");
+    let c = Arc::new(Cluster::cluster_coordinator(
+        &url,
+        "c0",
+        &["--wire-dtype", "f32"],
+    ));
+    wait_placed(&url, &["n0", "n1", "n2"]);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (threads, log) = load(&c, 3, &stop);
+    let done = |log: &Mutex<Vec<Outcome>>| log.lock().unwrap().len();
+    assert!(
+        poll(Duration::from_secs(30), || done(&log) >= 12),
+        "no steady state"
+    );
+    let steady_from = Instant::now();
+    std::thread::sleep(Duration::from_secs(2));
+
+    let cut = Instant::now();
+    host.cut();
+    // The lease (2 s) runs out and the leader places the experts elsewhere.
+    wait_placed(&url, &["n0", "n1"]);
+    let n = done(&log);
+    assert!(
+        poll(Duration::from_secs(30), || done(&log) >= n + 6),
+        "stopped serving while cut"
+    );
+    host.heal();
+    let healed = Instant::now();
+    wait_placed(&url, &["n0", "n1", "n2"]);
+    let n = done(&log);
+    assert!(
+        poll(Duration::from_secs(30), || done(&log) >= n + 6),
+        "stopped serving after the heal"
+    );
+    let log = finish(&stop, threads, &log);
+    let steady = worst_within(&log, steady_from, cut);
+    let during = worst_across(&log, cut, healed);
+    eprintln!("worst request: steady {steady:?}, across the cut {during:?}");
+    // Keepalive (1.5 s) plus loading a third of the tiny model's experts.
+    assert!(
+        during < steady + Duration::from_secs(3),
+        "a request waited {during:?} across the cut (steady worst {steady:?})"
+    );
 }

@@ -445,7 +445,7 @@ async fn reconnect_dead_nodes(topology: std::sync::Weak<TopologyCell>, audit: Ar
         for (i, link) in topo.links.iter().enumerate() {
             let share = topo.placement.experts_of(i);
             if link.is_alive() {
-                if tick % AUDIT_EVERY == 0
+                if tick.is_multiple_of(AUDIT_EVERY)
                     && audit.load(Ordering::SeqCst)
                     && let Err(e) = link.audit(&share).await
                 {

@@ -6,10 +6,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use super::http::Client;
-use super::{Proc, poll};
+use serde_json::Value;
+
+use super::{Proc, exe, poll};
 
 pub struct Etcd {
     proc: Option<Proc>,
+    /// Another address it also serves clients on (a test host's side of a veth pair).
+    also_on: Option<String>,
     dir: tempfile::TempDir,
     client_port: u16,
     peer_port: u16,
@@ -24,8 +28,14 @@ fn free_port() -> u16 {
 
 impl Etcd {
     pub fn start() -> Etcd {
+        Etcd::start_also_on(None)
+    }
+
+    /// [`Etcd::start`], also serving clients on `ip` (which must exist already).
+    pub fn start_also_on(ip: Option<&str>) -> Etcd {
         let mut etcd = Etcd {
             proc: None,
+            also_on: ip.map(str::to_owned),
             dir: tempfile::tempdir().expect("temporary data dir"),
             client_port: free_port(),
             peer_port: free_port(),
@@ -41,12 +51,16 @@ impl Etcd {
     /// Starts it (again, on the same data and ports) and waits until it answers /health.
     pub fn restart(&mut self) {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut clients = self.url();
+        if let Some(ip) = &self.also_on {
+            clients.push_str(&format!(",http://{ip}:{}", self.client_port));
+        }
         let mut cmd = Command::new(etcd_binary());
         cmd.arg("--data-dir")
             .arg(self.dir.path().join("data"))
             .args(["--name", "test"])
-            .args(["--listen-client-urls", &self.url()])
-            .args(["--advertise-client-urls", &self.url()])
+            .args(["--listen-client-urls", &clients])
+            .args(["--advertise-client-urls", &clients])
             .args(["--listen-peer-urls", &peer])
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
@@ -80,5 +94,44 @@ fn etcd_binary() -> String {
     }
     panic!(
         "etcd is not installed: run scripts/test (it installs Debian's etcd-server) or `apt-get install etcd-server`"
+    );
+}
+
+/// `switchyard ctl --etcd URL status --json`.
+pub fn status(etcd: &str) -> Value {
+    let out = Command::new(exe())
+        .args(["ctl", "--etcd", etcd, "status", "--json"])
+        .output()
+        .expect("running ctl status");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("ctl status --json prints JSON")
+}
+
+/// Node ids in the published placement.
+pub fn placed(etcd: &str) -> Vec<String> {
+    let s = status(etcd);
+    let mut ids: Vec<String> = s["placement"]["nodes"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|n| n["id"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    ids.sort();
+    ids
+}
+
+/// Waits (30 s at most) until the published placement uses exactly `want`.
+pub fn wait_placed(etcd: &str, want: &[&str]) {
+    let want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
+    assert!(
+        poll(Duration::from_secs(30), || placed(etcd) == want),
+        "placement never became {want:?}: {}",
+        status(etcd)
     );
 }

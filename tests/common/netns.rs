@@ -11,6 +11,9 @@ pub struct NetHost {
     inner_if: String,
     /// This host's address, reachable from the test's namespace.
     pub ip: String,
+    /// The test's side of the link, reachable from the host (services the host must
+    /// reach, such as etcd, listen here too).
+    pub outer_ip: String,
 }
 
 fn ip(args: &[&str]) {
@@ -38,6 +41,7 @@ impl NetHost {
         let inner_if = format!("syi{}{tag}", pid % 100_000);
         let host = NetHost {
             ip: format!("10.213.{subnet}.2"),
+            outer_ip: format!("10.213.{subnet}.1"),
             ns,
             outer_if,
             inner_if,
@@ -58,7 +62,7 @@ impl NetHost {
         ip(&[
             "addr",
             "add",
-            &format!("10.213.{subnet}.1/30"),
+            &format!("{}/30", host.outer_ip),
             "dev",
             &host.outer_if,
         ]);
