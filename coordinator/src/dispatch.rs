@@ -30,7 +30,20 @@ pub fn plan(
     placement: &Placement,
     live: &[bool],
 ) -> Result<Vec<NodeWork>, (usize, u32)> {
+    plan_avoiding(layer, routing, placement, live, &[])
+}
+
+/// [`plan`], giving a node marked in `avoid` only what no other live holder can take (a
+/// gray node: slow lately, its work answered by hedges).
+pub fn plan_avoiding(
+    layer: usize,
+    routing: &Routing,
+    placement: &Placement,
+    live: &[bool],
+    avoid: &[bool],
+) -> Result<Vec<NodeWork>, (usize, u32)> {
     let n = placement.num_nodes();
+    let avoided = |h: usize| avoid.get(h).copied().unwrap_or(false);
     let mut work = vec![NodeWork::default(); n];
     // Local row of the current token on each node, if it was already sent there.
     let mut local_row: Vec<Option<u32>> = vec![None; n];
@@ -43,7 +56,7 @@ pub fn plan(
                 .iter()
                 .copied()
                 .filter(|h| live[*h])
-                .min_by_key(|h| (local_row[*h].is_none(), work[*h].tokens.len()))
+                .min_by_key(|h| (avoided(*h), local_row[*h].is_none(), work[*h].tokens.len()))
                 .ok_or((layer, e))?;
             let row = match local_row[pick] {
                 Some(r) => r,
@@ -143,6 +156,21 @@ mod tests {
         assert_eq!(w[1].tokens.len(), 4);
         let p1 = Placement::round_robin(1, 2, 2, 1).unwrap();
         assert_eq!(plan(0, &r, &p1, &[false, true]), Err((0, 0)));
+    }
+
+    #[test]
+    fn an_avoided_node_gets_only_what_nobody_else_holds() {
+        // 3 nodes, 2 copies: node 2 avoided takes nothing another live node can take.
+        let p = Placement::round_robin(1, 6, 3, 2).unwrap();
+        let choices: Vec<(u32, u32)> = (0..6).map(|t| (t, (t + 2) % 6)).collect();
+        let r = routing(&choices);
+        let w = plan_avoiding(0, &r, &p, &[true; 3], &[false, false, true]).unwrap();
+        assert!(w[2].is_empty(), "{w:?}");
+        assert_eq!(triples(&w), triples(&plan(0, &r, &p, &[true; 3]).unwrap()));
+        // With the other holders down, it is still used rather than failing the layer.
+        let w = plan_avoiding(0, &r, &p, &[false, true, true], &[false, false, true]).unwrap();
+        assert!(!w[2].is_empty());
+        assert!(w[0].is_empty());
     }
 
     /// (global token, expert, weight) of every assignment, sorted.

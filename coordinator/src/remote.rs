@@ -19,7 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{instrument, warn};
 
-use crate::dispatch::{NodeWork, plan, replan_away};
+use crate::dispatch::{NodeWork, plan_avoiding, replan_away};
 use crate::hedge::{Hedging, LatencyWindow};
 use crate::metrics::Metrics;
 use crate::placement::{Placement, PlacementError};
@@ -52,7 +52,12 @@ pub struct NodeLink {
     missing: Mutex<Vec<(usize, usize)>>,
     /// Recent answer times, for hedging.
     latency: Mutex<LatencyWindow>,
+    /// Until when planning avoids this node (a hedge beat it).
+    gray_until: Mutex<Option<Instant>>,
 }
+
+/// How long a node a hedge beat is avoided before it is tried again.
+const GRAY_FOR: Duration = Duration::from_secs(1);
 
 /// One connection to a node and the Forward stream open on it.
 struct NodeStream {
@@ -135,6 +140,7 @@ impl NodeLink {
             next_id: AtomicU64::new(1),
             missing: Mutex::default(),
             latency: Mutex::default(),
+            gray_until: Mutex::default(),
         })
     }
 
@@ -148,6 +154,7 @@ impl NodeLink {
             next_id: AtomicU64::new(1),
             missing: Mutex::default(),
             latency: Mutex::default(),
+            gray_until: Mutex::default(),
         }
     }
 
@@ -292,6 +299,22 @@ impl NodeLink {
             });
         };
         load_on(&stream.client, &self.addr, experts).await
+    }
+
+    /// Whether a hedge beat this node lately: planning then prefers its replicas. The
+    /// mark lapses, so the node is tried again (and hedged again if still slow).
+    fn is_gray(&self) -> bool {
+        self.gray_until
+            .lock()
+            .ok()
+            .and_then(|g| *g)
+            .is_some_and(|t| Instant::now() < t)
+    }
+
+    fn mark_gray(&self) {
+        if let Ok(mut g) = self.gray_until.lock() {
+            *g = Some(Instant::now() + GRAY_FOR);
+        }
     }
 
     fn latency_p99(&self, tokens: usize) -> Option<Duration> {
@@ -901,14 +924,17 @@ impl RemoteExperts {
         usable: &[bool],
     ) -> Result<Vec<f32>, DispatchFailure> {
         let h = self.hidden;
+        let gray: Vec<bool> = topo.links.iter().map(|l| l.is_gray()).collect();
         let work =
-            plan(layer, routing, &topo.placement, usable).map_err(|(l, e)| DispatchFailure {
-                failed: Vec::new(),
-                not_held: Vec::new(),
-                too_large: false,
-                error: ExpertError::Unavailable(format!(
-                    "no live node holds expert {e} of layer {l}"
-                )),
+            plan_avoiding(layer, routing, &topo.placement, usable, &gray).map_err(|(l, e)| {
+                DispatchFailure {
+                    failed: Vec::new(),
+                    not_held: Vec::new(),
+                    too_large: false,
+                    error: ExpertError::Unavailable(format!(
+                        "no live node holds expert {e} of layer {l}"
+                    )),
+                }
             })?;
         let started = Instant::now();
         let mut bytes_sent = 0u64;
@@ -953,6 +979,7 @@ impl RemoteExperts {
                                 if let Some(m) = &self.metrics {
                                     m.hedge_wins.with_label_values(&[link.addr()]).inc();
                                 }
+                                link.mark_gray();
                                 // The primary's late answer, if any, finds no waiter and
                                 // is dropped by its request id.
                                 (node, Served::Hedged(parts), t.elapsed())
