@@ -104,7 +104,7 @@ fn a_killed_expert_node_makes_completions_and_health_503() {
 
     // Its tokens route to some of the dead node's experts (the experts of every layer
     // are spread over the three nodes; greedy, so always the same ones). It must fail
-    // fast, not wait out the 30 s expert time-out.
+    // fast, not wait out the 10 s expert time-out.
     let started = Instant::now();
     let r = client.post_json("/v1/completions", &body).unwrap();
     let took = started.elapsed();

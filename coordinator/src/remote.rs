@@ -301,6 +301,17 @@ impl NodeLink {
         load_on(&stream.client, &self.addr, experts).await
     }
 
+    /// Fails every dispatch in flight on this link at once and takes it out of service.
+    fn abandon(&self) {
+        if let Some(stream) = self.current() {
+            stream.alive.store(false, Ordering::SeqCst);
+            // Dropping the waiters wakes every caller with an error.
+            if let Ok(mut p) = stream.pending.lock() {
+                p.clear();
+            }
+        }
+    }
+
     /// Whether a hedge beat this node lately: planning then prefers its replicas. The
     /// mark lapses, so the node is tried again (and hedged again if still slow).
     fn is_gray(&self) -> bool {
@@ -697,8 +708,15 @@ impl RemoteExperts {
             }
         });
         let links: Vec<Arc<NodeLink>> = join_all(connects).await;
+        let mut dropped = Vec::new();
         if let Ok(mut m) = self.links.lock() {
-            m.retain(|a, _| addrs.contains(a));
+            m.retain(|a, l| {
+                let keep = addrs.contains(a);
+                if !keep {
+                    dropped.push(Arc::clone(l));
+                }
+                keep
+            });
             for l in &links {
                 m.entry(l.addr().to_owned())
                     .or_insert_with(|| Arc::clone(l));
@@ -716,6 +734,12 @@ impl RemoteExperts {
         if let Some(m) = &self.metrics {
             m.placement_epoch
                 .set(i64::try_from(epoch).unwrap_or(i64::MAX));
+        }
+        // A node the placement dropped (dead, partitioned, drained) gets no more work, and
+        // what it still has in flight is failed now and planned again on this topology,
+        // rather than waited for.
+        for link in dropped {
+            link.abandon();
         }
         Ok(true)
     }

@@ -113,7 +113,11 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 16)]
     pub kv_block_size: usize,
     /// How long one layer's dispatch to an expert node may take before it counts as failed.
-    #[arg(long, default_value_t = 30_000)]
+    /// A silent node is found sooner by the keepalive and slow ones are hedged: this is for
+    /// a node that answers pings but not work. A 512-token layer of a Mixtral-8x7B-sized
+    /// expert set takes about 1.6 s on a 2-core CPU node (16x the 0.1 s measured at hidden
+    /// 1024 in BENCHMARKS.md); raise it with CPU nodes and larger --max-batch-tokens.
+    #[arg(long, default_value_t = 10_000)]
     pub expert_timeout_ms: u64,
     /// Silence on a connection to an expert node before the coordinator pings it (HTTP/2).
     #[arg(long, default_value_t = 500)]
