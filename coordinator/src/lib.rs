@@ -7,6 +7,7 @@ pub mod cluster;
 pub mod dispatch;
 pub mod hedge;
 pub mod http;
+pub mod link;
 pub mod metrics;
 pub mod output;
 pub mod placement;
