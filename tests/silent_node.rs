@@ -23,63 +23,86 @@ use serde_json::json;
 type Outcome = (Instant, Duration, Result<(), String>);
 
 /// Clients sending the golden prompts greedily until stopped, recording every request.
-fn load(
-    c: &Arc<Cluster>,
-    clients: usize,
-    stop: &Arc<AtomicBool>,
-) -> (Vec<std::thread::JoinHandle<()>>, Arc<Mutex<Vec<Outcome>>>) {
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let expected = golden_texts();
-    let threads = (0..clients)
-        .map(|k| {
-            let (c, stop, log, expected) = (c.clone(), stop.clone(), log.clone(), expected.clone());
-            std::thread::spawn(move || {
-                let client = c.client();
-                let prompts = golden();
-                let mut round = k;
-                while !stop.load(Ordering::SeqCst) {
-                    let i = round % prompts.len();
-                    round += 1;
-                    let g = &prompts[i];
-                    let body = greedy(&c.model, json!(g.input_ids), g.greedy_ids.len());
-                    let started = Instant::now();
-                    let outcome = match client.post_json("/v1/completions", &body) {
-                        Ok(r) if r.status == 200 && text_of(&r.json()) == expected[i] => Ok(()),
-                        Ok(r) => Err(format!("prompt {i}: {} {}", r.status, r.text())),
-                        Err(e) => Err(format!("prompt {i}: {e}")),
-                    };
-                    log.lock()
-                        .unwrap()
-                        .push((Instant::now(), started.elapsed(), outcome));
-                }
-            })
-        })
-        .collect();
-    (threads, log)
+struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    log: Arc<Mutex<Vec<Outcome>>>,
 }
 
-/// Stops the clients and returns every request's outcome, asserting none failed.
-fn finish(
-    stop: &AtomicBool,
-    threads: Vec<std::thread::JoinHandle<()>>,
-    log: &Mutex<Vec<Outcome>>,
-) -> Vec<Outcome> {
-    stop.store(true, Ordering::SeqCst);
-    for t in threads {
-        t.join().expect("client thread");
+impl Load {
+    fn start(c: &Arc<Cluster>, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let expected = golden_texts();
+        let threads = (0..clients)
+            .map(|k| {
+                let (c, stop, log, expected) =
+                    (c.clone(), stop.clone(), log.clone(), expected.clone());
+                std::thread::spawn(move || {
+                    let client = c.client();
+                    let prompts = golden();
+                    let mut round = k;
+                    while !stop.load(Ordering::SeqCst) {
+                        let i = round % prompts.len();
+                        round += 1;
+                        let g = &prompts[i];
+                        let body = greedy(&c.model, json!(g.input_ids), g.greedy_ids.len());
+                        let started = Instant::now();
+                        let outcome = match client.post_json("/v1/completions", &body) {
+                            Ok(r) if r.status == 200 && text_of(&r.json()) == expected[i] => Ok(()),
+                            Ok(r) => Err(format!("prompt {i}: {} {}", r.status, r.text())),
+                            Err(e) => Err(format!("prompt {i}: {e}")),
+                        };
+                        log.lock()
+                            .unwrap()
+                            .push((Instant::now(), started.elapsed(), outcome));
+                    }
+                })
+            })
+            .collect();
+        Load { stop, threads, log }
     }
-    let log = std::mem::take(&mut *log.lock().unwrap());
-    let failures: Vec<&String> = log
-        .iter()
-        .filter_map(|(_, _, r)| r.as_ref().err())
-        .collect();
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    log
+
+    fn done(&self) -> usize {
+        self.log.lock().unwrap().len()
+    }
+
+    /// Waits (30 s at most) until `n` more requests have finished.
+    fn wait_for(&self, n: usize, what: &str) {
+        let target = self.done() + n;
+        assert!(
+            poll(Duration::from_secs(30), || self.done() >= target),
+            "{what}"
+        );
+    }
+
+    /// Waits for `warm_up` requests, then runs 2 s of steady state; returns its start.
+    fn steady(&self, warm_up: usize) -> Instant {
+        self.wait_for(warm_up, "no steady state");
+        let from = Instant::now();
+        std::thread::sleep(Duration::from_secs(2));
+        from
+    }
+
+    /// Stops the clients and returns every request's outcome, asserting none failed.
+    fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads {
+            t.join().expect("client thread");
+        }
+        let log = std::mem::take(&mut *self.log.lock().unwrap());
+        let failures: Vec<&String> = log
+            .iter()
+            .filter_map(|(_, _, r)| r.as_ref().err())
+            .collect();
+        assert!(
+            failures.is_empty(),
+            "{} failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+        log
+    }
 }
 
 /// The longest request that was running at some moment of `from..to`.
@@ -130,15 +153,8 @@ fn a_cut_link_costs_a_ping_timeout_not_the_whole_cut() {
         &[a0, a1, a2],
         &["--wire-dtype", "f32", "--replicas", "2"],
     ));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (threads, log) = load(&c, 3, &stop);
-    let done = |log: &Mutex<Vec<Outcome>>| log.lock().unwrap().len();
-    assert!(
-        poll(Duration::from_secs(30), || done(&log) >= 12),
-        "no steady state"
-    );
-    let steady_from = Instant::now();
-    std::thread::sleep(Duration::from_secs(2));
+    let load = Load::start(&c, 3);
+    let steady_from = load.steady(12);
 
     // Longer than a ping timeout, shorter than the 10 s expert timeout.
     let cut = Instant::now();
@@ -152,12 +168,8 @@ fn a_cut_link_costs_a_ping_timeout_not_the_whole_cut() {
         "the node never came back: {}",
         c.health().text()
     );
-    let n = done(&log);
-    assert!(
-        poll(Duration::from_secs(30), || done(&log) >= n + 6),
-        "stopped serving after the heal"
-    );
-    let log = finish(&stop, threads, &log);
+    load.wait_for(6, "stopped serving after the heal");
+    let log = load.finish();
     let steady = worst_within(&log, steady_from, cut);
     let during = worst_across(&log, cut, healed);
     let served_during_cut = log
@@ -208,16 +220,9 @@ fn a_slow_node_is_hedged_on_replicas() {
             &std::env::var("HEDGE_FACTOR").unwrap_or("4".into()),
         ],
     ));
-    let stop = Arc::new(AtomicBool::new(false));
-    let (threads, log) = load(&c, 3, &stop);
-    let done = |log: &Mutex<Vec<Outcome>>| log.lock().unwrap().len();
+    let load = Load::start(&c, 3);
     // Enough answers from every node for its p99 to count.
-    assert!(
-        poll(Duration::from_secs(30), || done(&log) >= 30),
-        "no steady state"
-    );
-    let steady_from = Instant::now();
-    std::thread::sleep(Duration::from_secs(2));
+    let steady_from = load.steady(30);
     let hedges_before = counter(&c, "switchyard_dispatch_hedges_total");
 
     let slow_from = Instant::now();
@@ -225,7 +230,7 @@ fn a_slow_node_is_hedged_on_replicas() {
     std::thread::sleep(Duration::from_secs(5));
     let slow_to = Instant::now();
     proxy.set_delay(Duration::ZERO);
-    let log = finish(&stop, threads, &log);
+    let log = load.finish();
     let hedges = counter(&c, "switchyard_dispatch_hedges_total") - hedges_before;
     let wins = counter(&c, "switchyard_dispatch_hedge_wins_total");
     let steady = worst_within(&log, steady_from, slow_from);
@@ -303,34 +308,19 @@ fn cut_in_cluster_mode(coordinator_args: &[&str], slack: Duration) {
     args.extend_from_slice(coordinator_args);
     let c = Arc::new(Cluster::cluster_coordinator(&url, "c0", &args));
     wait_placed(&url, &["n0", "n1", "n2"]);
-    let stop = Arc::new(AtomicBool::new(false));
-    let (threads, log) = load(&c, 3, &stop);
-    let done = |log: &Mutex<Vec<Outcome>>| log.lock().unwrap().len();
-    assert!(
-        poll(Duration::from_secs(30), || done(&log) >= 12),
-        "no steady state"
-    );
-    let steady_from = Instant::now();
-    std::thread::sleep(Duration::from_secs(2));
+    let load = Load::start(&c, 3);
+    let steady_from = load.steady(12);
 
     let cut = Instant::now();
     host.cut();
     // The lease (2 s) runs out and the leader places the experts elsewhere.
     wait_placed(&url, &["n0", "n1"]);
-    let n = done(&log);
-    assert!(
-        poll(Duration::from_secs(30), || done(&log) >= n + 6),
-        "stopped serving while cut"
-    );
+    load.wait_for(6, "stopped serving while cut");
     host.heal();
     let healed = Instant::now();
     wait_placed(&url, &["n0", "n1", "n2"]);
-    let n = done(&log);
-    assert!(
-        poll(Duration::from_secs(30), || done(&log) >= n + 6),
-        "stopped serving after the heal"
-    );
-    let log = finish(&stop, threads, &log);
+    load.wait_for(6, "stopped serving after the heal");
+    let log = load.finish();
     let steady = worst_within(&log, steady_from, cut);
     let during = worst_across(&log, cut, healed);
     eprintln!("worst request: steady {steady:?}, across the cut {during:?}");
