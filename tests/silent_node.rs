@@ -13,10 +13,7 @@ use std::time::{Duration, Instant};
 use common::delay_proxy::DelayProxy;
 use common::etcd::{Etcd, wait_placed};
 use common::netns::NetHost;
-use common::{
-    Cluster, Proc, cluster_node, exe, expert_node, golden, golden_texts, greedy, poll, text_of,
-    tiny_model,
-};
+use common::{Cluster, cluster_node, expert_node, golden, golden_texts, greedy, poll, text_of};
 use serde_json::json;
 
 /// One finished request: when it ended, how long it took, and what went wrong if anything.
@@ -140,15 +137,7 @@ fn a_cut_link_costs_a_ping_timeout_not_the_whole_cut() {
     let host = NetHost::create(0);
     let (_n0, a0) = expert_node(0);
     let (_n1, a1) = expert_node(1);
-    let mut cmd = host.command(exe());
-    cmd.args([
-        "expert-node",
-        "--listen",
-        &format!("{}:0", host.ip),
-        "--model",
-    ])
-    .arg(tiny_model());
-    let (_n2, a2) = Proc::start("expert-node-in-netns", cmd, "listening on ");
+    let (_n2, a2) = host.expert_node("expert-node-in-netns", &[]);
     let c = Arc::new(Cluster::coordinator(
         &[a0, a1, a2],
         &["--wire-dtype", "f32", "--replicas", "2"],
@@ -293,17 +282,18 @@ fn cut_in_cluster_mode(coordinator_args: &[&str], slack: Duration) {
     let url = etcd.url();
     let _n0 = cluster_node(&url, "n0", &[]);
     let _n1 = cluster_node(&url, "n1", &[]);
-    let mut cmd = host.command(exe());
-    cmd.args([
-        "expert-node",
-        "--listen",
-        &format!("{}:0", host.ip),
-        "--model",
-    ])
-    .arg(tiny_model())
-    .args(["--node-id", "n2", "--lease-ttl-s", "2", "--etcd"])
-    .arg(etcd.url().replace("127.0.0.1", &host.outer_ip));
-    let (_n2, _) = Proc::start("expert-node-n2-in-netns", cmd, "listening on ");
+    let etcd_from_host = etcd.url().replace("127.0.0.1", &host.outer_ip);
+    let (_n2, _) = host.expert_node(
+        "expert-node-n2-in-netns",
+        &[
+            "--node-id",
+            "n2",
+            "--lease-ttl-s",
+            "2",
+            "--etcd",
+            &etcd_from_host,
+        ],
+    );
     let mut args = vec!["--wire-dtype", "f32"];
     args.extend_from_slice(coordinator_args);
     let c = Arc::new(Cluster::cluster_coordinator(&url, "c0", &args));

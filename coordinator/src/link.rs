@@ -432,27 +432,18 @@ impl NodeLink {
 /// An error and its sources: tonic's transport error alone says only "transport error",
 /// its sources say why (refused, certificate not trusted, ...).
 fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        // Some layers repeat their source's text in their own.
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
+    with_sources(e.to_string(), e.source())
 }
 
 /// A status's message and the sources under it (its own Display is a debug dump).
 fn status_chain(s: &tonic::Status) -> String {
-    use std::error::Error;
-    let mut out = s.message().to_owned();
-    let mut source = s.source();
+    with_sources(s.message().to_owned(), std::error::Error::source(s))
+}
+
+fn with_sources(mut out: String, mut source: Option<&dyn std::error::Error>) -> String {
     while let Some(e) = source {
         let text = e.to_string();
+        // Some layers repeat their source's text in their own.
         if !out.contains(&text) {
             out.push_str(": ");
             out.push_str(&text);

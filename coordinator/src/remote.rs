@@ -555,17 +555,17 @@ impl RemoteExperts {
             .map(|(node, w)| {
                 let req = self.request(layer, w, x);
                 bytes_sent += req.activations.len() as u64;
-                // What a hedge would send instead, planned now (cheap) so the timer
-                // path only sends.
-                let link = &topo.links[node];
-                let hedge = self
+                let hedge_after = self
                     .hedging
-                    .after(link.latency_p99(w.tokens.len()))
-                    .and_then(|after| {
-                        replan_away(layer, w, node, &topo.placement, usable).map(|alt| (after, alt))
-                    });
+                    .after(topo.links[node].latency_p99(w.tokens.len()));
                 async move {
-                    let (served, took) = self.serve_share(topo, layer, node, req, hedge, x).await;
+                    let share = Share {
+                        layer,
+                        node,
+                        work: w,
+                        usable,
+                    };
+                    let (served, took) = self.serve_share(topo, share, req, hedge_after, x).await;
                     (node, served, took)
                 }
             });
@@ -643,6 +643,15 @@ fn add_rows(out: &mut [f32], h: usize, tokens: &[u32], y: &[f32]) {
     }
 }
 
+/// One node's part of a layer, as planned.
+struct Share<'a> {
+    layer: usize,
+    node: usize,
+    work: &'a NodeWork,
+    /// Nodes a hedge may use.
+    usable: &'a [bool],
+}
+
 /// How a node's share of a layer was answered.
 enum Served {
     /// By the node itself (or its failure).
@@ -692,21 +701,20 @@ impl RemoteExperts {
     }
 
     /// One node's share of a layer: the node's own answer (or failure), or, when it is
-    /// later than `hedge`'s delay, whichever comes first of it and the replicas' answers
-    /// to `hedge`'s plan. Also returns how long the node's answer took.
+    /// later than `hedge_after`, whichever comes first of it and the replicas' answers to
+    /// the same work. Also returns how long the node's answer took.
     async fn serve_share(
         &self,
         topo: &Topology,
-        layer: usize,
-        node: usize,
+        share: Share<'_>,
         req: ForwardRequest,
-        hedge: Option<(Duration, Vec<NodeWork>)>,
+        hedge_after: Option<Duration>,
         x: &[f32],
     ) -> (Served, Duration) {
-        let link = &topo.links[node];
+        let link = &topo.links[share.node];
         let t = Instant::now();
         let primary = link.call(req, self.timeout);
-        let Some((after, alt)) = hedge else {
+        let Some(after) = hedge_after else {
             return (Served::Primary(primary.await), t.elapsed());
         };
         tokio::pin!(primary);
@@ -714,10 +722,20 @@ impl RemoteExperts {
             answer = &mut primary => return (Served::Primary(answer), t.elapsed()),
             () = tokio::time::sleep(after) => {}
         }
+        // Planned only now: most layers never get here.
+        let Some(alt) = replan_away(
+            share.layer,
+            share.work,
+            share.node,
+            &topo.placement,
+            share.usable,
+        ) else {
+            return (Served::Primary(primary.await), t.elapsed());
+        };
         if let Some(m) = &self.metrics {
             m.hedges.with_label_values(&[link.addr()]).inc();
         }
-        let hedged = self.send_all(topo, layer, &alt, x);
+        let hedged = self.send_all(topo, share.layer, &alt, x);
         tokio::pin!(hedged);
         tokio::select! {
             answer = &mut primary => (Served::Primary(answer), t.elapsed()),

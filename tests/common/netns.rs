@@ -92,6 +92,21 @@ impl NetHost {
         cmd
     }
 
+    /// `switchyard expert-node` on this host with the bundled model, and `args`; returns it
+    /// and its address.
+    pub fn expert_node(&self, name: &str, args: &[&str]) -> (super::Proc, String) {
+        let mut cmd = self.command(super::exe());
+        cmd.args([
+            "expert-node",
+            "--listen",
+            &format!("{}:0", self.ip),
+            "--model",
+        ])
+        .arg(super::tiny_model())
+        .args(args);
+        super::Proc::start(name, cmd, "listening on ")
+    }
+
     /// Takes the host's side of the link down: what the other side sends is dropped
     /// without a word.
     pub fn cut(&self) {
