@@ -32,7 +32,8 @@ enum Command {
     ExpertNode(cmd::expert_node::Args),
     /// Generate text from a prompt on the CPU, streaming it to stdout.
     Generate(cmd::generate::Args),
-    /// Write a random checkpoint of any Mixtral shape, with a tokenizer.
+    /// Write a random checkpoint of any family and shape (mixtral, qwen2_moe, qwen3_moe,
+    /// deepseek_v3), with a tokenizer.
     Synth(cmd::synth::Args),
     /// Load-test any OpenAI-compatible server (flags and result keys of `vllm bench serve`).
     Bench(cmd::bench::Args),

@@ -10,7 +10,8 @@ pub struct NodeRecord {
     /// gRPC address coordinators dial (`HOST:PORT`).
     pub addr: String,
     pub device: String,
-    /// The model's shape, so a node started on another checkpoint is never used.
+    /// The model's expert shape (layers that route x experts), so a node started on
+    /// another checkpoint is never used.
     pub num_layers: usize,
     pub num_experts: usize,
     /// How many experts fit in this node's memory budget.

@@ -17,7 +17,7 @@ use switchyard_coordinator::placement::Placement;
 use switchyard_coordinator::remote::{RemoteExperts, wait_healthy};
 use switchyard_engine::sampling::argmax;
 use switchyard_engine::{
-    ExpertSelection, ExpertStore, Experts, LogitsFor, Mixtral, PagedKvCache, SeqCache, SeqChunk,
+    ExpertSelection, ExpertStore, Experts, LogitsFor, Model, PagedKvCache, SeqCache, SeqChunk,
 };
 use switchyard_proto::WireFormat;
 
@@ -64,7 +64,7 @@ struct Run {
 }
 
 fn decode(
-    model: &Mixtral,
+    model: &Model,
     experts: &dyn Experts,
     batch: usize,
     steps: usize,
@@ -75,7 +75,7 @@ fn decode(
     let block = 16;
     let mut kv = model.new_kv_cache(
         block,
-        PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), block)
+        PagedKvCache::model_block_bytes(cfg, block)
             * batch
             * (prompt_len + steps + 1).div_ceil(block),
     );
@@ -139,7 +139,7 @@ fn main() -> Result<(), BoxError> {
     let node_counts = list(args.next(), "1,2,4")?;
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(16);
 
-    let (model, ckpt) = Mixtral::load(&model_dir)?;
+    let (model, ckpt) = Model::load(&model_dir)?;
     let cfg = model.config().clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -150,7 +150,7 @@ fn main() -> Result<(), BoxError> {
         "model {}: hidden {} ffn {} layers {} experts {} top-{}; {} decode steps after a 16-token prompt",
         model_dir.display(),
         cfg.hidden_size,
-        cfg.intermediate_size,
+        cfg.moe_intermediate_size,
         cfg.num_layers,
         cfg.num_experts,
         cfg.experts_per_token,
@@ -175,7 +175,7 @@ fn main() -> Result<(), BoxError> {
     }
     for &n in &node_counts {
         let (nodes, addrs) = start_nodes(&bin, &model_dir, n)?;
-        let placement = Placement::round_robin(cfg.num_layers, cfg.num_experts, n, 1)?;
+        let placement = Placement::round_robin(cfg.expert_layers(), cfg.num_experts, n, 1)?;
         let links = runtime.block_on(async {
             for a in &addrs {
                 wait_healthy(a, Duration::from_secs(60), None).await?;

@@ -167,10 +167,14 @@ impl CountingExperts {
     ) -> Self {
         let counters = (0..num_layers * num_experts)
             .map(|i| {
-                metrics.routed_tokens.with_label_values(&[
-                    &(i / num_experts).to_string(),
-                    &(i % num_experts).to_string(),
-                ])
+                let expert = if per_expert_series(num_layers, num_experts) {
+                    (i % num_experts).to_string()
+                } else {
+                    "all".to_string()
+                };
+                metrics
+                    .routed_tokens
+                    .with_label_values(&[&(i / num_experts).to_string(), &expert])
             })
             .collect();
         CountingExperts {
@@ -195,4 +199,13 @@ impl Experts for CountingExperts {
         }
         self.inner.forward(layer, x, routing)
     }
+}
+
+/// Above this many (layer, expert) pairs (DeepSeek-V3: 58 x 256), the per-expert token
+/// series would make every scrape tens of thousands of lines: they are kept per layer
+/// instead, with `expert="all"`.
+pub const PER_EXPERT_SERIES_MAX: usize = 4096;
+
+pub fn per_expert_series(num_layers: usize, num_experts: usize) -> bool {
+    num_layers.saturating_mul(num_experts) <= PER_EXPERT_SERIES_MAX
 }

@@ -137,13 +137,13 @@ impl Coordinator {
                     _,
                 ) => {
                     let (handle, placement) =
-                        crate::cluster::join(mode, mc.num_layers, mc.num_experts, tls.clone())
+                        crate::cluster::join(mode, mc.expert_layers(), mc.num_experts, tls.clone())
                             .await?;
                     let remote = Arc::new(
                         RemoteExperts::new(
                             tokio::runtime::Handle::current(),
                             Vec::new(),
-                            Placement::empty(mc.num_layers, mc.num_experts),
+                            Placement::empty(mc.expert_layers(), mc.num_experts),
                             mc.hidden_size,
                             *wire,
                             *timeout,
@@ -159,7 +159,7 @@ impl Coordinator {
                         handle.session.clone(),
                         mode,
                         metrics.clone(),
-                        mc.num_layers,
+                        mc.expert_layers(),
                         mc.num_experts,
                         Duration::from_secs(2),
                     );
@@ -186,7 +186,7 @@ impl Coordinator {
                     _,
                 ) => {
                     let placement = Placement::round_robin(
-                        mc.num_layers,
+                        mc.expert_layers(),
                         mc.num_experts,
                         addrs.len(),
                         *replicas,
@@ -259,7 +259,7 @@ impl Coordinator {
         let experts = Arc::new(CountingExperts::new(
             experts,
             metrics.clone(),
-            mc.num_layers,
+            mc.expert_layers(),
             mc.num_experts,
         ));
         let scheduler = spawn(

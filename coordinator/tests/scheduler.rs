@@ -37,7 +37,7 @@ fn setup_on(device: Device, config: SchedulerConfig) -> Setup {
     let tokenizer = Arc::new(Tokenizer::from_dir(&dir).unwrap());
     let golden = read_golden(
         &dir.join(GOLDEN_FILE),
-        cfg.num_layers,
+        cfg.expert_layers(),
         cfg.vocab_size,
         cfg.experts_per_token,
     )

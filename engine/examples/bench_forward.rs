@@ -1,14 +1,17 @@
 //! CPU forward-pass throughput: prefill and decode tokens/s at several batch sizes.
 //!
-//! cargo run --release -p switchyard-engine --example bench_forward -- MODEL_DIR [PROMPT_LEN] [DECODE_STEPS] [BATCH,...]
+//! cargo run --release -p switchyard-engine --example bench_forward -- MODEL_DIR [PROMPT_LEN] [DECODE_STEPS] [BATCH,...] [MLA_MODES] [ROUNDS]
 //!
-//! Prints a table; nothing here is a test.
+//! `MLA_MODES` (`absorbed`, `expanded`, or both comma-separated) runs an MLA model's
+//! attention each way, alternating the modes within each of `ROUNDS` rounds so that both
+//! see the same machine noise. Prints a table; nothing here is a test.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
+use switchyard_engine::layers::MlaMode;
 use switchyard_engine::sampling::argmax;
-use switchyard_engine::{ExpertSelection, ExpertStore, LogitsFor, Mixtral, SeqCache, SeqChunk};
+use switchyard_engine::{ExpertSelection, ExpertStore, LogitsFor, Model, SeqCache, SeqChunk};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
@@ -22,9 +25,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(s) => s.split(',').map(|b| b.parse()).collect::<Result<_, _>>()?,
         None => vec![1, 32],
     };
+    let modes: Vec<MlaMode> = match args.next().as_deref() {
+        None => vec![MlaMode::Absorbed],
+        Some(list) => list
+            .split(',')
+            .map(|m| match m {
+                "absorbed" => Ok(MlaMode::Absorbed),
+                "expanded" => Ok(MlaMode::Expanded),
+                other => Err(format!("MLA mode `{other}`: absorbed or expanded")),
+            })
+            .collect::<Result<_, _>>()?,
+    };
+    let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
 
     let t0 = Instant::now();
-    let (model, ckpt) = Mixtral::load(&dir)?;
+    let (mut model, ckpt) = Model::load(&dir)?;
     let cfg = model.config().clone();
     let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All)?;
     eprintln!(
@@ -33,7 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         t0.elapsed().as_secs_f64()
     );
     let max_batch = batches.iter().copied().max().unwrap_or(1);
-    let kv_bytes = switchyard_engine::PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), 16)
+    let kv_bytes = switchyard_engine::PagedKvCache::model_block_bytes(&cfg, 16)
         * max_batch
         * (prompt_len + steps + 32).div_ceil(16);
     let mut kv = model.new_kv_cache(16, kv_bytes);
@@ -41,7 +56,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "model: hidden {} ffn {} layers {} heads {}/{} experts {} top-{} vocab {}; prompt {} tokens, {} decode steps; {} threads",
         cfg.hidden_size,
-        cfg.intermediate_size,
+        cfg.moe_intermediate_size,
         cfg.num_layers,
         cfg.num_heads,
         cfg.num_kv_heads,
@@ -52,9 +67,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         steps,
         rayon::current_num_threads()
     );
-    println!("| batch | prefill tokens/s | decode tokens/s | decode ms/step |");
-    println!("|---|---|---|---|");
-    for &batch in &batches {
+    println!("{}", cfg.summary());
+    println!("| round | attention | batch | prefill tokens/s | decode tokens/s | decode ms/step |");
+    println!("|---|---|---|---|---|---|");
+    let mut runs = Vec::new();
+    for round in 0..rounds {
+        for &mode in &modes {
+            for &batch in &batches {
+                runs.push((round, mode, batch));
+            }
+        }
+    }
+    for (round, mode, batch) in runs {
+        model.set_mla_mode(mode);
         // Distinct prompts so routing differs across sequences, as in real traffic.
         let prompts: Vec<Vec<u32>> = (0..batch)
             .map(|b| {
@@ -93,7 +118,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             kv.release(c);
         }
         println!(
-            "| {batch} | {:.1} | {:.1} | {:.1} |",
+            "| {round} | {mode:?} | {batch} | {:.1} | {:.1} | {:.1} |",
             (batch * prompt_len) as f64 / prefill_s,
             (batch * steps) as f64 / decode_s,
             decode_s * 1e3 / steps as f64

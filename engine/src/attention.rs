@@ -1,4 +1,7 @@
-//! Grouped-query causal attention over one sequence's cached keys and values.
+//! Causal attention over one sequence's cached keys and values: grouped-query attention,
+//! and the absorbed form of multi-head latent attention (one shared key/value row per
+//! position, values a prefix of the key row), which is the same computation with other
+//! widths and strides.
 
 use rayon::prelude::*;
 
@@ -8,30 +11,57 @@ use crate::ops::{matmul_strided, softmax_in_place};
 pub struct AttentionShape {
     pub num_heads: usize,
     pub num_kv_heads: usize,
+    /// Width of a query and key head.
     pub head_dim: usize,
+    /// Width of a value head.
+    pub v_head_dim: usize,
+    /// Multiplies the scores before the softmax.
+    pub scale: f32,
 }
 
-/// `q` is `[n, heads * head_dim]` for positions `start..start + n`; `k`, `v` are
-/// `[start + n, kv_heads * head_dim]` (everything the sequence has seen, this chunk
-/// included). Returns `[n, heads * head_dim]`. Query `i` sees keys `0..=start + i`.
+impl AttentionShape {
+    /// Plain GQA: values as wide as keys, scale `1 / sqrt(head_dim)`.
+    pub fn gqa(num_heads: usize, num_kv_heads: usize, head_dim: usize) -> Self {
+        AttentionShape {
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            v_head_dim: head_dim,
+            scale: 1.0 / (head_dim as f32).sqrt(),
+        }
+    }
+}
+
+/// Rows of cached keys or values: position `p`, KV head `g` starts at
+/// `data[p * stride + g * head width]`.
+#[derive(Debug, Clone, Copy)]
+pub struct KvRows<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+}
+
+/// `q` is `[n, heads * head_dim]` for positions `start..start + n`; `k` and `v` hold
+/// everything the sequence has seen (`start + n` rows, this chunk included). Returns
+/// `[n, heads * v_head_dim]`. Query `i` sees keys `0..=start + i`.
 pub fn causal_attention(
     shape: AttentionShape,
     q: &[f32],
     n: usize,
     start: usize,
-    k: &[f32],
-    v: &[f32],
+    k: KvRows<'_>,
+    v: KvRows<'_>,
 ) -> Vec<f32> {
     let AttentionShape {
         num_heads,
         num_kv_heads,
         head_dim: d,
+        v_head_dim: dv,
+        scale,
     } = shape;
     let qd = num_heads * d;
-    let kvd = num_kv_heads * d;
+    let od = num_heads * dv;
     let s = start + n;
     let group = num_heads / num_kv_heads;
-    let scale = 1.0 / (d as f32).sqrt();
 
     let heads: Vec<Vec<f32>> = (0..num_heads)
         .into_par_iter()
@@ -48,9 +78,9 @@ pub fn causal_attention(
                 &q[h * d..],
                 qd,
                 1,
-                &k[g * d..],
+                &k.data[g * d..],
                 1,
-                kvd,
+                k.stride,
             );
             for (i, row) in scores.chunks_exact_mut(s).enumerate() {
                 let visible = start + i + 1;
@@ -60,17 +90,29 @@ pub fn causal_attention(
                 row[visible..].fill(f32::NEG_INFINITY);
                 softmax_in_place(row);
             }
-            let mut out = vec![0.0f32; n * d];
-            // out[n, d] = P[n, s] · V_g[s, d]
-            matmul_strided(n, d, s, &mut out, d, &scores, s, 1, &v[g * d..], kvd, 1);
+            let mut out = vec![0.0f32; n * dv];
+            // out[n, dv] = P[n, s] · V_g[s, dv]
+            matmul_strided(
+                n,
+                dv,
+                s,
+                &mut out,
+                dv,
+                &scores,
+                s,
+                1,
+                &v.data[g * dv..],
+                v.stride,
+                1,
+            );
             out
         })
         .collect();
 
-    let mut out = vec![0.0f32; n * qd];
+    let mut out = vec![0.0f32; n * od];
     for (h, head) in heads.iter().enumerate() {
-        for (i, row) in head.chunks_exact(d).enumerate() {
-            out[i * qd + h * d..i * qd + (h + 1) * d].copy_from_slice(row);
+        for (i, row) in head.chunks_exact(dv).enumerate() {
+            out[i * od + h * dv..i * od + (h + 1) * dv].copy_from_slice(row);
         }
     }
     out
@@ -121,11 +163,7 @@ mod tests {
 
     #[test]
     fn matches_reference_for_prefill_and_decode_chunks() {
-        let shape = AttentionShape {
-            num_heads: 4,
-            num_kv_heads: 2,
-            head_dim: 8,
-        };
+        let shape = AttentionShape::gqa(4, 2, 8);
         let mut seed = 7u64;
         let mut rnd = |len: usize| -> Vec<f32> {
             (0..len)
@@ -141,7 +179,8 @@ mod tests {
             let q = rnd(n * 32);
             let k = rnd((start + n) * 16);
             let v = rnd((start + n) * 16);
-            let got = causal_attention(shape, &q, n, start, &k, &v);
+            let rows = |data| KvRows { data, stride: 16 };
+            let got = causal_attention(shape, &q, n, start, rows(&k), rows(&v));
             for (a, b) in got.iter().zip(reference(shape, &q, n, start, &k, &v)) {
                 assert!((*a as f64 - b).abs() < 1e-5, "{a} vs {b}");
             }

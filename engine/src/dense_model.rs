@@ -1,4 +1,4 @@
-//! The dense part of the model on the device that runs it: [`Mixtral`] (f32, CPU) or
+//! The dense part of the model on the device that runs it: [`Model`] (f32, CPU) or
 //! [`CudaModel`] (bf16 weights, one GPU), with the KV cache that lives beside it. Callers
 //! (the scheduler, `generate`, `verify`) hold one [`DenseModel`] and one [`KvCache`] and
 //! never ask which; a cache only works with the model that made it.
@@ -10,12 +10,12 @@ use crate::config::ModelConfig;
 use crate::cuda::{CudaBackend, CudaError, CudaKvCache, CudaModel, Device};
 use crate::experts::Experts;
 use crate::kv_cache::{KvCacheError, PagedKvCache, SeqCache};
-use crate::model::{ForwardOutput, LogitsFor, Mixtral, ModelError, SeqChunk};
+use crate::model::{ForwardOutput, LogitsFor, Model, ModelError, SeqChunk};
 
 // One per process, behind an Arc: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
 pub enum DenseModel {
-    Cpu(Mixtral),
+    Cpu(Model),
     Cuda(CudaModel),
 }
 
@@ -25,8 +25,8 @@ pub enum KvCache {
     Cuda(CudaKvCache),
 }
 
-impl From<Mixtral> for DenseModel {
-    fn from(m: Mixtral) -> Self {
+impl From<Model> for DenseModel {
+    fn from(m: Model) -> Self {
         DenseModel::Cpu(m)
     }
 }
@@ -36,7 +36,7 @@ impl DenseModel {
     /// here); the experts are loaded separately from the returned checkpoint.
     pub fn load(device: Device, dir: &Path) -> Result<(Self, Checkpoint), ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = Checkpoint::open_quantized(dir, config.quantization)?;
         let model = Self::from_checkpoint(device, config, &ckpt)?;
         Ok((model, ckpt))
     }
@@ -52,7 +52,7 @@ impl DenseModel {
                 config,
                 ckpt,
             )?),
-            Device::Cpu | Device::Auto => DenseModel::Cpu(Mixtral::from_checkpoint(config, ckpt)?),
+            Device::Cpu | Device::Auto => DenseModel::Cpu(Model::from_checkpoint(config, ckpt)?),
         })
     }
 
@@ -85,7 +85,7 @@ impl DenseModel {
         })
     }
 
-    /// [`Mixtral::forward`] on this model's device.
+    /// [`Model::forward`] on this model's device.
     pub fn forward(
         &self,
         kv: &mut KvCache,
@@ -164,13 +164,13 @@ mod tests {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/mixtral-tiny")
     }
 
-    /// Through the enum the CPU path is `Mixtral::forward` itself: the same logits, bit
+    /// Through the enum the CPU path is `Model::forward` itself: the same logits, bit
     /// for bit, and the same block accounting.
     #[test]
     fn cpu_dense_model_is_the_mixtral_forward() {
         let dir = fixture();
         let (dense, ckpt) = DenseModel::load(Device::Cpu, &dir).unwrap();
-        let (direct, _) = Mixtral::load(&dir).unwrap();
+        let (direct, _) = Model::load(&dir).unwrap();
         let experts = ExpertStore::load(&ckpt, dense.config(), &ExpertSelection::All).unwrap();
         let mut kv = dense.new_kv_cache(4, 1 << 20).unwrap();
         let mut kv_direct = direct.new_kv_cache(4, 1 << 20);

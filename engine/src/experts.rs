@@ -37,10 +37,12 @@ pub enum ExpertError {
     Unavailable(String),
 }
 
-/// The MoE half of a layer, wherever it runs.
+/// The routed experts of a MoE layer, wherever they run.
 pub trait Experts: Send + Sync {
-    /// `x` is `[tokens, hidden]` (the post-attention-normalised states), `routing` has the
-    /// same number of tokens; returns `[tokens, hidden]`: `sum_k w_k * FFN_{e_k}(x_t)`.
+    /// `layer` is the expert layer (the `layer`-th decoder layer that routes, see
+    /// `ModelConfig::moe_layers`); `x` is `[tokens, hidden]` (the post-attention-normalised
+    /// states), `routing` has the same number of tokens; returns `[tokens, hidden]`:
+    /// `sum_k w_k * FFN_{e_k}(x_t)`.
     fn forward(&self, layer: usize, x: &[f32], routing: &Routing) -> Result<Vec<f32>, ExpertError>;
 }
 
@@ -153,7 +155,7 @@ pub enum ExpertSelection {
 }
 
 impl ExpertSelection {
-    /// The same experts in every layer.
+    /// The same experts in every one of `num_layers` expert layers.
     pub fn in_every_layer(experts: &[usize], num_layers: usize) -> Self {
         ExpertSelection::Only(
             (0..num_layers)
@@ -178,8 +180,8 @@ enum ExpertLayout {
     Fused { gate_up: String, down: String },
 }
 
-/// The MoE block's name prefix of a layer: Mixtral checkpoints say `block_sparse_moe`,
-/// newer writers `mlp`.
+/// The MoE block's name prefix of decoder layer `layer`: Mixtral checkpoints say
+/// `block_sparse_moe`, newer writers and other families `mlp`.
 pub(crate) fn moe_prefix(ckpt: &Checkpoint, layer: usize) -> Result<String, WeightError> {
     let candidates = [
         format!("model.layers.{layer}.block_sparse_moe"),
@@ -210,21 +212,37 @@ fn layout(ckpt: &Checkpoint, prefix: &str) -> ExpertLayout {
     ExpertLayout::PerExpert
 }
 
-/// Loads one expert, reading only its own bytes.
+/// Per-expert tensor names (gate, up, down) as the Hub's checkpoints spell them: Mixtral's
+/// `w1`/`w3`/`w2`, everyone else's `gate_proj`/`up_proj`/`down_proj`.
+const EXPERT_PROJ_NAMES: [[&str; 3]; 2] =
+    [["w1", "w3", "w2"], ["gate_proj", "up_proj", "down_proj"]];
+
+/// Loads expert `expert` of expert layer `layer` (the `layer`-th layer that routes),
+/// reading only its own bytes.
 pub fn load_expert(
     ckpt: &Checkpoint,
     cfg: &ModelConfig,
     layer: usize,
     expert: usize,
 ) -> Result<ExpertFfn, WeightError> {
-    let (h, f, e) = (cfg.hidden_size, cfg.intermediate_size, cfg.num_experts);
-    let prefix = moe_prefix(ckpt, layer)?;
+    let (h, f, e) = (cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts);
+    let decoder_layer = cfg
+        .decoder_layer_of(layer)
+        .ok_or_else(|| WeightError::Missing {
+            name: format!("experts of expert layer {layer}"),
+            location: format!("a model with {} layers that route", cfg.expert_layers()),
+        })?;
+    let prefix = moe_prefix(ckpt, decoder_layer)?;
     let (gate_up, down) = match layout(ckpt, &prefix) {
         ExpertLayout::PerExpert => {
             let p = format!("{prefix}.experts.{expert}");
-            let mut gate_up = ckpt.load(&format!("{p}.w1.weight"), &[f, h])?;
-            gate_up.extend(ckpt.load(&format!("{p}.w3.weight"), &[f, h])?);
-            (gate_up, ckpt.load(&format!("{p}.w2.weight"), &[h, f])?)
+            let [gate, up, down] = EXPERT_PROJ_NAMES
+                .into_iter()
+                .find(|[g, _, _]| ckpt.contains(&format!("{p}.{g}.weight")))
+                .unwrap_or(EXPERT_PROJ_NAMES[1]);
+            let mut gate_up = ckpt.load(&format!("{p}.{gate}.weight"), &[f, h])?;
+            gate_up.extend(ckpt.load(&format!("{p}.{up}.weight"), &[f, h])?);
+            (gate_up, ckpt.load(&format!("{p}.{down}.weight"), &[h, f])?)
         }
         ExpertLayout::Fused { gate_up, down } => (
             ckpt.load_slice(&gate_up, &[e, 2 * f, h], expert)?,
@@ -246,12 +264,13 @@ pub struct ExpertStore {
 }
 
 impl ExpertStore {
+    /// A store for every expert layer of `cfg`, holding nothing yet.
     pub fn empty(cfg: &ModelConfig) -> Self {
         ExpertStore {
             hidden: cfg.hidden_size,
-            num_layers: cfg.num_layers,
+            num_layers: cfg.expert_layers(),
             num_experts: cfg.num_experts,
-            slots: (0..cfg.num_layers * cfg.num_experts)
+            slots: (0..cfg.expert_layers() * cfg.num_experts)
                 .map(|_| None)
                 .collect(),
         }
@@ -263,7 +282,7 @@ impl ExpertStore {
         selection: &ExpertSelection,
     ) -> Result<Self, WeightError> {
         let mut store = Self::empty(cfg);
-        for layer in 0..cfg.num_layers {
+        for layer in 0..cfg.expert_layers() {
             for expert in 0..cfg.num_experts {
                 if selection.contains(layer, expert) {
                     store.insert(layer, expert, load_expert(ckpt, cfg, layer, expert)?);

@@ -41,7 +41,10 @@ impl SeqCache {
 
 pub struct PagedKvCache {
     num_layers: usize,
+    /// Values per position and layer: keys (GQA), or MLA's latent row.
     kv_dim: usize,
+    /// Values per position and layer: values (GQA, as wide as keys), or 0 for MLA.
+    value_dim: usize,
     block_size: usize,
     num_blocks: usize,
     /// Per layer, `num_blocks * block_size * kv_dim` values.
@@ -51,29 +54,55 @@ pub struct PagedKvCache {
 }
 
 impl PagedKvCache {
+    /// Keys and values of `kv_dim` values each per position and layer (GQA).
     pub fn new(num_layers: usize, kv_dim: usize, block_size: usize, num_blocks: usize) -> Self {
+        Self::with_dims(num_layers, (kv_dim, kv_dim), block_size, num_blocks)
+    }
+
+    /// `dims`: (key, value) widths; MLA caches one latent row and no values.
+    pub fn with_dims(
+        num_layers: usize,
+        dims: (usize, usize),
+        block_size: usize,
+        num_blocks: usize,
+    ) -> Self {
         assert!(block_size > 0, "block_size must be positive");
-        let per_layer = num_blocks * block_size * kv_dim;
+        let (kv_dim, value_dim) = dims;
+        let slots = num_blocks * block_size;
         PagedKvCache {
             num_layers,
             kv_dim,
+            value_dim,
             block_size,
             num_blocks,
-            keys: (0..num_layers).map(|_| vec![0.0; per_layer]).collect(),
-            values: (0..num_layers).map(|_| vec![0.0; per_layer]).collect(),
+            keys: (0..num_layers).map(|_| vec![0.0; slots * kv_dim]).collect(),
+            values: (0..num_layers)
+                .map(|_| vec![0.0; slots * value_dim])
+                .collect(),
             // Popped from the back: hand out low block ids first.
             free: (0..num_blocks as u32).rev().collect(),
         }
     }
 
-    /// A pool big enough for `bytes` of K and V across all layers.
-    pub fn with_budget(num_layers: usize, kv_dim: usize, block_size: usize, bytes: usize) -> Self {
-        let per_block = Self::block_bytes(num_layers, kv_dim, block_size);
-        Self::new(num_layers, kv_dim, block_size, (bytes / per_block).max(1))
+    /// A pool big enough for `bytes` of the model's cache across all layers.
+    pub fn for_model(config: &crate::config::ModelConfig, block_size: usize, bytes: usize) -> Self {
+        let per_block = Self::model_block_bytes(config, block_size);
+        Self::with_dims(
+            config.num_layers,
+            config.kv_cache_dims(),
+            block_size,
+            (bytes / per_block.max(1)).max(1),
+        )
     }
 
+    /// Bytes of one block of a GQA cache with K and V of `kv_dim` each.
     pub fn block_bytes(num_layers: usize, kv_dim: usize, block_size: usize) -> usize {
         2 * num_layers * kv_dim * block_size * std::mem::size_of::<f32>()
+    }
+
+    /// Bytes of one block of `config`'s cache, all layers.
+    pub fn model_block_bytes(config: &crate::config::ModelConfig, block_size: usize) -> usize {
+        config.num_layers * config.kv_bytes_per_token_per_layer() * block_size
     }
 
     pub fn block_size(&self) -> usize {
@@ -124,29 +153,31 @@ impl PagedKvCache {
         seq.len += n;
     }
 
+    /// The slot index (in positions) of `pos` of `seq`.
     fn slot(&self, seq: &SeqCache, pos: usize) -> usize {
         let block = seq.blocks[pos / self.block_size] as usize;
-        (block * self.block_size + pos % self.block_size) * self.kv_dim
+        block * self.block_size + pos % self.block_size
     }
 
-    /// Writes one position's key and value rows for `layer`.
+    /// Writes one position's key and value rows for `layer` (`v` empty for MLA).
     pub fn write(&mut self, layer: usize, seq: &SeqCache, pos: usize, k: &[f32], v: &[f32]) {
         let at = self.slot(seq, pos);
-        let d = self.kv_dim;
-        self.keys[layer][at..at + d].copy_from_slice(k);
-        self.values[layer][at..at + d].copy_from_slice(v);
+        let (d, dv) = (self.kv_dim, self.value_dim);
+        self.keys[layer][at * d..(at + 1) * d].copy_from_slice(k);
+        self.values[layer][at * dv..(at + 1) * dv].copy_from_slice(v);
     }
 
-    /// Copies positions `0..len` of `seq` for `layer` into contiguous `[len, kv_dim]`
-    /// buffers, block by block.
+    /// Copies positions `0..len` of `seq` for `layer` into contiguous `[len, kv_dim]` and
+    /// `[len, value_dim]` buffers, block by block.
     pub fn gather(&self, layer: usize, seq: &SeqCache, len: usize, k: &mut [f32], v: &mut [f32]) {
-        let d = self.kv_dim;
+        let (d, dv) = (self.kv_dim, self.value_dim);
         let mut pos = 0;
         while pos < len {
             let run = (self.block_size - pos % self.block_size).min(len - pos);
             let at = self.slot(seq, pos);
-            k[pos * d..(pos + run) * d].copy_from_slice(&self.keys[layer][at..at + run * d]);
-            v[pos * d..(pos + run) * d].copy_from_slice(&self.values[layer][at..at + run * d]);
+            k[pos * d..(pos + run) * d].copy_from_slice(&self.keys[layer][at * d..(at + run) * d]);
+            v[pos * dv..(pos + run) * dv]
+                .copy_from_slice(&self.values[layer][at * dv..(at + run) * dv]);
             pos += run;
         }
     }

@@ -79,7 +79,9 @@ impl LocalExperts {
     /// a GPU.
     pub fn bytes_per_expert(&self, cfg: &ModelConfig) -> u64 {
         match self {
-            LocalExperts::Cpu(_) => 3 * cfg.hidden_size as u64 * cfg.intermediate_size as u64 * 4,
+            LocalExperts::Cpu(_) => {
+                3 * cfg.hidden_size as u64 * cfg.moe_intermediate_size as u64 * 4
+            }
             LocalExperts::Cuda(c) => c.bytes_per_expert(),
         }
     }
@@ -229,7 +231,7 @@ mod tests {
         ));
         assert_eq!(
             x.bytes_per_expert(&cfg),
-            3 * (h * cfg.intermediate_size * 4) as u64
+            3 * (h * cfg.moe_intermediate_size * 4) as u64
         );
     }
 

@@ -1,19 +1,19 @@
-//! The dense part of a Mixtral model (embeddings, attention, norms, router, LM head) and
-//! its forward pass over a batch of sequence chunks. The experts sit behind [`Experts`]:
-//! this code routes, whoever implements the trait computes.
+//! The dense part of a MoE model (embeddings, attention, norms, routers, shared experts,
+//! dense MLPs, LM head) and its forward pass over a batch of sequence chunks: one loop
+//! for every family, over layers a family composed at load time (`crate::family`). The
+//! routed experts sit behind [`Experts`]: this code routes, whoever implements the trait
+//! computes.
 
 use std::path::Path;
 
-use rayon::prelude::*;
-
-use crate::attention::{AttentionShape, causal_attention};
 use crate::checkpoint::{Checkpoint, WeightError};
 use crate::config::{ConfigError, ModelConfig};
 use crate::cuda::CudaError;
-use crate::experts::{ExpertError, Experts, moe_prefix};
+use crate::experts::{ExpertError, Experts};
 use crate::kv_cache::{KvCacheError, PagedKvCache, SeqCache};
+use crate::layers::{Attention, AttentionInput, Layer, MlaMode, Span};
 use crate::ops::{Linear, Rope, rms_norm};
-use crate::router::{Routing, route_softmax_topk};
+use crate::router::Routing;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -36,21 +36,12 @@ pub enum ModelError {
     Device(#[from] CudaError),
 }
 
-struct DenseLayer {
-    input_norm: Vec<f32>,
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
-    post_norm: Vec<f32>,
-    router: Linear,
-}
-
-/// Everything of a Mixtral model except the experts.
-pub struct Mixtral {
+/// Everything of a MoE model except the routed experts: embeddings, every layer's
+/// attention, norms, router, shared experts and dense MLPs, the LM head.
+pub struct Model {
     config: ModelConfig,
     embed: Vec<f32>,
-    layers: Vec<DenseLayer>,
+    layers: Vec<Layer>,
     norm: Vec<f32>,
     /// `None` when the LM head is tied to the embeddings.
     lm_head: Option<Linear>,
@@ -87,7 +78,7 @@ impl ForwardOutput {
     }
 }
 
-impl Mixtral {
+impl Model {
     pub fn config(&self) -> &ModelConfig {
         &self.config
     }
@@ -95,7 +86,7 @@ impl Mixtral {
     /// Loads the dense weights only; experts are loaded separately (see `ExpertStore`).
     pub fn load(dir: &Path) -> Result<(Self, Checkpoint), ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = Checkpoint::open_quantized(dir, config.quantization)?;
         let model = Self::from_checkpoint(config, &ckpt)?;
         Ok((model, ckpt))
     }
@@ -103,32 +94,18 @@ impl Mixtral {
     pub fn from_checkpoint(config: ModelConfig, ckpt: &Checkpoint) -> Result<Self, WeightError> {
         let c = &config;
         let (h, v) = (c.hidden_size, c.vocab_size);
-        let linear = |name: String, out: usize, inp: usize| -> Result<Linear, WeightError> {
-            Ok(Linear::new(ckpt.load(&name, &[out, inp])?, out, inp))
-        };
         let embed = ckpt.load("model.embed_tokens.weight", &[v, h])?;
-        let mut layers = Vec::with_capacity(c.num_layers);
-        for l in 0..c.num_layers {
-            let p = format!("model.layers.{l}");
-            let moe = moe_prefix(ckpt, l)?;
-            layers.push(DenseLayer {
-                input_norm: ckpt.load(&format!("{p}.input_layernorm.weight"), &[h])?,
-                q: linear(format!("{p}.self_attn.q_proj.weight"), c.q_dim(), h)?,
-                k: linear(format!("{p}.self_attn.k_proj.weight"), c.kv_dim(), h)?,
-                v: linear(format!("{p}.self_attn.v_proj.weight"), c.kv_dim(), h)?,
-                o: linear(format!("{p}.self_attn.o_proj.weight"), h, c.q_dim())?,
-                post_norm: ckpt.load(&format!("{p}.post_attention_layernorm.weight"), &[h])?,
-                router: linear(format!("{moe}.gate.weight"), c.num_experts, h)?,
-            });
-        }
+        let layers = (0..c.num_layers)
+            .map(|l| c.family.load_layer(ckpt, c, l))
+            .collect::<Result<Vec<_>, _>>()?;
         let norm = ckpt.load("model.norm.weight", &[h])?;
         let lm_head = if c.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             None
         } else {
-            Some(linear("lm_head.weight".into(), v, h)?)
+            Some(Linear::new(ckpt.load("lm_head.weight", &[v, h])?, v, h))
         };
-        let rope = Rope::new(c.head_dim, c.rope_theta, c.max_position_embeddings);
-        Ok(Mixtral {
+        let rope = Rope::from_config(&c.rope, c.max_position_embeddings);
+        Ok(Model {
             config,
             embed,
             layers,
@@ -138,27 +115,24 @@ impl Mixtral {
         })
     }
 
-    /// A KV cache for this model holding `bytes` of keys and values.
+    /// A KV cache for this model holding `bytes` of cache.
     pub fn new_kv_cache(&self, block_size: usize, bytes: usize) -> PagedKvCache {
-        PagedKvCache::with_budget(
-            self.config.num_layers,
-            self.config.kv_dim(),
-            block_size,
-            bytes,
-        )
+        PagedKvCache::for_model(&self.config, block_size, bytes)
     }
 
-    fn attention_shape(&self) -> AttentionShape {
-        AttentionShape {
-            num_heads: self.config.num_heads,
-            num_kv_heads: self.config.num_kv_heads,
-            head_dim: self.config.head_dim,
+    /// How MLA layers attend: absorbed (the default) or expanded per cached token
+    /// (for checks and benchmarks). No effect on GQA models.
+    pub fn set_mla_mode(&mut self, mode: MlaMode) {
+        for layer in &mut self.layers {
+            if let Attention::Mla(mla) = &mut layer.attention {
+                mla.set_mode(mode);
+            }
         }
     }
 
     /// Runs every chunk of `batch` through the model as one batch of tokens, writing
-    /// their keys and values into `kv`, and returns logits (and, if `trace_routing`, each
-    /// layer's routing).
+    /// their keys and values into `kv`, and returns logits (and, if `trace_routing`, the
+    /// routing of every layer that routes).
     pub fn forward(
         &self,
         kv: &mut PagedKvCache,
@@ -169,10 +143,10 @@ impl Mixtral {
     ) -> Result<ForwardOutput, ModelError> {
         admit(&self.config, self.rope.max_positions(), kv, batch)?;
         let c = &self.config;
-        let (h, qd, kvd) = (c.hidden_size, c.q_dim(), c.kv_dim());
+        let h = c.hidden_size;
         let eps = c.rms_norm_eps as f32;
-        let total: usize = batch.iter().map(|b| b.tokens.len()).sum();
         let spans = spans(batch);
+        let total: usize = spans.iter().map(|s| s.len).sum();
 
         let mut x = Vec::with_capacity(total * h);
         for chunk in batch.iter() {
@@ -182,84 +156,32 @@ impl Mixtral {
         }
 
         let mut normed = vec![0.0f32; total * h];
-        let mut routing_trace = trace_routing.then(|| Vec::with_capacity(self.layers.len()));
+        let mut routing_trace = trace_routing.then(|| Vec::with_capacity(c.expert_layers()));
         for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.input_norm, eps, &mut normed);
-            let mut q = layer.q.forward(&normed, total);
-            let mut k = layer.k.forward(&normed, total);
-            let v = layer.v.forward(&normed, total);
-            for &(row, start, n) in &spans {
-                for i in 0..n {
-                    let r = row + i;
-                    self.rope.apply(&mut q[r * qd..(r + 1) * qd], start + i);
-                    self.rope.apply(&mut k[r * kvd..(r + 1) * kvd], start + i);
-                }
-            }
-            for (chunk, &(row, start, n)) in batch.iter().zip(&spans) {
-                for i in 0..n {
-                    let r = row + i;
-                    kv.write(
-                        li,
-                        chunk.cache,
-                        start + i,
-                        &k[r * kvd..(r + 1) * kvd],
-                        &v[r * kvd..(r + 1) * kvd],
-                    );
-                }
-            }
-            let kv_ref = &*kv;
-            let shape = self.attention_shape();
-            let attn: Vec<Vec<f32>> = batch
-                .par_iter()
-                .zip(&spans)
-                .map(|(chunk, &(row, start, n))| {
-                    let s = start + n;
-                    let mut keys = vec![0.0f32; s * kvd];
-                    let mut values = vec![0.0f32; s * kvd];
-                    kv_ref.gather(li, chunk.cache, s, &mut keys, &mut values);
-                    causal_attention(
-                        shape,
-                        &q[row * qd..(row + n) * qd],
-                        n,
-                        start,
-                        &keys,
-                        &values,
-                    )
-                })
-                .collect();
-            let attn: Vec<f32> = attn.concat();
-            let o = layer.o.forward(&attn, total);
-            for (xv, ov) in x.iter_mut().zip(&o) {
-                *xv += ov;
-            }
+            rms_norm(&x, &layer.attn_norm, eps, &mut normed);
+            let input = AttentionInput {
+                batch,
+                spans: &spans,
+                rope: &self.rope,
+                layer: li,
+            };
+            let attn = layer.attention.forward(&input, &normed, kv);
+            crate::layers::add(&mut x, &attn);
 
-            rms_norm(&x, &layer.post_norm, eps, &mut normed);
-            let router_logits = layer.router.forward(&normed, total);
-            let routing = route_softmax_topk(&router_logits, c.num_experts, c.experts_per_token);
-            let moe = experts.forward(li, &normed, &routing)?;
-            if moe.len() != x.len() {
-                return Err(ExpertError::BadShape {
-                    len: moe.len(),
-                    tokens: total,
-                    hidden: h,
-                }
-                .into());
-            }
-            for (xv, mv) in x.iter_mut().zip(&moe) {
-                *xv += mv;
-            }
-            if let Some(trace) = routing_trace.as_mut() {
+            rms_norm(&x, &layer.ffn_norm, eps, &mut normed);
+            let routing = layer.ffn.forward(experts, &normed, total, &mut x)?;
+            if let (Some(trace), Some(routing)) = (routing_trace.as_mut(), routing) {
                 trace.push(routing);
             }
         }
 
-        for (chunk, &(_, _, n)) in batch.iter_mut().zip(&spans) {
-            kv.advance(chunk.cache, n);
+        for (chunk, s) in batch.iter_mut().zip(&spans) {
+            kv.advance(chunk.cache, s.len);
         }
 
         let rows: Vec<usize> = match logits_for {
             LogitsFor::EveryToken => (0..total).collect(),
-            LogitsFor::LastToken => spans.iter().map(|&(row, _, n)| row + n - 1).collect(),
+            LogitsFor::LastToken => spans.iter().map(|s| s.row + s.len - 1).collect(),
         };
         let mut picked = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
@@ -291,12 +213,16 @@ impl Mixtral {
     }
 }
 
-/// (first row in the batch, first position, tokens) of every chunk.
-pub(crate) fn spans(batch: &[SeqChunk<'_>]) -> Vec<(usize, usize, usize)> {
+/// Where every chunk of `batch` sits in the batch's rows and in its sequence.
+pub(crate) fn spans(batch: &[SeqChunk<'_>]) -> Vec<Span> {
     let mut spans = Vec::with_capacity(batch.len());
     let mut row = 0;
     for chunk in batch {
-        spans.push((row, chunk.cache.len(), chunk.tokens.len()));
+        spans.push(Span {
+            row,
+            start: chunk.cache.len(),
+            len: chunk.tokens.len(),
+        });
         row += chunk.tokens.len();
     }
     spans

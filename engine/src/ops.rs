@@ -361,33 +361,65 @@ pub fn softmax_in_place(x: &mut [f32]) {
     }
 }
 
-/// Rotary position embeddings, split-halves convention (`rotate_half`), as in
-/// transformers' Llama/Mixtral. Tables are computed in f64 and stored per position.
+/// Rotary position embeddings: the split-halves convention (`rotate_half`) of transformers'
+/// Llama/Mixtral/Qwen, or DeepSeek's interleaved pairs. Tables are computed in f64 and
+/// stored per position.
 #[derive(Debug, Clone)]
 pub struct Rope {
+    /// Rotated dimensions per head.
     head_dim: usize,
+    /// Pairs `(2i, 2i + 1)` instead of `(i, i + head_dim / 2)`.
+    interleaved: bool,
     cos: Vec<f32>,
     sin: Vec<f32>,
 }
 
 impl Rope {
     pub fn new(head_dim: usize, theta: f64, max_positions: usize) -> Self {
-        let half = head_dim / 2;
+        let inv_freq: Vec<f64> = (0..head_dim / 2)
+            .map(|i| 1.0 / theta.powf((2 * i) as f64 / head_dim as f64))
+            .collect();
+        Self::from_inv_freq(&inv_freq, 1.0, false, max_positions)
+    }
+
+    /// A family's RoPE (YaRN included), from its config.
+    pub fn from_config(rope: &crate::config::RopeConfig, max_positions: usize) -> Self {
+        Self::from_inv_freq(
+            &rope.inv_freq(),
+            rope.attention_factor(),
+            rope.interleaved,
+            max_positions,
+        )
+    }
+
+    /// Tables for `inv_freq.len() * 2` rotated dimensions; cos and sin are multiplied by
+    /// `attention_factor` (YaRN's magnitude correction), as transformers does.
+    pub fn from_inv_freq(
+        inv_freq: &[f64],
+        attention_factor: f64,
+        interleaved: bool,
+        max_positions: usize,
+    ) -> Self {
+        let half = inv_freq.len();
         let mut cos = vec![0.0; max_positions * half];
         let mut sin = vec![0.0; max_positions * half];
         for p in 0..max_positions {
-            for i in 0..half {
-                let inv_freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-                let angle = p as f64 * inv_freq;
-                cos[p * half + i] = angle.cos() as f32;
-                sin[p * half + i] = angle.sin() as f32;
+            for (i, f) in inv_freq.iter().enumerate() {
+                let angle = p as f64 * f;
+                cos[p * half + i] = (angle.cos() * attention_factor) as f32;
+                sin[p * half + i] = (angle.sin() * attention_factor) as f32;
             }
         }
-        Rope { head_dim, cos, sin }
+        Rope {
+            head_dim: 2 * half,
+            interleaved,
+            cos,
+            sin,
+        }
     }
 
     pub fn max_positions(&self) -> usize {
-        self.cos.len() / (self.head_dim / 2)
+        self.cos.len() / (self.head_dim / 2).max(1)
     }
 
     pub fn head_dim(&self) -> usize {
@@ -402,15 +434,30 @@ impl Rope {
 
     /// Rotates every head of one token's projection (`heads * head_dim` values) in place.
     pub fn apply(&self, x: &mut [f32], pos: usize) {
+        self.apply_strided(x, pos, self.head_dim, 0);
+    }
+
+    /// Rotates `x[h * stride + offset..][..head_dim]` of every head `h` in place: the
+    /// rotary part of heads that also carry unrotated dimensions (MLA's queries).
+    pub fn apply_strided(&self, x: &mut [f32], pos: usize, stride: usize, offset: usize) {
         let half = self.head_dim / 2;
         let cos = &self.cos[pos * half..(pos + 1) * half];
         let sin = &self.sin[pos * half..(pos + 1) * half];
-        for head in x.chunks_exact_mut(self.head_dim) {
-            let (a, b) = head.split_at_mut(half);
-            for i in 0..half {
-                let (x1, x2) = (a[i], b[i]);
-                a[i] = x1 * cos[i] - x2 * sin[i];
-                b[i] = x2 * cos[i] + x1 * sin[i];
+        for head in x.chunks_exact_mut(stride) {
+            let head = &mut head[offset..offset + self.head_dim];
+            if self.interleaved {
+                for (i, pair) in head.chunks_exact_mut(2).enumerate() {
+                    let (x1, x2) = (pair[0], pair[1]);
+                    pair[0] = x1 * cos[i] - x2 * sin[i];
+                    pair[1] = x2 * cos[i] + x1 * sin[i];
+                }
+            } else {
+                let (a, b) = head.split_at_mut(half);
+                for i in 0..half {
+                    let (x1, x2) = (a[i], b[i]);
+                    a[i] = x1 * cos[i] - x2 * sin[i];
+                    b[i] = x2 * cos[i] + x1 * sin[i];
+                }
             }
         }
     }

@@ -1,6 +1,7 @@
-//! Random Mixtral checkpoints in the exact Hugging Face Hub layout (config.json,
-//! safetensors shards with the Hub's tensor names, tokenizer files), so benchmarks can run
-//! at realistic shapes without downloading anything.
+//! Random MoE checkpoints (Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V3) in the exact
+//! Hugging Face Hub layout (config.json, safetensors shards with the Hub's tensor names,
+//! tokenizer files), so benchmarks and big-shape tests can run at realistic shapes without
+//! downloading anything.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -12,6 +13,8 @@ use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use safetensors::{Dtype, View};
 
+use crate::family::Family;
+
 /// Elements per independently seeded chunk: small enough to spread one tensor over all
 /// cores, large enough that seeding a ChaCha stream per chunk costs nothing. Part of the
 /// output format: changing it changes every generated value.
@@ -22,6 +25,13 @@ const ROUTER_SCALE: f32 = 4.0;
 
 /// Half-width of the uniform noise added to the 1.0 of norm weights.
 const NORM_NOISE: f32 = 0.05;
+
+/// Half-width of DeepSeek-V3's router correction bias: small against the sigmoid scores
+/// it shifts, so it nudges the choice of experts without deciding it.
+const CORRECTION_BIAS_BOUND: f32 = 0.05;
+
+/// Standard deviation of Qwen2-MoE's q/k/v biases.
+const QKV_BIAS_STD: f32 = 0.1;
 
 /// Ids 0..3 are the special tokens, then the 256 byte-level symbols.
 const SPECIAL_TOKENS: [&str; 3] = ["<unk>", "<s>", "</s>"];
@@ -55,6 +65,8 @@ pub enum SynthError {
     InvalidSpec { field: &'static str, reason: String },
     #[error("unknown dtype {name:?} (expected f32/float32, bf16/bfloat16 or f16/float16)")]
     UnknownDType { name: String },
+    #[error("unknown family {name:?} (expected one of: {supported})", supported = Family::SUPPORTED.join(", "))]
+    UnknownFamily { name: String },
     #[error("cannot write {}: {source}", path.display())]
     Io {
         path: PathBuf,
@@ -129,14 +141,27 @@ impl std::fmt::Display for SynthDType {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// The shapes of a random checkpoint. Fields a family does not have must be left at their
+/// defaults (`None`, empty): setting one is an error that names it, not a silent no-op.
+/// `None` in a family's own optional fields means "derive it from the other shapes"
+/// (see each field); [`SynthSpec::resolved`] shows what that gives.
+#[derive(Clone, Debug, PartialEq)]
 pub struct SynthSpec {
+    /// Which family's config.json and tensor names to write.
+    pub family: Family,
     pub hidden: usize,
+    /// Mixtral: every expert's FFN width (its only `intermediate_size`). Other families:
+    /// the width of dense-MLP layers (`intermediate_size`), and of the routed experts too
+    /// unless `moe_ffn` is set.
     pub ffn: usize,
     pub layers: usize,
     pub heads: usize,
+    /// GQA key/value heads. DeepSeek-V3's latent attention has none of its own: there it
+    /// must equal `heads` (what its config.json says).
     pub kv_heads: usize,
+    /// GQA only; `None`: `hidden / heads`.
     pub head_dim: Option<usize>,
+    /// Routed experts per MoE layer.
     pub experts: usize,
     pub top_k: usize,
     pub vocab: usize,
@@ -144,16 +169,60 @@ pub struct SynthSpec {
     pub seed: u64,
     pub max_position: usize,
     pub shard_bytes: u64,
+    /// Qwen, DeepSeek-V3: each routed expert's FFN width (`moe_intermediate_size`);
+    /// `None`: `ffn`. Mixtral: `None` or `ffn` (its experts are `ffn` wide).
+    pub moe_ffn: Option<usize>,
+    /// Qwen: the layers with a dense MLP of width `ffn` instead of experts
+    /// (`mlp_only_layers`).
+    pub dense_layers: Vec<usize>,
+    /// Qwen2-MoE: the width of the shared expert (with its sigmoid gate) of every MoE layer
+    /// (`shared_expert_intermediate_size`); `None`: 4 x `moe_ffn`; `Some(0)`: none.
+    pub shared_ffn: Option<usize>,
+    /// Qwen, DeepSeek-V3: renormalise the top-k routing weights; `None`: the published
+    /// models' value (Qwen2-MoE false, Qwen3-MoE and DeepSeek-V3 true). Mixtral always
+    /// renormalises.
+    pub norm_topk_prob: Option<bool>,
+    /// DeepSeek-V3: queries through a rank-`r` bottleneck (`q_a_proj`, `q_a_layernorm`,
+    /// `q_b_proj`); `None`: a plain `q_proj` (DeepSeek-V2-Lite's layout).
+    /// [`SynthSpec::default_q_lora_rank`] is what the CLI uses when not told.
+    pub q_lora_rank: Option<usize>,
+    /// DeepSeek-V3: the cached latent's width; `None`: `hidden / 2`.
+    pub kv_lora_rank: Option<usize>,
+    /// DeepSeek-V3: per-head query/key dims without RoPE; `None`: `hidden / heads` (at
+    /// least 2).
+    pub qk_nope_head_dim: Option<usize>,
+    /// DeepSeek-V3: per-head (shared-key) RoPE dims, even; `None`: half of
+    /// `qk_nope_head_dim`'s default, rounded down to even, at least 2.
+    pub qk_rope_head_dim: Option<usize>,
+    /// DeepSeek-V3: per-head value dims; `None`: `hidden / heads` (at least 2).
+    pub v_head_dim: Option<usize>,
+    /// DeepSeek-V3: the first layers, with dense MLPs of width `ffn`; `None`: 1 when there
+    /// is more than one layer, else 0.
+    pub first_k_dense_replace: Option<usize>,
+    /// DeepSeek-V3: expert groups of the router; `None`: the largest of 8, 4, 2, 1 that
+    /// divides `experts`.
+    pub n_group: Option<usize>,
+    /// DeepSeek-V3: groups each token's experts come from; `None`: half of `n_group` (at
+    /// least 1), raised if needed until `top_k` experts fit in that many groups.
+    pub topk_group: Option<usize>,
+    /// DeepSeek-V3: shared experts of width `moe_ffn` each (one MLP `n x moe_ffn` wide);
+    /// `None`: 1.
+    pub n_shared_experts: Option<usize>,
+    /// DeepSeek-V3: the factor on routed experts' weights; `None`: 2.5.
+    pub routed_scaling_factor: Option<f64>,
+    /// YaRN context extension by this factor (any family): config.json gets a
+    /// `rope_scaling` of type yarn, from an original context of `max_position / factor`.
+    pub yarn_factor: Option<f64>,
 }
 
-impl SynthSpec {
-    /// Mixtral-8x7B's shapes with `layers` layers (the real model has 32), bf16, and the
-    /// Hub's ~5 GB shards.
-    pub fn mixtral_8x7b(layers: usize) -> Self {
+impl Default for SynthSpec {
+    /// Mixtral-8x7B as published (32 layers, bf16, the Hub's ~5 GB shards).
+    fn default() -> Self {
         Self {
+            family: Family::Mixtral,
             hidden: 4096,
             ffn: 14336,
-            layers,
+            layers: 32,
             heads: 32,
             kv_heads: 8,
             head_dim: None,
@@ -164,12 +233,143 @@ impl SynthSpec {
             seed: 0,
             max_position: 32768,
             shard_bytes: 5_000_000_000,
+            moe_ffn: None,
+            dense_layers: Vec::new(),
+            shared_ffn: None,
+            norm_topk_prob: None,
+            q_lora_rank: None,
+            kv_lora_rank: None,
+            qk_nope_head_dim: None,
+            qk_rope_head_dim: None,
+            v_head_dim: None,
+            first_k_dense_replace: None,
+            n_group: None,
+            topk_group: None,
+            n_shared_experts: None,
+            routed_scaling_factor: None,
+            yarn_factor: None,
+        }
+    }
+}
+
+/// A validated spec's shapes with every default filled in.
+#[derive(Clone, Debug, PartialEq)]
+struct Shapes {
+    moe_ffn: usize,
+    /// Decoder layers with a dense MLP, ascending.
+    dense_layers: Vec<usize>,
+    /// Qwen2-MoE's gated shared expert, 0 for none.
+    shared_ffn: usize,
+    norm_topk_prob: bool,
+    /// DeepSeek-V3's latent attention and router shapes.
+    deepseek: Option<DeepseekShapes>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+struct DeepseekShapes {
+    q_lora_rank: Option<usize>,
+    kv_lora_rank: usize,
+    qk_nope_head_dim: usize,
+    qk_rope_head_dim: usize,
+    v_head_dim: usize,
+    first_k_dense_replace: usize,
+    n_group: usize,
+    topk_group: usize,
+    n_shared_experts: usize,
+    routed_scaling_factor: f64,
+}
+
+/// `mixtral`, `qwen2_moe`, `qwen3_moe` or `deepseek_v3` (any case, `-` for `_`).
+pub fn parse_family(name: &str) -> Result<Family, SynthError> {
+    let normal = name.trim().to_ascii_lowercase().replace('-', "_");
+    Family::from_model_type(&normal).ok_or_else(|| SynthError::UnknownFamily {
+        name: name.to_owned(),
+    })
+}
+
+fn invalid<T>(field: &'static str, reason: impl Into<String>) -> Result<T, SynthError> {
+    Err(SynthError::InvalidSpec {
+        field,
+        reason: reason.into(),
+    })
+}
+
+impl SynthSpec {
+    /// Mixtral-8x7B's shapes with `layers` layers (the real model has 32), bf16, and the
+    /// Hub's ~5 GB shards.
+    pub fn mixtral_8x7b(layers: usize) -> Self {
+        Self {
+            layers,
+            ..Self::default()
         }
     }
 
+    /// The query rank the CLI gives DeepSeek-V3 when not told: 3/4 of `hidden` (at least
+    /// 1), so that it differs from `kv_lora_rank`'s default.
+    pub fn default_q_lora_rank(hidden: usize) -> usize {
+        (hidden.saturating_mul(3) / 4).max(1)
+    }
+
     pub fn validate(&self) -> Result<(), SynthError> {
-        let invalid =
-            |field: &'static str, reason: String| Err(SynthError::InvalidSpec { field, reason });
+        let shapes = self.shapes()?;
+        self.tensors_of(&shapes)?;
+        Ok(())
+    }
+
+    /// This spec with every default its family uses filled in (`moe_ffn`, `shared_ffn`,
+    /// `norm_topk_prob`, DeepSeek-V3's shapes), after validating it.
+    pub fn resolved(&self) -> Result<SynthSpec, SynthError> {
+        self.validate()?;
+        let s = self.shapes()?;
+        let mut out = SynthSpec {
+            moe_ffn: Some(s.moe_ffn),
+            norm_topk_prob: Some(s.norm_topk_prob),
+            ..self.clone()
+        };
+        match self.family {
+            Family::Qwen2Moe | Family::Qwen3Moe => out.dense_layers = s.dense_layers.clone(),
+            _ => {}
+        }
+        if self.family == Family::Qwen2Moe {
+            out.shared_ffn = Some(s.shared_ffn);
+        }
+        if let Some(d) = s.deepseek {
+            out.q_lora_rank = d.q_lora_rank;
+            out.kv_lora_rank = Some(d.kv_lora_rank);
+            out.qk_nope_head_dim = Some(d.qk_nope_head_dim);
+            out.qk_rope_head_dim = Some(d.qk_rope_head_dim);
+            out.v_head_dim = Some(d.v_head_dim);
+            out.first_k_dense_replace = Some(d.first_k_dense_replace);
+            out.n_group = Some(d.n_group);
+            out.topk_group = Some(d.topk_group);
+            out.n_shared_experts = Some(d.n_shared_experts);
+            out.routed_scaling_factor = Some(d.routed_scaling_factor);
+        }
+        Ok(out)
+    }
+
+    /// GQA's head dim (`head_dim` or `hidden / heads`); DeepSeek-V3's query/key head dim
+    /// is `qk_nope_head_dim + qk_rope_head_dim` instead.
+    pub fn effective_head_dim(&self) -> usize {
+        self.head_dim.unwrap_or(self.hidden / self.heads.max(1))
+    }
+
+    /// Decoder layers that route to experts (the engine's expert layers).
+    pub fn moe_layers(&self) -> Result<Vec<usize>, SynthError> {
+        let s = self.shapes()?;
+        Ok((0..self.layers)
+            .filter(|l| s.dense_layers.binary_search(l).is_err())
+            .collect())
+    }
+
+    /// Bytes of tensor data the checkpoint holds (the index's `total_size`).
+    pub fn total_bytes(&self) -> Result<u64, SynthError> {
+        let shapes = self.shapes()?;
+        Ok(self.tensors_of(&shapes)?.iter().map(|t| t.bytes).sum())
+    }
+
+    /// Checks shared by all families, then the family's own; fills in defaults.
+    fn shapes(&self) -> Result<Shapes, SynthError> {
         for (field, value) in [
             ("hidden", self.hidden),
             ("ffn", self.ffn),
@@ -181,26 +381,8 @@ impl SynthSpec {
             ("max_position", self.max_position),
         ] {
             if value == 0 {
-                return invalid(field, "must be positive".into());
+                return invalid(field, "must be positive");
             }
-        }
-        if self.head_dim == Some(0) {
-            return invalid("head_dim", "must be positive".into());
-        }
-        if self.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
-            return invalid(
-                "heads",
-                format!(
-                    "({}) must divide hidden ({}) when head_dim is not given",
-                    self.heads, self.hidden
-                ),
-            );
-        }
-        if !self.heads.is_multiple_of(self.kv_heads) {
-            return invalid(
-                "kv_heads",
-                format!("({}) must divide heads ({})", self.kv_heads, self.heads),
-            );
         }
         if self.top_k > self.experts {
             return invalid(
@@ -224,108 +406,498 @@ impl SynthSpec {
             return invalid("vocab", format!("({}) does not fit token ids", self.vocab));
         }
         if self.shard_bytes == 0 {
-            return invalid("shard_bytes", "must be positive".into());
+            return invalid("shard_bytes", "must be positive");
         }
-        self.tensors()?;
+        if let Some(f) = self.yarn_factor
+            && !(f.is_finite() && f >= 1.0)
+        {
+            return invalid(
+                "yarn_factor",
+                format!("({f}) must be a finite factor of at least 1"),
+            );
+        }
+        if let Some(f) = self.yarn_factor
+            && (self.max_position as f64 / f).round() < 1.0
+        {
+            return invalid(
+                "yarn_factor",
+                format!(
+                    "({f}) leaves an original context of less than one position (max_position {})",
+                    self.max_position
+                ),
+            );
+        }
+        if self.moe_ffn == Some(0) {
+            return invalid("moe_ffn", "must be positive");
+        }
+        let family = self.family;
+        let only = |field: &'static str, families: &str| {
+            invalid::<()>(
+                field,
+                format!("applies to {families} only, not to family {family}"),
+            )
+        };
+        let mla_fields = [
+            ("q_lora_rank", self.q_lora_rank.is_some()),
+            ("kv_lora_rank", self.kv_lora_rank.is_some()),
+            ("qk_nope_head_dim", self.qk_nope_head_dim.is_some()),
+            ("qk_rope_head_dim", self.qk_rope_head_dim.is_some()),
+            ("v_head_dim", self.v_head_dim.is_some()),
+            (
+                "first_k_dense_replace",
+                self.first_k_dense_replace.is_some(),
+            ),
+            ("n_group", self.n_group.is_some()),
+            ("topk_group", self.topk_group.is_some()),
+            ("n_shared_experts", self.n_shared_experts.is_some()),
+            (
+                "routed_scaling_factor",
+                self.routed_scaling_factor.is_some(),
+            ),
+        ];
+        if family != Family::DeepseekV3
+            && let Some((field, _)) = mla_fields.iter().find(|(_, set)| *set)
+        {
+            only(field, "deepseek_v3")?;
+        }
+        let qwen = matches!(family, Family::Qwen2Moe | Family::Qwen3Moe);
+        if !qwen && !self.dense_layers.is_empty() {
+            only(
+                "dense_layers",
+                "qwen2_moe and qwen3_moe (deepseek_v3 has first_k_dense_replace)",
+            )?;
+        }
+        if family != Family::Qwen2Moe && self.shared_ffn.is_some() {
+            only("shared_ffn", "qwen2_moe (deepseek_v3 has n_shared_experts)")?;
+        }
+
+        if family == Family::DeepseekV3 {
+            return self.deepseek_shapes();
+        }
+        self.check_gqa()?;
+        let moe_ffn = self.moe_ffn.unwrap_or(self.ffn);
+        match family {
+            Family::Mixtral => {
+                if moe_ffn != self.ffn {
+                    return invalid(
+                        "moe_ffn",
+                        format!(
+                            "({moe_ffn}) differs from ffn ({}): Mixtral's experts are `ffn` wide, its only FFN width",
+                            self.ffn
+                        ),
+                    );
+                }
+                if self.norm_topk_prob == Some(false) {
+                    return invalid(
+                        "norm_topk_prob",
+                        "cannot be false for Mixtral, which always renormalises",
+                    );
+                }
+                Ok(Shapes {
+                    moe_ffn,
+                    dense_layers: Vec::new(),
+                    shared_ffn: 0,
+                    norm_topk_prob: true,
+                    deepseek: None,
+                })
+            }
+            _ => {
+                let mut dense = self.dense_layers.clone();
+                dense.sort_unstable();
+                dense.dedup();
+                if let Some(l) = dense.iter().find(|l| **l >= self.layers) {
+                    return invalid(
+                        "dense_layers",
+                        format!("names layer {l}, the model has {} layers", self.layers),
+                    );
+                }
+                if dense.len() == self.layers {
+                    return invalid(
+                        "dense_layers",
+                        "makes every layer dense: no layer would route to experts",
+                    );
+                }
+                let shared_ffn = match self.shared_ffn {
+                    Some(n) => n,
+                    None if family == Family::Qwen2Moe => {
+                        moe_ffn.checked_mul(4).ok_or_else(overflow)?
+                    }
+                    None => 0,
+                };
+                Ok(Shapes {
+                    moe_ffn,
+                    dense_layers: dense,
+                    shared_ffn,
+                    norm_topk_prob: self.norm_topk_prob.unwrap_or(family == Family::Qwen3Moe),
+                    deepseek: None,
+                })
+            }
+        }
+    }
+
+    fn check_gqa(&self) -> Result<(), SynthError> {
+        if self.head_dim == Some(0) {
+            return invalid("head_dim", "must be positive");
+        }
+        if self.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
+            return invalid(
+                "heads",
+                format!(
+                    "({}) must divide hidden ({}) when head_dim is not given",
+                    self.heads, self.hidden
+                ),
+            );
+        }
+        if !self.effective_head_dim().is_multiple_of(2) {
+            return invalid(
+                "head_dim",
+                format!(
+                    "({}) must be even: rotary embeddings rotate pairs",
+                    self.effective_head_dim()
+                ),
+            );
+        }
+        if !self.heads.is_multiple_of(self.kv_heads) {
+            return invalid(
+                "kv_heads",
+                format!("({}) must divide heads ({})", self.kv_heads, self.heads),
+            );
+        }
         Ok(())
     }
 
-    pub fn effective_head_dim(&self) -> usize {
-        self.head_dim.unwrap_or(self.hidden / self.heads.max(1))
+    fn deepseek_shapes(&self) -> Result<Shapes, SynthError> {
+        if self.kv_heads != self.heads {
+            return invalid(
+                "kv_heads",
+                format!(
+                    "({}) must equal heads ({}): latent attention expands keys and values per head",
+                    self.kv_heads, self.heads
+                ),
+            );
+        }
+        if self.head_dim.is_some() {
+            return invalid(
+                "head_dim",
+                "does not apply to deepseek_v3: set qk_nope_head_dim, qk_rope_head_dim and v_head_dim",
+            );
+        }
+        for (field, value) in [
+            ("q_lora_rank", self.q_lora_rank),
+            ("kv_lora_rank", self.kv_lora_rank),
+            ("qk_nope_head_dim", self.qk_nope_head_dim),
+            ("qk_rope_head_dim", self.qk_rope_head_dim),
+            ("v_head_dim", self.v_head_dim),
+            ("n_group", self.n_group),
+            ("topk_group", self.topk_group),
+        ] {
+            if value == Some(0) {
+                return invalid(field, "must be positive");
+            }
+        }
+        let base = (self.hidden / self.heads).max(2);
+        let rope = self.qk_rope_head_dim.unwrap_or(((base / 2) & !1).max(2));
+        if !rope.is_multiple_of(2) {
+            return invalid(
+                "qk_rope_head_dim",
+                format!("({rope}) must be even: rotary embeddings rotate pairs"),
+            );
+        }
+        let first_dense = self
+            .first_k_dense_replace
+            .unwrap_or(usize::from(self.layers > 1));
+        if first_dense >= self.layers {
+            return invalid(
+                "first_k_dense_replace",
+                format!(
+                    "({first_dense}) must be below layers ({}): no layer would route to experts",
+                    self.layers
+                ),
+            );
+        }
+        let experts = self.experts;
+        let groups = match self.n_group {
+            Some(g) => g,
+            None => [8, 4, 2, 1]
+                .into_iter()
+                .find(|g| experts.is_multiple_of(*g))
+                .unwrap_or(1),
+        };
+        if !experts.is_multiple_of(groups) {
+            return invalid(
+                "n_group",
+                format!("({groups}) must divide experts ({experts})"),
+            );
+        }
+        let per_group = experts / groups;
+        let topk_groups = match self.topk_group {
+            Some(t) => t,
+            None => (groups / 2)
+                .max(1)
+                .max(self.top_k.div_ceil(per_group))
+                .min(groups),
+        };
+        if topk_groups > groups {
+            return invalid(
+                "topk_group",
+                format!("({topk_groups}) must not exceed n_group ({groups})"),
+            );
+        }
+        if self.top_k > topk_groups * per_group {
+            return invalid(
+                "top_k",
+                format!(
+                    "({}) experts cannot be chosen from topk_group ({topk_groups}) groups of {per_group} experts (n_group {groups})",
+                    self.top_k
+                ),
+            );
+        }
+        let scaling = self.routed_scaling_factor.unwrap_or(2.5);
+        if !(scaling.is_finite() && scaling > 0.0) {
+            return invalid(
+                "routed_scaling_factor",
+                format!("({scaling}) must be a positive number"),
+            );
+        }
+        let moe_ffn = self.moe_ffn.unwrap_or(self.ffn);
+        Ok(Shapes {
+            moe_ffn,
+            dense_layers: (0..first_dense).collect(),
+            shared_ffn: 0,
+            norm_topk_prob: self.norm_topk_prob.unwrap_or(true),
+            deepseek: Some(DeepseekShapes {
+                q_lora_rank: self.q_lora_rank,
+                kv_lora_rank: self.kv_lora_rank.unwrap_or((self.hidden / 2).max(1)),
+                qk_nope_head_dim: self.qk_nope_head_dim.unwrap_or(base),
+                qk_rope_head_dim: rope,
+                v_head_dim: self.v_head_dim.unwrap_or(base),
+                first_k_dense_replace: first_dense,
+                n_group: groups,
+                topk_group: topk_groups,
+                n_shared_experts: self.n_shared_experts.unwrap_or(1),
+                routed_scaling_factor: scaling,
+            }),
+        })
     }
 
-    /// Bytes of tensor data the checkpoint holds (the index's `total_size`).
-    pub fn total_bytes(&self) -> Result<u64, SynthError> {
-        self.validate()?;
-        Ok(self.tensors()?.iter().map(|t| t.bytes).sum())
+    #[cfg(test)]
+    fn tensors(&self) -> Result<Vec<TensorSpec>, SynthError> {
+        self.tensors_of(&self.shapes()?)
     }
 
     /// Every tensor in checkpoint order, which decides shard placement and each tensor's
     /// random stream.
-    fn tensors(&self) -> Result<Vec<TensorSpec>, SynthError> {
-        let hd = self.effective_head_dim();
-        let (h, f) = (self.hidden, self.ffn);
-        let too_large = || SynthError::InvalidSpec {
-            field: "shape",
-            reason: "tensor sizes overflow".into(),
+    fn tensors_of(&self, s: &Shapes) -> Result<Vec<TensorSpec>, SynthError> {
+        let h = self.hidden;
+        let mut b = Tensors {
+            out: Vec::new(),
+            dtype: self.dtype,
         };
-        let q_out = self.heads.checked_mul(hd).ok_or_else(too_large)?;
-        let kv_out = self.kv_heads.checked_mul(hd).ok_or_else(too_large)?;
-        let proj = |fan_in: usize| Init::Uniform {
-            bound: uniform_bound(1.0 / (fan_in as f32).sqrt()),
-        };
-
-        let mut out = Vec::new();
-        let mut add = |name: String, shape: Vec<usize>, init: Init| -> Result<(), SynthError> {
-            let bytes = shape
-                .iter()
-                .try_fold(self.dtype.size_bytes() as u64, |acc, &d| {
-                    acc.checked_mul(d as u64)
-                })
-                .ok_or_else(too_large)?;
-            out.push(TensorSpec {
-                name,
-                shape,
-                init,
-                bytes,
-            });
-            Ok(())
-        };
-
         // Unit-variance embeddings keep the residual stream at the scale the
         // projections produce.
-        add(
+        b.add(
             "model.embed_tokens.weight".into(),
-            vec![self.vocab, h],
+            &[self.vocab, h],
             Init::Uniform {
                 bound: uniform_bound(1.0),
             },
         )?;
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
-            add(format!("{p}.input_layernorm.weight"), vec![h], Init::Norm)?;
-            add(
-                format!("{p}.self_attn.q_proj.weight"),
-                vec![q_out, h],
-                proj(h),
-            )?;
-            add(
-                format!("{p}.self_attn.k_proj.weight"),
-                vec![kv_out, h],
-                proj(h),
-            )?;
-            add(
-                format!("{p}.self_attn.v_proj.weight"),
-                vec![kv_out, h],
-                proj(h),
-            )?;
-            add(
-                format!("{p}.self_attn.o_proj.weight"),
-                vec![h, q_out],
-                proj(q_out),
-            )?;
-            add(
+            b.add(format!("{p}.input_layernorm.weight"), &[h], Init::Norm)?;
+            let attn = format!("{p}.self_attn");
+            match &s.deepseek {
+                Some(d) => self.mla(&mut b, &attn, d)?,
+                None => self.gqa(
+                    &mut b,
+                    &attn,
+                    self.family == Family::Qwen2Moe,
+                    self.family == Family::Qwen3Moe,
+                )?,
+            }
+            b.add(
                 format!("{p}.post_attention_layernorm.weight"),
-                vec![h],
+                &[h],
                 Init::Norm,
             )?;
-            add(
-                format!("{p}.block_sparse_moe.gate.weight"),
-                vec![self.experts, h],
-                Init::Uniform {
-                    bound: uniform_bound(ROUTER_SCALE / (h as f32).sqrt()),
-                },
-            )?;
-            for e in 0..self.experts {
-                let ep = format!("{p}.block_sparse_moe.experts.{e}");
-                add(format!("{ep}.w1.weight"), vec![f, h], proj(h))?;
-                add(format!("{ep}.w2.weight"), vec![h, f], proj(f))?;
-                add(format!("{ep}.w3.weight"), vec![f, h], proj(h))?;
+            let dense = s.dense_layers.binary_search(&l).is_ok();
+            match self.family {
+                Family::Mixtral => {
+                    let moe = format!("{p}.block_sparse_moe");
+                    b.add(format!("{moe}.gate.weight"), &[self.experts, h], router(h))?;
+                    let f = self.ffn;
+                    for e in 0..self.experts {
+                        let ep = format!("{moe}.experts.{e}");
+                        b.add(format!("{ep}.w1.weight"), &[f, h], proj(h))?;
+                        b.add(format!("{ep}.w2.weight"), &[h, f], proj(f))?;
+                        b.add(format!("{ep}.w3.weight"), &[f, h], proj(h))?;
+                    }
+                }
+                _ if dense => b.mlp(&format!("{p}.mlp"), h, self.ffn)?,
+                family => {
+                    let mlp = format!("{p}.mlp");
+                    b.add(format!("{mlp}.gate.weight"), &[self.experts, h], router(h))?;
+                    if family == Family::DeepseekV3 {
+                        // Always f32 in the published checkpoints, whatever the weights' dtype.
+                        b.add_as(
+                            format!("{mlp}.gate.e_score_correction_bias"),
+                            &[self.experts],
+                            Init::Uniform {
+                                bound: CORRECTION_BIAS_BOUND,
+                            },
+                            SynthDType::F32,
+                        )?;
+                    }
+                    for e in 0..self.experts {
+                        b.mlp(&format!("{mlp}.experts.{e}"), h, s.moe_ffn)?;
+                    }
+                    if s.shared_ffn > 0 {
+                        b.mlp(&format!("{mlp}.shared_expert"), h, s.shared_ffn)?;
+                        b.add(format!("{mlp}.shared_expert_gate.weight"), &[1, h], proj(h))?;
+                    }
+                    if let Some(d) = s.deepseek
+                        && d.n_shared_experts > 0
+                    {
+                        let width = s
+                            .moe_ffn
+                            .checked_mul(d.n_shared_experts)
+                            .ok_or_else(overflow)?;
+                        b.mlp(&format!("{mlp}.shared_experts"), h, width)?;
+                    }
+                }
             }
         }
-        add("model.norm.weight".into(), vec![h], Init::Norm)?;
-        add("lm_head.weight".into(), vec![self.vocab, h], proj(h))?;
-        Ok(out)
+        b.add("model.norm.weight".into(), &[h], Init::Norm)?;
+        b.add("lm_head.weight".into(), &[self.vocab, h], proj(h))?;
+        Ok(b.out)
+    }
+
+    /// `{p}.{q,k,v,o}_proj.weight`, with Qwen2-MoE's q/k/v biases and Qwen3-MoE's per-head
+    /// q/k norms.
+    fn gqa(&self, b: &mut Tensors, p: &str, bias: bool, qk_norm: bool) -> Result<(), SynthError> {
+        let (h, hd) = (self.hidden, self.effective_head_dim());
+        let q_out = self.heads.checked_mul(hd).ok_or_else(overflow)?;
+        let kv_out = self.kv_heads.checked_mul(hd).ok_or_else(overflow)?;
+        let bias_init = Init::Uniform {
+            bound: uniform_bound(QKV_BIAS_STD),
+        };
+        for (name, out) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
+            b.add(format!("{p}.{name}.weight"), &[out, h], proj(h))?;
+            if bias {
+                b.add(format!("{p}.{name}.bias"), &[out], bias_init)?;
+            }
+        }
+        b.add(format!("{p}.o_proj.weight"), &[h, q_out], proj(q_out))?;
+        if qk_norm {
+            b.add(format!("{p}.q_norm.weight"), &[hd], Init::Norm)?;
+            b.add(format!("{p}.k_norm.weight"), &[hd], Init::Norm)?;
+        }
+        Ok(())
+    }
+
+    /// DeepSeek-V3's multi-head latent attention under `{p}`. The latent and the low-rank
+    /// query are RMS-normalised before their up-projections, so every projection sees
+    /// unit-scale inputs and `1 / sqrt(fan_in)` keeps its outputs there.
+    fn mla(&self, b: &mut Tensors, p: &str, m: &DeepseekShapes) -> Result<(), SynthError> {
+        let (h, heads) = (self.hidden, self.heads);
+        let q_out = m
+            .qk_nope_head_dim
+            .checked_add(m.qk_rope_head_dim)
+            .and_then(|qk| qk.checked_mul(heads))
+            .ok_or_else(overflow)?;
+        match m.q_lora_rank {
+            Some(r) => {
+                b.add(format!("{p}.q_a_proj.weight"), &[r, h], proj(h))?;
+                b.add(format!("{p}.q_a_layernorm.weight"), &[r], Init::Norm)?;
+                b.add(format!("{p}.q_b_proj.weight"), &[q_out, r], proj(r))?;
+            }
+            None => b.add(format!("{p}.q_proj.weight"), &[q_out, h], proj(h))?,
+        }
+        let r = m.kv_lora_rank;
+        let latent = r.checked_add(m.qk_rope_head_dim).ok_or_else(overflow)?;
+        b.add(
+            format!("{p}.kv_a_proj_with_mqa.weight"),
+            &[latent, h],
+            proj(h),
+        )?;
+        b.add(format!("{p}.kv_a_layernorm.weight"), &[r], Init::Norm)?;
+        let kv_b_out = m
+            .qk_nope_head_dim
+            .checked_add(m.v_head_dim)
+            .and_then(|d| d.checked_mul(heads))
+            .ok_or_else(overflow)?;
+        b.add(format!("{p}.kv_b_proj.weight"), &[kv_b_out, r], proj(r))?;
+        let o_in = heads.checked_mul(m.v_head_dim).ok_or_else(overflow)?;
+        b.add(format!("{p}.o_proj.weight"), &[h, o_in], proj(o_in))?;
+        Ok(())
+    }
+}
+
+fn overflow() -> SynthError {
+    SynthError::InvalidSpec {
+        field: "shape",
+        reason: "tensor sizes overflow".into(),
+    }
+}
+
+/// `1 / sqrt(fan_in)`: unit-scale inputs give unit-scale outputs, so activations stay in
+/// range at any depth (pre-norm layers add O(1) to the residual stream each).
+fn proj(fan_in: usize) -> Init {
+    Init::Uniform {
+        bound: uniform_bound(1.0 / (fan_in as f32).sqrt()),
+    }
+}
+
+fn router(hidden: usize) -> Init {
+    Init::Uniform {
+        bound: uniform_bound(ROUTER_SCALE / (hidden as f32).sqrt()),
+    }
+}
+
+/// Collects tensor specs, computing each one's bytes with overflow checks.
+struct Tensors {
+    out: Vec<TensorSpec>,
+    dtype: SynthDType,
+}
+
+impl Tensors {
+    fn add(&mut self, name: String, shape: &[usize], init: Init) -> Result<(), SynthError> {
+        self.add_as(name, shape, init, self.dtype)
+    }
+
+    fn add_as(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        init: Init,
+        dtype: SynthDType,
+    ) -> Result<(), SynthError> {
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size_bytes() as u64, |acc, &d| {
+                acc.checked_mul(d as u64)
+            })
+            .filter(|b| usize::try_from(*b).is_ok())
+            .ok_or_else(overflow)?;
+        self.out.push(TensorSpec {
+            name,
+            shape: shape.to_vec(),
+            init,
+            dtype,
+            bytes,
+        });
+        Ok(())
+    }
+
+    /// A SwiGLU MLP by the names every family but Mixtral uses.
+    fn mlp(&mut self, p: &str, hidden: usize, ffn: usize) -> Result<(), SynthError> {
+        self.add(
+            format!("{p}.gate_proj.weight"),
+            &[ffn, hidden],
+            proj(hidden),
+        )?;
+        self.add(format!("{p}.up_proj.weight"), &[ffn, hidden], proj(hidden))?;
+        self.add(format!("{p}.down_proj.weight"), &[hidden, ffn], proj(ffn))
     }
 }
 
@@ -347,6 +919,8 @@ struct TensorSpec {
     name: String,
     shape: Vec<usize>,
     init: Init,
+    /// The spec's dtype, except for tensors the Hub always stores in f32.
+    dtype: SynthDType,
     bytes: u64,
 }
 
@@ -356,12 +930,11 @@ struct LazyTensor<'a> {
     spec: &'a TensorSpec,
     index: u64,
     seed: u64,
-    dtype: SynthDType,
 }
 
 impl View for LazyTensor<'_> {
     fn dtype(&self) -> Dtype {
-        self.dtype.safetensors_dtype()
+        self.spec.dtype.safetensors_dtype()
     }
 
     fn shape(&self) -> &[usize] {
@@ -369,7 +942,7 @@ impl View for LazyTensor<'_> {
     }
 
     fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(generate(self.spec, self.index, self.seed, self.dtype))
+        Cow::Owned(generate(self.spec, self.index, self.seed))
     }
 
     fn data_len(&self) -> usize {
@@ -392,7 +965,8 @@ fn chunk_rng(seed: u64, tensor: u64, chunk: u64) -> ChaCha8Rng {
 /// Fills each chunk with raw ChaCha output in one bulk call, then maps every element's own
 /// random bits to its value in place: 24 bits for f32 (exact in its mantissa), 16 bits
 /// for the 16-bit types (more than their 8 or 11 mantissa bits).
-fn generate(spec: &TensorSpec, index: u64, seed: u64, dtype: SynthDType) -> Vec<u8> {
+fn generate(spec: &TensorSpec, index: u64, seed: u64) -> Vec<u8> {
+    let dtype = spec.dtype;
     const UNIT24: f32 = 1.0 / (1u32 << 23) as f32;
     const UNIT16: f32 = 1.0 / (1u32 << 15) as f32;
     let es = dtype.size_bytes();
@@ -499,9 +1073,13 @@ fn remove_stale_weights(out: &Path) -> Result<(), SynthError> {
     Ok(())
 }
 
-fn config_json(spec: &SynthSpec) -> serde_json::Value {
-    let mut config = serde_json::json!({
-        "architectures": ["MixtralForCausalLM"],
+/// config.json in the style of the family's published checkpoints on the Hub
+/// (mistralai/Mixtral-8x7B-v0.1, Qwen/Qwen1.5-MoE-A2.7B, Qwen/Qwen3-30B-A3B,
+/// deepseek-ai/DeepSeek-V3): top-level `rope_theta` and `rope_scaling`, `torch_dtype`.
+/// Token ids are the synthetic tokenizer's (bos 1, eos 2) in every family.
+fn config_json(spec: &SynthSpec, s: &Shapes) -> serde_json::Value {
+    use serde_json::json;
+    let common = json!({
         "attention_dropout": 0.0,
         "bos_token_id": 1,
         "eos_token_id": 2,
@@ -510,24 +1088,127 @@ fn config_json(spec: &SynthSpec) -> serde_json::Value {
         "initializer_range": 0.02,
         "intermediate_size": spec.ffn,
         "max_position_embeddings": spec.max_position,
-        "model_type": "mixtral",
         "num_attention_heads": spec.heads,
         "num_experts_per_tok": spec.top_k,
         "num_hidden_layers": spec.layers,
         "num_key_value_heads": spec.kv_heads,
-        "num_local_experts": spec.experts,
-        "output_router_logits": false,
-        "rms_norm_eps": 1e-5,
-        "rope_theta": 1e6,
-        "router_aux_loss_coef": 0.02,
-        "sliding_window": null,
         "tie_word_embeddings": false,
         "torch_dtype": spec.dtype.torch_name(),
         "use_cache": true,
         "vocab_size": spec.vocab,
     });
-    if let (Some(hd), Some(obj)) = (spec.head_dim, config.as_object_mut()) {
-        obj.insert("head_dim".into(), hd.into());
+    let family = match (spec.family, &s.deepseek) {
+        (_, Some(d)) => json!({
+            "architectures": ["DeepseekV3ForCausalLM"],
+            "attention_bias": false,
+            "aux_loss_alpha": 0.001,
+            "ep_size": 1,
+            "first_k_dense_replace": d.first_k_dense_replace,
+            "kv_lora_rank": d.kv_lora_rank,
+            "model_type": "deepseek_v3",
+            "moe_intermediate_size": s.moe_ffn,
+            "moe_layer_freq": 1,
+            "n_group": d.n_group,
+            "n_routed_experts": spec.experts,
+            "n_shared_experts": d.n_shared_experts,
+            "norm_topk_prob": s.norm_topk_prob,
+            // The published checkpoint's multi-token-prediction layer is not written.
+            "num_nextn_predict_layers": 0,
+            "pretraining_tp": 1,
+            "q_lora_rank": d.q_lora_rank,
+            "qk_nope_head_dim": d.qk_nope_head_dim,
+            "qk_rope_head_dim": d.qk_rope_head_dim,
+            "rms_norm_eps": 1e-6,
+            "rope_scaling": null,
+            "rope_theta": 10000.0,
+            "routed_scaling_factor": d.routed_scaling_factor,
+            "scoring_func": "sigmoid",
+            "seq_aux": true,
+            "topk_group": d.topk_group,
+            "topk_method": "noaux_tc",
+            "v_head_dim": d.v_head_dim,
+        }),
+        (Family::Qwen2Moe, None) => json!({
+            "architectures": ["Qwen2MoeForCausalLM"],
+            "decoder_sparse_step": 1,
+            "max_window_layers": spec.layers,
+            "model_type": "qwen2_moe",
+            "moe_intermediate_size": s.moe_ffn,
+            "norm_topk_prob": s.norm_topk_prob,
+            "num_experts": spec.experts,
+            "output_router_logits": false,
+            "rms_norm_eps": 1e-6,
+            "rope_theta": 1e6,
+            "router_aux_loss_coef": 0.001,
+            "shared_expert_intermediate_size": s.shared_ffn,
+            "sliding_window": spec.max_position,
+            "use_sliding_window": false,
+        }),
+        (Family::Qwen3Moe, None) => json!({
+            "architectures": ["Qwen3MoeForCausalLM"],
+            "attention_bias": false,
+            "decoder_sparse_step": 1,
+            // Qwen3 always writes it (30B-A3B: 128, not hidden / heads = 64).
+            "head_dim": spec.effective_head_dim(),
+            "max_window_layers": spec.layers,
+            "mlp_only_layers": s.dense_layers,
+            "model_type": "qwen3_moe",
+            "moe_intermediate_size": s.moe_ffn,
+            "norm_topk_prob": s.norm_topk_prob,
+            "num_experts": spec.experts,
+            "output_router_logits": false,
+            "rms_norm_eps": 1e-6,
+            "rope_scaling": null,
+            "rope_theta": 1e6,
+            "router_aux_loss_coef": 0.001,
+            "sliding_window": null,
+            "use_sliding_window": false,
+        }),
+        // Mixtral (shapes() always gives DeepSeek-V3 its shapes).
+        _ => json!({
+            "architectures": ["MixtralForCausalLM"],
+            "model_type": "mixtral",
+            "num_local_experts": spec.experts,
+            "output_router_logits": false,
+            "rms_norm_eps": 1e-5,
+            "rope_theta": 1e6,
+            "router_aux_loss_coef": 0.02,
+            "sliding_window": null,
+        }),
+    };
+    let mut config = common;
+    if let (Some(obj), serde_json::Value::Object(extra)) = (config.as_object_mut(), family) {
+        obj.extend(extra);
+        if let Some(hd) = spec.head_dim
+            && matches!(spec.family, Family::Mixtral | Family::Qwen2Moe)
+        {
+            obj.insert("head_dim".into(), hd.into());
+        }
+        if spec.family == Family::Qwen2Moe && !s.dense_layers.is_empty() {
+            obj.insert("mlp_only_layers".into(), json!(s.dense_layers));
+        }
+        if let Some(factor) = spec.yarn_factor {
+            let original = (spec.max_position as f64 / factor).round() as usize;
+            let scaling = if spec.family == Family::DeepseekV3 {
+                json!({
+                    "beta_fast": 32,
+                    "beta_slow": 1,
+                    "factor": factor,
+                    "mscale": 1.0,
+                    "mscale_all_dim": 1.0,
+                    "original_max_position_embeddings": original,
+                    "type": "yarn",
+                })
+            } else {
+                // Qwen's model cards' form.
+                json!({
+                    "factor": factor,
+                    "original_max_position_embeddings": original,
+                    "rope_type": "yarn",
+                })
+            };
+            obj.insert("rope_scaling".into(), scaling);
+        }
     }
     config
 }
@@ -537,11 +1218,11 @@ fn config_json(spec: &SynthSpec) -> serde_json::Value {
 /// model.safetensors or as shards plus model.safetensors.index.json. Weight files left by
 /// an earlier run in `out` are removed first.
 pub fn write_checkpoint(spec: &SynthSpec, out: &Path) -> Result<(), SynthError> {
-    spec.validate()?;
-    let tensors = spec.tensors()?;
+    let shapes = spec.shapes()?;
+    let tensors = spec.tensors_of(&shapes)?;
     std::fs::create_dir_all(out).map_err(io_err(out))?;
 
-    write_json(&out.join("config.json"), &config_json(spec))?;
+    write_json(&out.join("config.json"), &config_json(spec, &shapes))?;
     write_json(
         &out.join("generation_config.json"),
         &serde_json::json!({ "bos_token_id": 1, "eos_token_id": 2 }),
@@ -574,7 +1255,6 @@ pub fn write_checkpoint(spec: &SynthSpec, out: &Path) -> Result<(), SynthError> 
                     spec: t,
                     index: i as u64,
                     seed: spec.seed,
-                    dtype: spec.dtype,
                 },
             )
         })
@@ -832,6 +1512,7 @@ mod tests {
             seed,
             max_position: 512,
             shard_bytes: 1 << 30,
+            ..SynthSpec::default()
         }
     }
 
@@ -943,7 +1624,7 @@ mod tests {
             head_dim: Some(16),
             ..tiny(1)
         };
-        let c = config_json(&with_hd);
+        let c = config_json(&with_hd, &with_hd.shapes().unwrap());
         assert_eq!(c["head_dim"], 16);
     }
 
@@ -1274,5 +1955,800 @@ mod tests {
         let norms_and_router = 2 * (2 * h + 8 * h);
         // ~2.9 GB (2.7 GiB) per layer in bf16.
         assert_eq!(per_layer, attn + experts + norms_and_router);
+    }
+
+    fn qwen2(seed: u64) -> SynthSpec {
+        SynthSpec {
+            family: Family::Qwen2Moe,
+            ffn: 40,
+            layers: 3,
+            moe_ffn: Some(12),
+            dense_layers: vec![1],
+            ..tiny(seed)
+        }
+    }
+
+    fn qwen3(seed: u64) -> SynthSpec {
+        SynthSpec {
+            family: Family::Qwen3Moe,
+            ffn: 40,
+            layers: 3,
+            head_dim: Some(12),
+            moe_ffn: Some(12),
+            dense_layers: vec![0],
+            ..tiny(seed)
+        }
+    }
+
+    /// Every DeepSeek-V3 dimension different, so a swapped dimension cannot go unseen.
+    fn deepseek(seed: u64) -> SynthSpec {
+        SynthSpec {
+            family: Family::DeepseekV3,
+            ffn: 40,
+            layers: 3,
+            kv_heads: 4,
+            experts: 8,
+            moe_ffn: Some(12),
+            q_lora_rank: Some(20),
+            kv_lora_rank: Some(14),
+            qk_nope_head_dim: Some(6),
+            qk_rope_head_dim: Some(4),
+            v_head_dim: Some(10),
+            n_group: Some(4),
+            topk_group: Some(2),
+            n_shared_experts: Some(2),
+            ..tiny(seed)
+        }
+    }
+
+    /// Name -> (shape, dtype) of the Hub's checkpoints of each family, written out from
+    /// the published tensor names rather than from `tensors()`.
+    fn expected_family(spec: &SynthSpec) -> BTreeMap<String, (Vec<usize>, Dtype)> {
+        let (h, v, e, ffn) = (spec.hidden, spec.vocab, spec.experts, spec.ffn);
+        let moe = spec.moe_ffn.unwrap_or(ffn);
+        let wd = spec.dtype.safetensors_dtype();
+        let mut m = BTreeMap::new();
+        let mut put = |name: String, shape: Vec<usize>| {
+            m.insert(name, (shape, wd));
+        };
+        put("model.embed_tokens.weight".into(), vec![v, h]);
+        put("model.norm.weight".into(), vec![h]);
+        put("lm_head.weight".into(), vec![v, h]);
+        let mlp = |put: &mut dyn FnMut(String, Vec<usize>), p: &str, f: usize| {
+            put(format!("{p}.gate_proj.weight"), vec![f, h]);
+            put(format!("{p}.up_proj.weight"), vec![f, h]);
+            put(format!("{p}.down_proj.weight"), vec![h, f]);
+        };
+        let mut f32_names = Vec::new();
+        for l in 0..spec.layers {
+            let p = format!("model.layers.{l}");
+            put(format!("{p}.input_layernorm.weight"), vec![h]);
+            put(format!("{p}.post_attention_layernorm.weight"), vec![h]);
+            let a = format!("{p}.self_attn");
+            if spec.family == Family::DeepseekV3 {
+                let (nope, rope) = (
+                    spec.qk_nope_head_dim.unwrap(),
+                    spec.qk_rope_head_dim.unwrap(),
+                );
+                let (kv, vd, heads) = (
+                    spec.kv_lora_rank.unwrap(),
+                    spec.v_head_dim.unwrap(),
+                    spec.heads,
+                );
+                match spec.q_lora_rank {
+                    Some(q) => {
+                        put(format!("{a}.q_a_proj.weight"), vec![q, h]);
+                        put(format!("{a}.q_a_layernorm.weight"), vec![q]);
+                        put(
+                            format!("{a}.q_b_proj.weight"),
+                            vec![heads * (nope + rope), q],
+                        );
+                    }
+                    None => put(format!("{a}.q_proj.weight"), vec![heads * (nope + rope), h]),
+                }
+                put(format!("{a}.kv_a_proj_with_mqa.weight"), vec![kv + rope, h]);
+                put(format!("{a}.kv_a_layernorm.weight"), vec![kv]);
+                put(
+                    format!("{a}.kv_b_proj.weight"),
+                    vec![heads * (nope + vd), kv],
+                );
+                put(format!("{a}.o_proj.weight"), vec![h, heads * vd]);
+            } else {
+                let hd = spec.effective_head_dim();
+                let (q, kv) = (spec.heads * hd, spec.kv_heads * hd);
+                put(format!("{a}.q_proj.weight"), vec![q, h]);
+                put(format!("{a}.k_proj.weight"), vec![kv, h]);
+                put(format!("{a}.v_proj.weight"), vec![kv, h]);
+                put(format!("{a}.o_proj.weight"), vec![h, q]);
+                if spec.family == Family::Qwen2Moe {
+                    put(format!("{a}.q_proj.bias"), vec![q]);
+                    put(format!("{a}.k_proj.bias"), vec![kv]);
+                    put(format!("{a}.v_proj.bias"), vec![kv]);
+                }
+                if spec.family == Family::Qwen3Moe {
+                    put(format!("{a}.q_norm.weight"), vec![hd]);
+                    put(format!("{a}.k_norm.weight"), vec![hd]);
+                }
+            }
+            let dense = match spec.family {
+                Family::DeepseekV3 => l < spec.first_k_dense_replace.unwrap_or(1),
+                _ => spec.dense_layers.contains(&l),
+            };
+            let p = format!("{p}.mlp");
+            if dense {
+                mlp(&mut put, &p, ffn);
+                continue;
+            }
+            put(format!("{p}.gate.weight"), vec![e, h]);
+            for x in 0..e {
+                mlp(&mut put, &format!("{p}.experts.{x}"), moe);
+            }
+            match spec.family {
+                Family::Qwen2Moe => {
+                    let shared = spec.shared_ffn.unwrap_or(4 * moe);
+                    if shared > 0 {
+                        mlp(&mut put, &format!("{p}.shared_expert"), shared);
+                        put(format!("{p}.shared_expert_gate.weight"), vec![1, h]);
+                    }
+                }
+                Family::DeepseekV3 => {
+                    let n = spec.n_shared_experts.unwrap_or(1);
+                    if n > 0 {
+                        mlp(&mut put, &format!("{p}.shared_experts"), n * moe);
+                    }
+                    f32_names.push(format!("{p}.gate.e_score_correction_bias"));
+                }
+                _ => {}
+            }
+        }
+        for name in f32_names {
+            m.insert(name, (vec![e], Dtype::F32));
+        }
+        m
+    }
+
+    fn all_weights(dir: &Path) -> ReadBack {
+        let files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".safetensors"))
+            .collect();
+        read_weights(dir, &files)
+    }
+
+    #[test]
+    fn families_write_the_hub_tensor_names_shapes_and_dtypes() {
+        let no_q_lora = SynthSpec {
+            q_lora_rank: None,
+            n_shared_experts: Some(0),
+            first_k_dense_replace: Some(0),
+            ..deepseek(1)
+        };
+        let no_shared = SynthSpec {
+            shared_ffn: Some(0),
+            dense_layers: vec![],
+            ..qwen2(1)
+        };
+        for spec in [qwen2(1), no_shared, qwen3(1), deepseek(1), no_q_lora] {
+            let tmp = tempfile::tempdir().unwrap();
+            write_checkpoint(&spec, tmp.path()).unwrap();
+            let got = all_weights(tmp.path());
+            let expected = expected_family(&spec);
+            assert_eq!(
+                got.keys().collect::<Vec<_>>(),
+                expected.keys().collect::<Vec<_>>(),
+                "{}",
+                spec.family
+            );
+            for (name, (shape, dtype)) in &expected {
+                let (dt, got_shape, data) = &got[name];
+                assert_eq!((dt, got_shape), (dtype, shape), "{name}");
+                let size = if *dtype == Dtype::F32 { 4 } else { 2 };
+                assert_eq!(data.len(), shape.iter().product::<usize>() * size, "{name}");
+            }
+        }
+    }
+
+    #[test]
+    fn family_configs_parse_to_the_written_shapes() {
+        use crate::config::{AttentionKind, RopeScaling, RouterKind, SharedExpertConfig};
+        let load = |spec: &SynthSpec| {
+            let tmp = tempfile::tempdir().unwrap();
+            write_checkpoint(spec, tmp.path()).unwrap();
+            let text = std::fs::read_to_string(tmp.path().join("config.json")).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            (crate::ModelConfig::from_dir(tmp.path()).unwrap(), json)
+        };
+
+        let (c, j) = load(&qwen2(0));
+        assert_eq!(
+            j["architectures"],
+            serde_json::json!(["Qwen2MoeForCausalLM"])
+        );
+        assert_eq!(j["model_type"], "qwen2_moe");
+        assert_eq!(j["torch_dtype"], "bfloat16");
+        assert_eq!(j["mlp_only_layers"], serde_json::json!([1]));
+        assert_eq!(c.family, Family::Qwen2Moe);
+        assert_eq!((c.intermediate_size, c.moe_intermediate_size), (40, 12));
+        assert_eq!(c.moe_layers, vec![0, 2]);
+        assert_eq!((c.num_experts, c.experts_per_token), (4, 2));
+        assert_eq!(
+            c.shared_expert,
+            Some(SharedExpertConfig {
+                intermediate_size: 48,
+                gated: true
+            })
+        );
+        assert_eq!(c.router, RouterKind::SoftmaxTopK { renormalize: false });
+        assert!(matches!(c.attention, AttentionKind::Gqa(o) if o.qkv_bias && !o.qk_norm));
+        assert_eq!((c.num_kv_heads, c.head_dim, c.rope.theta), (2, 8, 1e6));
+
+        let (c, j) = load(&SynthSpec {
+            yarn_factor: Some(4.0),
+            ..qwen3(0)
+        });
+        assert_eq!(
+            j["architectures"],
+            serde_json::json!(["Qwen3MoeForCausalLM"])
+        );
+        assert_eq!(j["head_dim"], 12);
+        assert_eq!(j["rope_scaling"]["rope_type"], "yarn");
+        assert_eq!(c.family, Family::Qwen3Moe);
+        assert_eq!(c.moe_layers, vec![1, 2]);
+        assert_eq!(c.head_dim, 12);
+        assert_eq!(c.shared_expert, None);
+        assert_eq!(c.router, RouterKind::SoftmaxTopK { renormalize: true });
+        assert!(matches!(c.attention, AttentionKind::Gqa(o) if !o.qkv_bias && o.qk_norm));
+        match &c.rope.scaling {
+            RopeScaling::Yarn(y) => {
+                assert_eq!((y.factor, y.original_max_position_embeddings), (4.0, 128))
+            }
+            other => panic!("{other:?}"),
+        }
+
+        let (c, j) = load(&SynthSpec {
+            yarn_factor: Some(8.0),
+            routed_scaling_factor: Some(1.5),
+            ..deepseek(0)
+        });
+        assert_eq!(
+            j["architectures"],
+            serde_json::json!(["DeepseekV3ForCausalLM"])
+        );
+        assert_eq!(j["scoring_func"], "sigmoid");
+        assert_eq!(j["topk_method"], "noaux_tc");
+        assert_eq!(j["n_routed_experts"], 8);
+        assert_eq!(j["rope_scaling"]["type"], "yarn");
+        assert_eq!(j["rope_scaling"]["original_max_position_embeddings"], 64);
+        assert_eq!(c.family, Family::DeepseekV3);
+        assert_eq!((c.intermediate_size, c.moe_intermediate_size), (40, 12));
+        assert_eq!(c.moe_layers, vec![1, 2]);
+        assert_eq!(c.expert_layers(), 2);
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (4, 4, 10));
+        match c.attention {
+            AttentionKind::Mla(d) => {
+                assert_eq!(d.q_lora_rank, Some(20));
+                assert_eq!(
+                    (
+                        d.kv_lora_rank,
+                        d.qk_nope_head_dim,
+                        d.qk_rope_head_dim,
+                        d.v_head_dim
+                    ),
+                    (14, 6, 4, 10)
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            c.router,
+            RouterKind::SigmoidGrouped {
+                groups: 4,
+                topk_groups: 2,
+                renormalize: true,
+                scaling: 1.5
+            }
+        );
+        assert_eq!(
+            c.shared_expert,
+            Some(SharedExpertConfig {
+                intermediate_size: 24,
+                gated: false
+            })
+        );
+        assert_eq!((c.rope.dim, c.rope.interleaved), (4, true));
+        assert!(
+            matches!(&c.rope.scaling, RopeScaling::Yarn(y) if y.factor == 8.0 && y.mscale_all_dim == Some(1.0))
+        );
+
+        let (c, j) = load(&SynthSpec {
+            q_lora_rank: None,
+            ..deepseek(0)
+        });
+        assert!(j["q_lora_rank"].is_null());
+        assert!(matches!(c.attention, AttentionKind::Mla(d) if d.q_lora_rank.is_none()));
+        assert_eq!(c.rope.scaling, RopeScaling::None);
+
+        let (c, _) = load(&tiny(0));
+        assert_eq!(c.family, Family::Mixtral);
+        assert_eq!(c.moe_intermediate_size, 48);
+    }
+
+    #[test]
+    fn defaults_derive_from_the_other_shapes() {
+        let ds = SynthSpec {
+            family: Family::DeepseekV3,
+            hidden: 16,
+            ffn: 24,
+            layers: 61,
+            heads: 2,
+            kv_heads: 2,
+            experts: 256,
+            top_k: 8,
+            ..tiny(0)
+        }
+        .resolved()
+        .unwrap();
+        assert_eq!(ds.q_lora_rank, None);
+        assert_eq!(
+            (
+                ds.kv_lora_rank,
+                ds.qk_nope_head_dim,
+                ds.qk_rope_head_dim,
+                ds.v_head_dim
+            ),
+            (Some(8), Some(8), Some(4), Some(8))
+        );
+        assert_eq!(ds.moe_ffn, Some(24));
+        assert_eq!((ds.n_group, ds.topk_group), (Some(8), Some(4)));
+        assert_eq!(ds.first_k_dense_replace, Some(1));
+        assert_eq!(ds.n_shared_experts, Some(1));
+        assert_eq!(ds.routed_scaling_factor, Some(2.5));
+        assert_eq!(ds.norm_topk_prob, Some(true));
+        assert_eq!(ds.moe_layers().unwrap(), (1..61).collect::<Vec<_>>());
+        assert_eq!(SynthSpec::default_q_lora_rank(16), 12);
+
+        // Groups shrink to divide the experts; topk_group grows until top_k fits.
+        let ds = SynthSpec {
+            family: Family::DeepseekV3,
+            kv_heads: 4,
+            experts: 6,
+            top_k: 6,
+            layers: 1,
+            ..tiny(0)
+        }
+        .resolved()
+        .unwrap();
+        assert_eq!((ds.n_group, ds.topk_group), (Some(2), Some(2)));
+        assert_eq!(ds.first_k_dense_replace, Some(0));
+        // A tiny head still gets an even RoPE part.
+        let ds = SynthSpec {
+            family: Family::DeepseekV3,
+            hidden: 8,
+            heads: 8,
+            kv_heads: 8,
+            ..tiny(0)
+        }
+        .resolved()
+        .unwrap();
+        assert_eq!(
+            (ds.qk_nope_head_dim, ds.qk_rope_head_dim),
+            (Some(2), Some(2))
+        );
+
+        let q2 = SynthSpec {
+            family: Family::Qwen2Moe,
+            moe_ffn: Some(10),
+            ..tiny(0)
+        }
+        .resolved()
+        .unwrap();
+        assert_eq!((q2.shared_ffn, q2.norm_topk_prob), (Some(40), Some(false)));
+        assert!(q2.dense_layers.is_empty());
+        let q3 = SynthSpec {
+            family: Family::Qwen3Moe,
+            ..tiny(0)
+        }
+        .resolved()
+        .unwrap();
+        assert_eq!(
+            (q3.moe_ffn, q3.shared_ffn, q3.norm_topk_prob),
+            (Some(48), None, Some(true))
+        );
+        let m = tiny(0).resolved().unwrap();
+        assert_eq!(m.moe_ffn, Some(m.ffn));
+    }
+
+    #[test]
+    fn impossible_family_shapes_name_the_field() {
+        let field_of = |spec: SynthSpec| match spec.validate() {
+            Err(SynthError::InvalidSpec { field, .. }) => field,
+            other => panic!("expected InvalidSpec, got {other:?}"),
+        };
+        let ds = deepseek(0);
+        let cases: Vec<(SynthSpec, &str)> = vec![
+            (
+                SynthSpec {
+                    n_group: Some(3),
+                    ..ds.clone()
+                },
+                "n_group",
+            ),
+            (
+                SynthSpec {
+                    n_group: Some(0),
+                    ..ds.clone()
+                },
+                "n_group",
+            ),
+            (
+                SynthSpec {
+                    topk_group: Some(5),
+                    ..ds.clone()
+                },
+                "topk_group",
+            ),
+            // 6 experts from 2 groups of 2.
+            (
+                SynthSpec {
+                    top_k: 6,
+                    ..ds.clone()
+                },
+                "top_k",
+            ),
+            (
+                SynthSpec {
+                    first_k_dense_replace: Some(3),
+                    ..ds.clone()
+                },
+                "first_k_dense_replace",
+            ),
+            (
+                SynthSpec {
+                    qk_rope_head_dim: Some(3),
+                    ..ds.clone()
+                },
+                "qk_rope_head_dim",
+            ),
+            (
+                SynthSpec {
+                    kv_lora_rank: Some(0),
+                    ..ds.clone()
+                },
+                "kv_lora_rank",
+            ),
+            (
+                SynthSpec {
+                    q_lora_rank: Some(0),
+                    ..ds.clone()
+                },
+                "q_lora_rank",
+            ),
+            (
+                SynthSpec {
+                    kv_heads: 2,
+                    ..ds.clone()
+                },
+                "kv_heads",
+            ),
+            (
+                SynthSpec {
+                    head_dim: Some(8),
+                    ..ds.clone()
+                },
+                "head_dim",
+            ),
+            (
+                SynthSpec {
+                    routed_scaling_factor: Some(0.0),
+                    ..ds.clone()
+                },
+                "routed_scaling_factor",
+            ),
+            (
+                SynthSpec {
+                    routed_scaling_factor: Some(f64::NAN),
+                    ..ds.clone()
+                },
+                "routed_scaling_factor",
+            ),
+            (
+                SynthSpec {
+                    dense_layers: vec![0],
+                    ..ds.clone()
+                },
+                "dense_layers",
+            ),
+            (
+                SynthSpec {
+                    shared_ffn: Some(8),
+                    ..ds.clone()
+                },
+                "shared_ffn",
+            ),
+            (
+                SynthSpec {
+                    moe_ffn: Some(0),
+                    ..ds.clone()
+                },
+                "moe_ffn",
+            ),
+            (
+                SynthSpec {
+                    kv_lora_rank: Some(4),
+                    ..qwen3(0)
+                },
+                "kv_lora_rank",
+            ),
+            (
+                SynthSpec {
+                    n_group: Some(2),
+                    ..qwen2(0)
+                },
+                "n_group",
+            ),
+            (
+                SynthSpec {
+                    shared_ffn: Some(8),
+                    ..qwen3(0)
+                },
+                "shared_ffn",
+            ),
+            (
+                SynthSpec {
+                    dense_layers: vec![3],
+                    ..qwen3(0)
+                },
+                "dense_layers",
+            ),
+            (
+                SynthSpec {
+                    dense_layers: vec![0, 1, 2],
+                    ..qwen3(0)
+                },
+                "dense_layers",
+            ),
+            (
+                SynthSpec {
+                    head_dim: Some(7),
+                    ..qwen3(0)
+                },
+                "head_dim",
+            ),
+            (
+                SynthSpec {
+                    dense_layers: vec![0],
+                    ..tiny(0)
+                },
+                "dense_layers",
+            ),
+            (
+                SynthSpec {
+                    moe_ffn: Some(10),
+                    ..tiny(0)
+                },
+                "moe_ffn",
+            ),
+            (
+                SynthSpec {
+                    norm_topk_prob: Some(false),
+                    ..tiny(0)
+                },
+                "norm_topk_prob",
+            ),
+            (
+                SynthSpec {
+                    yarn_factor: Some(0.5),
+                    ..tiny(0)
+                },
+                "yarn_factor",
+            ),
+            (
+                SynthSpec {
+                    yarn_factor: Some(f64::INFINITY),
+                    ..tiny(0)
+                },
+                "yarn_factor",
+            ),
+            (
+                SynthSpec {
+                    yarn_factor: Some(2000.0),
+                    ..tiny(0)
+                },
+                "yarn_factor",
+            ),
+        ];
+        for (spec, field) in cases {
+            assert_eq!(field_of(spec.clone()), field, "{spec:?}");
+        }
+        let text = SynthSpec {
+            kv_lora_rank: Some(4),
+            ..qwen3(0)
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            text.contains("deepseek_v3") && text.contains("qwen3_moe"),
+            "{text}"
+        );
+        let text = SynthSpec { top_k: 6, ..ds }
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(text.contains("topk_group (2) groups of 2"), "{text}");
+    }
+
+    #[test]
+    fn total_bytes_counts_every_tensor_of_every_family() {
+        for spec in [qwen2(3), qwen3(3), deepseek(3)] {
+            let spec = SynthSpec {
+                shard_bytes: 30_000,
+                ..spec
+            };
+            let tmp = tempfile::tempdir().unwrap();
+            write_checkpoint(&spec, tmp.path()).unwrap();
+            let index: serde_json::Value = serde_json::from_str(
+                &std::fs::read_to_string(tmp.path().join("model.safetensors.index.json")).unwrap(),
+            )
+            .unwrap();
+            let got = all_weights(tmp.path());
+            let sum: usize = got.values().map(|(_, _, d)| d.len()).sum();
+            let total = spec.total_bytes().unwrap();
+            assert_eq!(total, sum as u64, "{}", spec.family);
+            assert_eq!(index["metadata"]["total_size"].as_u64(), Some(total));
+            assert_eq!(index["weight_map"].as_object().unwrap().len(), got.len());
+
+            // Sharding changes where tensors live, not their values.
+            let single = tempfile::tempdir().unwrap();
+            write_checkpoint(
+                &SynthSpec {
+                    shard_bytes: 1 << 30,
+                    ..spec.clone()
+                },
+                single.path(),
+            )
+            .unwrap();
+            assert_eq!(all_weights(single.path()), got);
+        }
+    }
+
+    #[test]
+    fn new_tensors_have_the_intended_scale() {
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = SynthSpec {
+            dtype: SynthDType::F32,
+            ..deepseek(5)
+        };
+        write_checkpoint(&spec, tmp.path()).unwrap();
+        let got = all_weights(tmp.path());
+        let std = |name: &str| {
+            let v = as_f32(&got[name].2);
+            let mean = v.iter().sum::<f32>() / v.len() as f32;
+            (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / v.len() as f32).sqrt()
+        };
+        let bias = as_f32(&got["model.layers.1.mlp.gate.e_score_correction_bias"].2);
+        assert!(bias.iter().all(|b| b.abs() <= CORRECTION_BIAS_BOUND));
+        assert!(bias.iter().any(|b| *b != 0.0));
+        for x in as_f32(&got["model.layers.0.self_attn.kv_a_layernorm.weight"].2) {
+            assert!((x - 1.0).abs() <= NORM_NOISE, "norm {x}");
+        }
+        let kv_b = std("model.layers.2.self_attn.kv_b_proj.weight");
+        let want = 1.0 / 14f32.sqrt();
+        assert!((kv_b / want - 1.0).abs() < 0.15, "kv_b std {kv_b}");
+
+        // bf16 weights keep the f32 correction bias.
+        let tmp = tempfile::tempdir().unwrap();
+        write_checkpoint(&deepseek(5), tmp.path()).unwrap();
+        let got = all_weights(tmp.path());
+        assert_eq!(
+            got["model.layers.1.mlp.gate.e_score_correction_bias"].0,
+            Dtype::F32
+        );
+        assert_eq!(got["model.layers.1.mlp.gate.weight"].0, Dtype::BF16);
+
+        let tmp = tempfile::tempdir().unwrap();
+        let spec = SynthSpec {
+            dtype: SynthDType::F32,
+            ..qwen2(5)
+        };
+        write_checkpoint(&spec, tmp.path()).unwrap();
+        let got = all_weights(tmp.path());
+        let qb = as_f32(&got["model.layers.0.self_attn.q_proj.bias"].2);
+        assert!(qb.iter().all(|b| b.abs() <= uniform_bound(QKV_BIAS_STD)));
+    }
+
+    #[test]
+    fn family_names_parse() {
+        for (s, f) in [
+            ("mixtral", Family::Mixtral),
+            ("qwen2_moe", Family::Qwen2Moe),
+            ("Qwen3-MoE", Family::Qwen3Moe),
+            ("deepseek_v3", Family::DeepseekV3),
+            ("deepseek-v3", Family::DeepseekV3),
+        ] {
+            assert_eq!(parse_family(s).unwrap(), f);
+        }
+        let err = parse_family("llama").unwrap_err().to_string();
+        assert!(
+            err.contains("llama") && err.contains("deepseek_v3"),
+            "{err}"
+        );
+    }
+
+    /// The published models' shapes give their published parameter counts: the tensor
+    /// shapes of every family are the real ones.
+    #[test]
+    fn published_shapes_have_published_parameter_counts() {
+        let params = |spec: &SynthSpec| -> u64 {
+            spec.validate().unwrap();
+            spec.tensors()
+                .unwrap()
+                .iter()
+                .map(|t| t.shape.iter().product::<usize>() as u64)
+                .sum()
+        };
+        let deepseek_v3 = SynthSpec {
+            family: Family::DeepseekV3,
+            hidden: 7168,
+            ffn: 18432,
+            moe_ffn: Some(2048),
+            layers: 61,
+            heads: 128,
+            kv_heads: 128,
+            experts: 256,
+            top_k: 8,
+            vocab: 129280,
+            max_position: 163840,
+            q_lora_rank: Some(1536),
+            kv_lora_rank: Some(512),
+            qk_nope_head_dim: Some(128),
+            qk_rope_head_dim: Some(64),
+            v_head_dim: Some(128),
+            first_k_dense_replace: Some(3),
+            n_group: Some(8),
+            topk_group: Some(4),
+            n_shared_experts: Some(1),
+            yarn_factor: Some(40.0),
+            ..SynthSpec::default()
+        };
+        let qwen3_30b = SynthSpec {
+            family: Family::Qwen3Moe,
+            hidden: 2048,
+            ffn: 6144,
+            moe_ffn: Some(768),
+            layers: 48,
+            heads: 32,
+            kv_heads: 4,
+            head_dim: Some(128),
+            experts: 128,
+            top_k: 8,
+            vocab: 151936,
+            ..SynthSpec::default()
+        };
+        let qwen15_moe = SynthSpec {
+            family: Family::Qwen2Moe,
+            hidden: 2048,
+            ffn: 5632,
+            moe_ffn: Some(1408),
+            shared_ffn: Some(5632),
+            layers: 24,
+            heads: 16,
+            kv_heads: 16,
+            experts: 60,
+            top_k: 4,
+            vocab: 151936,
+            ..SynthSpec::default()
+        };
+        for (spec, published) in [
+            // 671B without the multi-token-prediction layer.
+            (&deepseek_v3, 671e9),
+            (&qwen3_30b, 30.5e9),
+            (&qwen15_moe, 14.3e9),
+            (&SynthSpec::default(), 46.7e9),
+        ] {
+            let n = params(spec) as f64;
+            assert!((n / published - 1.0).abs() < 0.01, "{}: {n}", spec.family);
+        }
     }
 }

@@ -194,6 +194,10 @@ pub struct PromptReport {
 #[derive(Debug, Clone, Serialize)]
 pub struct VerifyReport {
     pub check: Check,
+    /// [`crate::ModelConfig::summary`]: family, layer mix, KV cache cost.
+    pub model: String,
+    /// f32 bytes the KV cache holds per token and layer (MLA: the latent).
+    pub kv_bytes_per_token_per_layer: usize,
     pub prompts: Vec<PromptReport>,
     pub max_logit_rel_err: f64,
     pub min_router_agreement: f64,
@@ -226,7 +230,7 @@ pub fn verify_with(
     let cfg = model.config();
     let golden = read_golden(
         &dir.join(GOLDEN_FILE),
-        cfg.num_layers,
+        cfg.expert_layers(),
         cfg.vocab_size,
         cfg.experts_per_token,
     )?;
@@ -236,8 +240,7 @@ pub fn verify_with(
         .max()
         .unwrap_or(0);
     let block = 16;
-    let kv_bytes = PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), block)
-        * (longest.div_ceil(block) + 1);
+    let kv_bytes = PagedKvCache::model_block_bytes(cfg, block) * (longest.div_ceil(block) + 1);
     let mut kv = model.new_kv_cache(block, kv_bytes)?;
     let mut prompts = Vec::new();
     for g in &golden {
@@ -268,6 +271,8 @@ pub fn verify_with(
     };
     Ok(VerifyReport {
         check,
+        model: cfg.summary(),
+        kv_bytes_per_token_per_layer: cfg.kv_bytes_per_token_per_layer(),
         prompts,
         max_logit_rel_err,
         min_router_agreement,
@@ -411,7 +416,8 @@ fn run_whole(
             top1_matches(&out.logits, &g.logits, vocab);
         Ok(PathReport {
             logit_rel_err: logit_rel_err(&out.logits, &g.logits),
-            router_agreement: same as f64 / (model.config().num_layers * g.input_ids.len()) as f64,
+            router_agreement: same as f64
+                / (model.config().expert_layers() * g.input_ids.len()) as f64,
             greedy_matched: prefix,
             greedy_len: g.greedy_ids.len(),
             top1_matched: matched + steps,
@@ -455,7 +461,8 @@ fn run_incremental(
         let (matched, decided_matched, decided_positions) = top1_matches(&logits, &g.logits, vocab);
         Ok(PathReport {
             logit_rel_err: logit_rel_err(&logits, &g.logits),
-            router_agreement: same as f64 / (model.config().num_layers * g.input_ids.len()) as f64,
+            router_agreement: same as f64
+                / (model.config().expert_layers() * g.input_ids.len()) as f64,
             greedy_matched: prefix,
             greedy_len: g.greedy_ids.len(),
             top1_matched: matched + steps,

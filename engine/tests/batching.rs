@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use switchyard_engine::sampling::argmax;
 use switchyard_engine::verify::{GOLDEN_FILE, read_golden};
-use switchyard_engine::{ExpertSelection, ExpertStore, LogitsFor, Mixtral, SeqCache, SeqChunk};
+use switchyard_engine::{ExpertSelection, ExpertStore, LogitsFor, Model, SeqCache, SeqChunk};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -24,12 +24,12 @@ fn max_rel_diff(a: &[f32], b: &[f32]) -> f32 {
 #[test]
 fn batch_of_different_lengths_gives_each_its_solo_result_and_the_reference_greedy() {
     let dir = fixture("mixtral-tiny");
-    let (model, ckpt) = Mixtral::load(&dir).unwrap();
+    let (model, ckpt) = Model::load(&dir).unwrap();
     let cfg = model.config().clone();
     let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All).unwrap();
     let golden = read_golden(
         &dir.join(GOLDEN_FILE),
-        cfg.num_layers,
+        cfg.expert_layers(),
         cfg.vocab_size,
         cfg.experts_per_token,
     )
@@ -123,12 +123,12 @@ fn batch_of_different_lengths_gives_each_its_solo_result_and_the_reference_greed
 #[test]
 fn chunked_prefill_equals_whole_prefill() {
     let dir = fixture("mixtral-tiny-bf16");
-    let (model, ckpt) = Mixtral::load(&dir).unwrap();
+    let (model, ckpt) = Model::load(&dir).unwrap();
     let cfg = model.config().clone();
     let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All).unwrap();
     let golden = read_golden(
         &dir.join(GOLDEN_FILE),
-        cfg.num_layers,
+        cfg.expert_layers(),
         cfg.vocab_size,
         cfg.experts_per_token,
     )
@@ -158,7 +158,7 @@ fn chunked_prefill_equals_whole_prefill() {
 #[test]
 fn bad_batches_are_refused_before_anything_changes() {
     let dir = fixture("mixtral-tiny");
-    let (model, ckpt) = Mixtral::load(&dir).unwrap();
+    let (model, ckpt) = Model::load(&dir).unwrap();
     let cfg = model.config().clone();
     let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All).unwrap();
     let mut kv = model.new_kv_cache(16, 1 << 20);
@@ -199,7 +199,7 @@ fn bad_batches_are_refused_before_anything_changes() {
     // A pool too small for the request: an out-of-blocks error, nothing reserved.
     let mut tiny = model.new_kv_cache(
         16,
-        switchyard_engine::PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), 16),
+        switchyard_engine::PagedKvCache::model_block_bytes(&cfg, 16),
     );
     let prompt = vec![5u32; 40];
     let err = model

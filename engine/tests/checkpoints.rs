@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use switchyard_engine::verify::verify;
-use switchyard_engine::{Checkpoint, ExpertSelection, ExpertStore, Mixtral, ModelConfig};
+use switchyard_engine::{Checkpoint, ExpertSelection, ExpertStore, Model, ModelConfig};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -95,7 +95,7 @@ fn fused_copy(prefix: &str, suffix: &str) -> tempfile::TempDir {
 }
 
 fn verify_dir(dir: &Path) -> bool {
-    let (model, ckpt) = Mixtral::load(dir).unwrap();
+    let (model, ckpt) = Model::load(dir).unwrap();
     let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
     verify(&model.into(), &experts, dir).unwrap().passed
 }
@@ -202,10 +202,10 @@ fn check_selective(dir: &Path) {
     let store = ExpertStore::load(
         &ckpt,
         &cfg,
-        &ExpertSelection::in_every_layer(&keep, cfg.num_layers),
+        &ExpertSelection::in_every_layer(&keep, cfg.expert_layers()),
     )
     .unwrap();
-    assert_eq!(store.held().len(), keep.len() * cfg.num_layers);
+    assert_eq!(store.held().len(), keep.len() * cfg.expert_layers());
     for (l, e) in store.held() {
         let (a, b) = (store.get(l, e).unwrap(), original.get(l, e).unwrap());
         assert_eq!(a.gate_up.weight, b.gate_up.weight);
@@ -268,7 +268,7 @@ fn broken_copy(edit: impl FnOnce(&mut Tensors)) -> tempfile::TempDir {
 }
 
 fn load_error(dir: &Path) -> String {
-    match Mixtral::load(dir) {
+    match Model::load(dir) {
         Ok((model, ckpt)) => ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All)
             .err()
             .map(|e| e.to_string())

@@ -108,7 +108,7 @@ fn routing_matches_the_cpu() {
     let mut rng = ChaCha8Rng::seed_from_u64(4);
     for (tokens, e, top) in [(1, 8, 2), (77, 8, 2), (50, 16, 2), (9, 128, 8)] {
         let logits = rand_vec(&mut rng, tokens * e, 4.0);
-        let want = route_softmax_topk(&logits, e, top);
+        let want = route_softmax_topk(&logits, e, top, true);
         let got = k.route(&logits, e, top).unwrap();
         assert_eq!(got.experts, want.experts, "{tokens}x{e} top-{top}");
         let rel = max_rel(&got.weights, &want.weights);
@@ -141,18 +141,22 @@ fn paged_decode_attention_matches_the_cpu() {
                 }
             }
         }
-        let shape = AttentionShape {
-            num_heads: heads,
-            num_kv_heads: kv_heads,
-            head_dim: d,
-        };
+        let shape = AttentionShape::gqa(heads, kv_heads, d);
         let q = rand_vec(&mut rng, lens.len() * heads * d, 1.0);
         let mut want = Vec::new();
         for (s, len) in lens.iter().enumerate() {
             let (mut kk, mut vv) = (vec![0f32; len * kvd], vec![0f32; len * kvd]);
             kv.gather(0, &seqs[s], *len, &mut kk, &mut vv);
             let qs = &q[s * heads * d..(s + 1) * heads * d];
-            want.extend(causal_attention(shape, qs, 1, len - 1, &kk, &vv));
+            let rows = |data| switchyard_engine::attention::KvRows { data, stride: kvd };
+            want.extend(causal_attention(
+                shape,
+                qs,
+                1,
+                len - 1,
+                rows(&kk),
+                rows(&vv),
+            ));
         }
         let (keys, values) = kv.layer(0);
         let tables: Vec<Vec<u32>> = seqs.iter().map(|s| s.blocks().to_vec()).collect();

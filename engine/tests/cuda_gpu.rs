@@ -327,7 +327,7 @@ fn experts_trait_matches_cpu_store() {
     let tokens = 33;
     let x = mat(tokens * h, 8.0);
     let logits = mat(tokens * e, 8.0);
-    let routing = route_softmax_topk(&logits, e, 2);
+    let routing = route_softmax_topk(&logits, e, 2, true);
     for l in 0..layers {
         let want = store.forward(l, &x, &routing).unwrap();
         let got = gpu.forward(l, &x, &routing).unwrap();
@@ -359,14 +359,14 @@ fn local_experts_load_and_unload_on_the_gpu() {
         Device::Cuda(0),
         &ckpt,
         &cfg,
-        &ExpertSelection::in_every_layer(&[0, 2, 4, 6], cfg.num_layers),
+        &ExpertSelection::in_every_layer(&[0, 2, 4, 6], cfg.expert_layers()),
     )
     .unwrap();
     assert!(gpu.device().starts_with("cuda:0 ("), "{}", gpu.device());
     // Remove two, add the odd ones (a layer re-packed with kept and new experts), then
     // put the removed ones back: every expert held, in a scrambled local order.
     let pairs = |ids: &[usize]| -> Vec<(usize, usize)> {
-        (0..cfg.num_layers)
+        (0..cfg.expert_layers())
             .flat_map(|l| ids.iter().map(move |x| (l, *x)))
             .collect()
     };
@@ -388,9 +388,9 @@ fn local_experts_load_and_unload_on_the_gpu() {
     let logits: Vec<f32> = (0..tokens * e)
         .map(|_| rng.random_range(-4.0..4.0))
         .collect();
-    let routing = route_softmax_topk(&logits, e, cfg.experts_per_token);
+    let routing = route_softmax_topk(&logits, e, cfg.experts_per_token, true);
     let work = assignments(&routing);
-    for l in 0..cfg.num_layers {
+    for l in 0..cfg.expert_layers() {
         let want = cpu.combine(l, &x, tokens, &work).unwrap();
         let got = gpu.combine(l, &x, tokens, &work).unwrap();
         let rel = rel_l2(&got, &want);

@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use switchyard_engine::cuda::{CudaBackend, CudaModel, PlanChunk, StepPlan};
 use switchyard_engine::verify::{GOLDEN_FILE, read_golden};
 use switchyard_engine::{
-    ExpertSelection, ExpertStore, LogitsFor, Mixtral, PagedKvCache, SeqCache, SeqChunk,
+    ExpertSelection, ExpertStore, LogitsFor, Model, PagedKvCache, SeqCache, SeqChunk,
 };
 
 /// bf16 weights and GEMM inputs against the f32 CPU: max |a - b| / max |b| per prompt.
@@ -155,7 +155,7 @@ fn step_plan_refuses_chunks_their_blocks_do_not_cover() {
 
 struct Fixture {
     name: &'static str,
-    cpu: Mixtral,
+    cpu: Model,
     experts: ExpertStore,
     gpu: CudaModel,
     /// Prompt + greedy continuation, per prompt.
@@ -166,7 +166,7 @@ struct Fixture {
 
 fn setup(name: &'static str) -> Fixture {
     let dir = fixture(name);
-    let (cpu, ckpt) = Mixtral::load(&dir).unwrap();
+    let (cpu, ckpt) = Model::load(&dir).unwrap();
     let experts = ExpertStore::load(&ckpt, cpu.config(), &ExpertSelection::All).unwrap();
     let backend =
         CudaBackend::new(0).unwrap_or_else(|e| panic!("these tests need a CUDA GPU: {e}"));
@@ -174,7 +174,7 @@ fn setup(name: &'static str) -> Fixture {
     let c = cpu.config();
     let golden = read_golden(
         &dir.join(GOLDEN_FILE),
-        c.num_layers,
+        c.expert_layers(),
         c.vocab_size,
         c.experts_per_token,
     )

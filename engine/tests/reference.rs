@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use switchyard_engine::verify::verify;
-use switchyard_engine::{ExpertSelection, ExpertStore, Mixtral};
+use switchyard_engine::{ExpertSelection, ExpertStore, Model};
 
 fn fixture(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -12,7 +12,7 @@ fn fixture(name: &str) -> PathBuf {
 }
 
 fn verify_dir(dir: &Path) -> switchyard_engine::verify::VerifyReport {
-    let (model, ckpt) = Mixtral::load(dir).unwrap();
+    let (model, ckpt) = Model::load(dir).unwrap();
     let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
     verify(&model.into(), &experts, dir).unwrap()
 }
@@ -30,6 +30,49 @@ fn sharded_bf16_fixture_meets_every_tolerance_whole_and_incremental() {
     let r = verify_dir(&fixture("mixtral-tiny-bf16"));
     assert_eq!(r.prompts.len(), 6);
     assert!(r.passed, "{r:#?}");
+}
+
+/// Every family's fixtures, both config styles, f32, bf16 shards and FP8 blocks: logits
+/// within 1e-4, identical router choices, identical greedy text, whole and incremental.
+#[test]
+fn every_family_fixture_meets_every_tolerance() {
+    for name in [
+        "qwen3-moe-tiny",
+        "qwen3-moe-tiny-bf16",
+        "qwen2-moe-tiny",
+        "deepseek-v3-tiny",
+        "deepseek-v3-tiny-bf16",
+        "deepseek-v3-tiny-fp8",
+    ] {
+        let r = verify_dir(&fixture(name));
+        eprintln!(
+            "{name}: {}; max logit error {:.2e}, router agreement {}",
+            r.model, r.max_logit_rel_err, r.min_router_agreement
+        );
+        assert_eq!(r.prompts.len(), 6, "{name}");
+        assert!(r.passed, "{name}: {r:#?}");
+    }
+}
+
+/// The latent cache is what the absorbed path reads; the expanded path re-expands it per
+/// cached token. Both meet the reference, and the cache holds 40 values per token and
+/// layer where expanded K and V would hold 4 x (24 + 16) = 160.
+#[test]
+fn deepseek_v3_absorbed_and_expanded_attention_both_meet_the_reference() {
+    let dir = fixture("deepseek-v3-tiny");
+    for mode in [
+        switchyard_engine::layers::MlaMode::Absorbed,
+        switchyard_engine::layers::MlaMode::Expanded,
+    ] {
+        let (mut model, ckpt) = Model::load(&dir).unwrap();
+        model.set_mla_mode(mode);
+        let cfg = model.config().clone();
+        assert_eq!(cfg.kv_cache_dims(), (32 + 8, 0));
+        assert_eq!(cfg.expanded_kv_values_per_token_per_layer(), 4 * (24 + 16));
+        let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All).unwrap();
+        let r = verify(&model.into(), &experts, &dir).unwrap();
+        assert!(r.passed, "{mode:?}: {r:#?}");
+    }
 }
 
 /// What the GPU experts compute, emulated on the CPU: bf16 weights, bf16 activations in,
@@ -81,7 +124,7 @@ fn bf16_experts_meet_the_top1_bar_on_both_fixtures() {
     use switchyard_engine::verify::{Check, TOP1_MIN_AGREEMENT, verify_with};
     for name in ["mixtral-tiny", "mixtral-tiny-bf16"] {
         let dir = fixture(name);
-        let (model, ckpt) = Mixtral::load(&dir).unwrap();
+        let (model, ckpt) = Model::load(&dir).unwrap();
         let mut store = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
         for (l, e) in store.held() {
             let mut ffn = store.remove(l, e).unwrap();
@@ -123,7 +166,7 @@ fn bf16_experts_meet_the_top1_bar_on_both_fixtures() {
 fn top1_check_reports_full_agreement_for_the_f32_engine() {
     use switchyard_engine::verify::{Check, verify_with};
     let dir = fixture("mixtral-tiny");
-    let (model, ckpt) = Mixtral::load(&dir).unwrap();
+    let (model, ckpt) = Model::load(&dir).unwrap();
     let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
     let r = verify_with(
         &model.into(),

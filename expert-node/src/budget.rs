@@ -71,7 +71,7 @@ impl Budget {
         let total_bytes = total_bytes.unwrap_or(DEFAULT_WORK_MEMORY_BYTES);
         let (h, f, e) = (
             cfg.hidden_size as u64,
-            cfg.intermediate_size as u64,
+            cfg.moe_intermediate_size as u64,
             cfg.num_experts as u64,
         );
         let token_bytes = 8 * h;
@@ -189,7 +189,7 @@ mod tests {
         );
         let mut cfg = ModelConfig::from_dir(std::path::Path::new(dir)).expect("fixture config");
         cfg.hidden_size = hidden;
-        cfg.intermediate_size = ffn;
+        cfg.moe_intermediate_size = ffn;
         cfg.num_experts = experts;
         cfg
     }

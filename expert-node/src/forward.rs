@@ -96,10 +96,10 @@ impl Work {
     ) -> Result<Self, ForwardError> {
         let format = WireFormat::from_proto(req.dtype)?;
         let layer = req.layer as usize;
-        if layer >= cfg.num_layers {
+        if layer >= cfg.expert_layers() {
             return Err(ExpertError::BadLayer {
                 layer,
-                layers: cfg.num_layers,
+                layers: cfg.expert_layers(),
             }
             .into());
         }
@@ -425,7 +425,7 @@ mod tests {
             match Work::check(&req, cfg, 4) {
                 Ok(work) => {
                     prop_assert!(work.tokens <= 4);
-                    prop_assert!(work.layer < cfg.num_layers);
+                    prop_assert!(work.layer < cfg.expert_layers());
                     prop_assert_eq!(work.tokens, req.num_tokens as usize);
                     prop_assert_eq!(
                         req.activations.len(),

@@ -47,7 +47,7 @@ impl Membership {
                 id: node.node_id().to_owned(),
                 addr: advertise.clone(),
                 device: node.device().to_owned(),
-                num_layers: c.num_layers,
+                num_layers: c.expert_layers(),
                 num_experts: c.num_experts,
                 capacity: node.capacity(),
                 bytes_per_expert: node.bytes_per_expert(),

@@ -41,10 +41,12 @@ impl NodeMetrics {
         registry.register(Box::new(requests.clone()))?;
         let expert_tokens = (0..num_layers * num_experts)
             .map(|i| {
-                tokens.with_label_values(&[
-                    &(i / num_experts).to_string(),
-                    &(i % num_experts).to_string(),
-                ])
+                let expert = if per_expert_series(num_layers, num_experts) {
+                    (i % num_experts).to_string()
+                } else {
+                    "all".to_string()
+                };
+                tokens.with_label_values(&[&(i / num_experts).to_string(), &expert])
             })
             .collect();
         Ok(NodeMetrics {
@@ -79,4 +81,13 @@ impl NodeMetrics {
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
         String::from_utf8(buf).unwrap_or_default()
     }
+}
+
+/// Above this many (layer, expert) pairs (DeepSeek-V3: 58 x 256), the per-expert token
+/// series would make every scrape tens of thousands of lines: they are kept per layer
+/// instead, with `expert="all"`.
+pub const PER_EXPERT_SERIES_MAX: usize = 4096;
+
+pub fn per_expert_series(num_layers: usize, num_experts: usize) -> bool {
+    num_layers.saturating_mul(num_experts) <= PER_EXPERT_SERIES_MAX
 }

@@ -68,12 +68,12 @@ impl ExpertNode {
         if let ExpertSelection::Only(set) = &cfg.initial
             && let Some(&(layer, expert)) = set
                 .iter()
-                .find(|(l, e)| *l >= config.num_layers || *e >= config.num_experts)
+                .find(|(l, e)| *l >= config.expert_layers() || *e >= config.num_experts)
         {
             return Err(no_such_expert(&config, layer as u64, expert as u64));
         }
         let budget = Budget::new(&config, cfg.work_memory_bytes, cfg.max_request_tokens)?;
-        let checkpoint = Checkpoint::open(&cfg.model_dir)?;
+        let checkpoint = Checkpoint::open_quantized(&cfg.model_dir, config.quantization)?;
         let store = LocalExperts::load(cfg.device, &checkpoint, &config, &cfg.initial)?;
         if let Some(max) = cfg.max_experts
             && store.held().len() > max
@@ -92,7 +92,7 @@ impl ExpertNode {
         let held = store.held().into_iter().collect();
         let device = store.device();
         let bytes_per_expert = store.bytes_per_expert(&config);
-        let metrics = NodeMetrics::new(config.num_layers, config.num_experts)
+        let metrics = NodeMetrics::new(config.expert_layers(), config.num_experts)
             .map_err(|e| NodeError::Internal(format!("metrics: {e}")))?;
         tracing::info!(
             node = %cfg.node_id,
@@ -147,7 +147,7 @@ impl ExpertNode {
     /// How many experts fit in this node's budget.
     pub fn capacity(&self) -> usize {
         self.max_experts
-            .unwrap_or(self.config.num_layers * self.config.num_experts)
+            .unwrap_or(self.config.expert_layers() * self.config.num_experts)
     }
 
     /// Weight bytes one expert occupies on this node's device (gate, up and down): f32
@@ -176,7 +176,7 @@ impl ExpertNode {
         NodeInfo {
             node_id: self.node_id.clone(),
             model: self.model.clone(),
-            num_layers: to_u32(self.config.num_layers),
+            num_layers: to_u32(self.config.expert_layers()),
             num_experts: to_u32(self.config.num_experts),
             hidden_size: to_u32(self.config.hidden_size),
             held: self
@@ -366,7 +366,7 @@ impl ExpertNode {
         refs.iter()
             .map(|r| {
                 let (layer, expert) = (r.layer as usize, r.expert as usize);
-                if layer >= self.config.num_layers || expert >= self.config.num_experts {
+                if layer >= self.config.expert_layers() || expert >= self.config.num_experts {
                     return Err(no_such_expert(
                         &self.config,
                         r.layer.into(),
@@ -383,7 +383,7 @@ fn no_such_expert(config: &ModelConfig, layer: u64, expert: u64) -> NodeError {
     NodeError::NoSuchExpert {
         layer,
         expert,
-        layers: config.num_layers,
+        layers: config.expert_layers(),
         experts: config.num_experts,
     }
 }

@@ -132,14 +132,14 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
         );
         for l in 0..p.num_layers {
             let _ = write!(out, "layer {l:>3}:");
-            for e in 0..p.num_experts {
-                let holders: Vec<&str> = p.holders_of(l, e).map(|n| n.id.as_str()).collect();
-                let _ = write!(
-                    out,
-                    "  e{e}={} [{}]",
-                    holders.join("+"),
-                    load[l * p.num_experts + e]
-                );
+            let layer_load = &load[l * p.num_experts..(l + 1) * p.num_experts];
+            if p.num_experts <= WIDE_LAYER {
+                for (e, tokens) in layer_load.iter().enumerate() {
+                    let holders: Vec<&str> = p.holders_of(l, e).map(|n| n.id.as_str()).collect();
+                    let _ = write!(out, "  e{e}={} [{tokens}]", holders.join("+"));
+                }
+            } else {
+                let _ = write!(out, "{}", layer_summary(p, l, layer_load));
             }
             let _ = writeln!(out);
         }
@@ -152,6 +152,52 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
         let _ = writeln!(out, "\nno placement published yet");
     }
     out
+}
+
+/// Layers with more experts than this get one summary line each instead of one entry per
+/// expert (DeepSeek-V3's 256 would make 58 lines of 5,000 characters).
+const WIDE_LAYER: usize = 16;
+
+/// Experts per node, the replica range, and the three hottest experts of layer `l`.
+fn layer_summary(
+    p: &switchyard_cluster::records::PlacementRecord,
+    l: usize,
+    load: &[u64],
+) -> String {
+    let mut per_node: std::collections::BTreeMap<&str, usize> = Default::default();
+    let (mut fewest, mut most) = (usize::MAX, 0);
+    for e in 0..p.num_experts {
+        let mut copies = 0;
+        for n in p.holders_of(l, e) {
+            *per_node.entry(n.id.as_str()).or_default() += 1;
+            copies += 1;
+        }
+        fewest = fewest.min(copies);
+        most = most.max(copies);
+    }
+    let nodes: Vec<String> = per_node.iter().map(|(id, n)| format!("{id}={n}")).collect();
+    let mut hot: Vec<(usize, u64)> = load.iter().copied().enumerate().collect();
+    hot.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let total: u64 = load.iter().sum();
+    let hottest: Vec<String> = hot
+        .iter()
+        .take(3)
+        .filter(|(_, t)| *t > 0)
+        .map(|(e, t)| {
+            let holders: Vec<&str> = p.holders_of(l, *e).map(|n| n.id.as_str()).collect();
+            format!("e{e}={} [{t}]", holders.join("+"))
+        })
+        .collect();
+    format!(
+        "  {} experts, {fewest}-{most} copies; per node {}; {total} tokens, hottest {}",
+        p.num_experts,
+        nodes.join(" "),
+        if hottest.is_empty() {
+            "-".to_string()
+        } else {
+            hottest.join(" ")
+        }
+    )
 }
 
 /// 1536 -> "1.5 KiB".

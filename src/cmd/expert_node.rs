@@ -69,7 +69,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
 async fn serve_node(args: Args) -> Result<()> {
     let config = ModelConfig::from_dir(&args.model)
         .with_context(|| format!("reading {}", args.model.display()))?;
-    let initial = parse_expert_spec(&args.experts, config.num_layers, config.num_experts)?;
+    let initial = parse_expert_spec(&args.experts, config.expert_layers(), config.num_experts)?;
     let cluster = args.cluster.config()?;
     if args.max_experts == Some(0) {
         anyhow::bail!("--max-experts must be at least 1");

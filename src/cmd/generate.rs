@@ -57,7 +57,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     let block = 16;
     let mut kv = model.new_kv_cache(
         block,
-        switchyard_engine::PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), block)
+        switchyard_engine::PagedKvCache::model_block_bytes(&cfg, block)
             * (prompt.len() + max_tokens).div_ceil(block).max(1),
     )?;
     let mut sampler = Sampler::new(

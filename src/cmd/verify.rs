@@ -41,6 +41,7 @@ pub fn run(args: Args) -> Result<ExitCode> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        println!("{}", report.model);
         println!(
             "dense layers on {}, experts on {}",
             model.device(),

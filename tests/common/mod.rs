@@ -9,7 +9,7 @@ pub mod http;
 pub mod netns;
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::mpsc;
@@ -58,18 +58,20 @@ pub fn golden_texts() -> Vec<String> {
 /// Greedy continuation computed by the engine alone, in this process: no scheduler, no
 /// batching, no wire, no HTTP (what `switchyard generate` does, on token ids).
 pub fn engine_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
+    engine_greedy_of(&tiny_model(), prompt, n)
+}
+
+/// [`engine_greedy`] on the checkpoint in `dir`.
+pub fn engine_greedy_of(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
     use switchyard_engine::{
-        ExpertSelection, ExpertStore, LogitsFor, Mixtral, PagedKvCache, SeqCache, SeqChunk,
+        ExpertSelection, ExpertStore, LogitsFor, Model, PagedKvCache, SeqCache, SeqChunk,
     };
-    let (model, ckpt) = Mixtral::load(&tiny_model()).expect("loading the fixture model");
+    let (model, ckpt) = Model::load(dir).expect("loading the model");
     let cfg = model.config().clone();
     let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All).expect("experts");
     let block = 16;
     let blocks = (prompt.len() + n).div_ceil(block);
-    let mut kv = model.new_kv_cache(
-        block,
-        PagedKvCache::block_bytes(cfg.num_layers, cfg.kv_dim(), block) * blocks,
-    );
+    let mut kv = model.new_kv_cache(block, PagedKvCache::model_block_bytes(&cfg, block) * blocks);
     let mut seq = SeqCache::new();
     let mut input = prompt.to_vec();
     let mut out = Vec::with_capacity(n);
@@ -301,11 +303,16 @@ impl Cluster {
         Cluster::start("coordinator", cmd)
     }
 
-    /// `switchyard coordinator --port 0 --model DIR --etcd URL ARGS...`.
+    /// `switchyard coordinator --port 0 --model DIR --etcd URL ARGS...` on the bundled model.
     pub fn cluster_coordinator(etcd: &str, id: &str, args: &[&str]) -> Cluster {
+        Self::cluster_coordinator_of(&tiny_model(), etcd, id, args)
+    }
+
+    /// [`Cluster::cluster_coordinator`] serving the checkpoint in `model`.
+    pub fn cluster_coordinator_of(model: &Path, etcd: &str, id: &str, args: &[&str]) -> Cluster {
         let mut cmd = Command::new(exe());
         cmd.args(["coordinator", "--port", "0", "--model"])
-            .arg(tiny_model())
+            .arg(model)
             .args(["--etcd", etcd, "--coordinator-id", id, "--lease-ttl-s", "2"])
             .args(args);
         Cluster::start(&format!("coordinator-{id}"), cmd)
@@ -375,9 +382,14 @@ pub fn describe_node(addr: &str) -> switchyard_proto::pb::NodeInfo {
 
 /// `switchyard expert-node` registered in the cluster at `etcd` as `id`.
 pub fn cluster_node(etcd: &str, id: &str, args: &[&str]) -> Proc {
+    cluster_node_of(&tiny_model(), etcd, id, args)
+}
+
+/// [`cluster_node`] holding experts of the checkpoint in `model`.
+pub fn cluster_node_of(model: &Path, etcd: &str, id: &str, args: &[&str]) -> Proc {
     let mut cmd = Command::new(exe());
     cmd.args(["expert-node", "--listen", "127.0.0.1:0", "--model"])
-        .arg(tiny_model())
+        .arg(model)
         .args(["--etcd", etcd, "--node-id", id])
         .args(args);
     if !args.contains(&"--lease-ttl-s") {

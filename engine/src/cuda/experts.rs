@@ -168,10 +168,10 @@ impl CudaExperts {
     ) -> Result<Self, CudaError> {
         Self::new(
             backend,
-            cfg.num_layers,
+            cfg.expert_layers(),
             cfg.num_experts,
             cfg.hidden_size,
-            cfg.intermediate_size,
+            cfg.moe_intermediate_size,
             max_tokens,
             cfg.experts_per_token,
         )
@@ -224,7 +224,7 @@ impl CudaExperts {
     ) -> Result<Self, LoadError> {
         let cuda = LoadError::Cuda;
         let mut me = Self::for_config(backend, cfg, max_tokens).map_err(cuda)?;
-        for layer in 0..cfg.num_layers {
+        for layer in 0..cfg.expert_layers() {
             let ids: Vec<u32> = (0..cfg.num_experts)
                 .filter(|e| selection.contains(layer, *e))
                 .map(|e| e as u32)

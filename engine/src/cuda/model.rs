@@ -416,7 +416,7 @@ impl CudaModel {
     /// Loads the dense weights of the checkpoint in `dir` onto the backend's device.
     pub fn load(backend: Arc<CudaBackend>, dir: &Path) -> Result<Self, CudaModelError> {
         let config = ModelConfig::from_dir(dir).map_err(ModelError::from)?;
-        let ckpt = Checkpoint::open(dir)?;
+        let ckpt = Checkpoint::open_quantized(dir, config.quantization)?;
         Self::from_checkpoint(backend, config, &ckpt)
     }
 
@@ -425,6 +425,18 @@ impl CudaModel {
         config: ModelConfig,
         ckpt: &Checkpoint,
     ) -> Result<Self, CudaModelError> {
+        // The device's layer sequence is Mixtral's; other families' dense parts (MLA, q/k
+        // norms, shared experts, dense layers) run on the CPU for now, while their routed
+        // experts run on CUDA expert nodes unchanged.
+        if config.family != crate::family::Family::Mixtral
+            || config.rope.scaling != crate::config::RopeScaling::None
+        {
+            return Err(CudaError::Unsupported(format!(
+                "the CUDA dense path runs mixtral only, not {}: run this model's coordinator with --device cpu (its expert nodes may use --device cuda)",
+                config.model_type
+            ))
+            .into());
+        }
         // SAFETY: only tries to dlopen the library by its usual names; CudaBlas::new would
         // panic without it.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
@@ -462,7 +474,7 @@ impl CudaModel {
         } else {
             Some(up("lm_head.weight", &[v, h])?)
         };
-        let rope = Rope::new(c.head_dim, c.rope_theta, c.max_position_embeddings);
+        let rope = Rope::from_config(&c.rope, c.max_position_embeddings);
         let (cos, sin) = rope.tables();
         let (cos, sin) = (s.clone_htod(cos)?, s.clone_htod(sin)?);
         let ws = Workspace::new(&s)?;
@@ -540,8 +552,8 @@ impl CudaModel {
             .map_err(|_| CudaError::Driver("CUDA model workspace lock poisoned".into()))?;
         let ws = &mut *guard;
         let (logits, routing) = self.run(kv, experts, &plan, ws, trace_routing)?;
-        for (chunk, &(_, _, n)) in batch.iter_mut().zip(&spans) {
-            kv.book.advance(chunk.cache, n);
+        for (chunk, span) in batch.iter_mut().zip(&spans) {
+            kv.book.advance(chunk.cache, span.len);
         }
         Ok(ForwardOutput {
             logits,
