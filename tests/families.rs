@@ -7,8 +7,10 @@
 mod common;
 
 use std::path::PathBuf;
+use std::process::Command;
 
-use common::{Cluster, greedy, post_ok, text_of};
+use common::etcd::{Etcd, wait_placed};
+use common::{Cluster, cluster_node_of, engine_greedy_margins_of, exe, greedy, post_ok, text_of};
 use serde_json::{Value, json};
 use switchyard_engine::ModelConfig;
 use switchyard_engine::tokenizer::Tokenizer;
@@ -92,4 +94,100 @@ fn deepseek_v3_bf16_shards_through_three_nodes() {
 #[test]
 fn deepseek_v3_fp8_through_three_nodes() {
     serves_the_reference_greedy_text("deepseek-v3-tiny-fp8");
+}
+
+/// DeepSeek-V3's expert shape (61 layers; synth makes the first one dense, so 60 MoE layers
+/// of 256 experts, top-8 from 4 of 8 groups) at a tiny hidden size: the elastic cluster places all
+/// 15,360 experts on 4 nodes through etcd and serves the engine's own greedy text; `ctl
+/// status` stays one line per layer.
+#[test]
+fn elastic_cluster_places_and_serves_a_61_layer_256_expert_deepseek_v3() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = dir.path().join("ds3");
+    let out = Command::new(exe())
+        .args(["synth", "--family", "deepseek_v3", "--out"])
+        .arg(&model)
+        .args([
+            "--hidden",
+            "16",
+            "--ffn",
+            "32",
+            "--moe-ffn",
+            "8",
+            "--layers",
+            "61",
+        ])
+        .args([
+            "--heads",
+            "2",
+            "--experts",
+            "256",
+            "--top-k",
+            "8",
+            "--vocab",
+            "512",
+        ])
+        .args(["--dtype", "f32", "--max-position", "256"])
+        .output()
+        .expect("running synth");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg = ModelConfig::from_dir(&model).expect("synth config");
+    assert_eq!((cfg.expert_layers(), cfg.num_experts), (60, 256));
+
+    let etcd = Etcd::start();
+    let _nodes: Vec<_> = (0..4)
+        .map(|i| cluster_node_of(&model, &etcd.url(), &format!("n{i}"), &[]))
+        .collect();
+    let c = Cluster::cluster_coordinator_of(&model, &etcd.url(), "c0", &["--wire-dtype", "f32"]);
+    wait_placed(&etcd.url(), &["n0", "n1", "n2", "n3"]);
+    let client = c.client();
+    let tok = Tokenizer::from_dir(&model).expect("synth tokenizer");
+    // A random 61-layer model is chaotic: summing a token's experts as four per-node
+    // partials instead of in expert order (exact arithmetic either way) flips a greedy step
+    // whose top two logits are 4e-4 apart. So the comparison stops before the first step
+    // closer than 1%.
+    let mut compared = 0;
+    for prompt in [
+        "Mixture of Experts",
+        "DeepSeek-V3 routes each token to eight experts",
+        "El modelo se puede ejecutar",
+    ] {
+        let ids = tok.encode(prompt, true).expect("encode");
+        let steps = engine_greedy_margins_of(&model, &ids, 8);
+        let decided: Vec<u32> = steps
+            .iter()
+            .take_while(|(_, margin)| *margin > 1e-2)
+            .map(|(id, _)| *id)
+            .collect();
+        eprintln!("{prompt:?}: greedy (id, margin) {steps:?}");
+        if decided.is_empty() {
+            continue;
+        }
+        let want = tok.decode(&decided, true).expect("decode");
+        let body = greedy(&c.model, json!(ids), decided.len());
+        let v = post_ok(&client, "/v1/completions", &body);
+        assert_eq!(text_of(&v), want, "prompt {prompt:?}");
+        compared += decided.len();
+    }
+    assert!(
+        compared >= 4,
+        "only {compared} decided greedy steps compared"
+    );
+
+    let status = Command::new(exe())
+        .args(["ctl", "--etcd", &etcd.url(), "status"])
+        .output()
+        .expect("running ctl status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(status.status.success(), "{text}");
+    let layer_lines: Vec<&str> = text.lines().filter(|l| l.starts_with("layer ")).collect();
+    assert_eq!(layer_lines.len(), 60, "{text}");
+    for line in layer_lines {
+        assert!(line.len() < 300, "{line}");
+        assert!(line.contains("256 experts"), "{line}");
+    }
 }

@@ -63,6 +63,16 @@ pub fn engine_greedy(prompt: &[u32], n: usize) -> Vec<u32> {
 
 /// [`engine_greedy`] on the checkpoint in `dir`.
 pub fn engine_greedy_of(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
+    engine_greedy_margins_of(dir, prompt, n)
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
+}
+
+/// [`engine_greedy_of`] with each step's margin: the gap between the best and second-best
+/// logit, relative to the largest |logit|. A random model's greedy path can pass near-ties
+/// that a different (equally exact) summation order flips.
+pub fn engine_greedy_margins_of(dir: &Path, prompt: &[u32], n: usize) -> Vec<(u32, f32)> {
     use switchyard_engine::{
         ExpertSelection, ExpertStore, LogitsFor, Model, PagedKvCache, SeqCache, SeqChunk,
     };
@@ -92,7 +102,12 @@ pub fn engine_greedy_of(dir: &Path, prompt: &[u32], n: usize) -> Vec<u32> {
         let id = (0..row.len())
             .max_by(|&a, &b| row[a].total_cmp(&row[b]))
             .expect("logits") as u32;
-        out.push(id);
+        let second = (0..row.len())
+            .filter(|&i| i != id as usize)
+            .map(|i| row[i])
+            .fold(f32::NEG_INFINITY, f32::max);
+        let scale = row.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        out.push((id, (row[id as usize] - second) / scale));
         input = vec![id];
     }
     out
