@@ -2,7 +2,7 @@
 //!
 //! cargo run --release -p switchyard-engine --example bench_forward -- MODEL_DIR [PROMPT_LEN] [DECODE_STEPS] [BATCH,...] [MLA_MODES] [ROUNDS]
 //!
-//! `MLA_MODES` (`absorbed`, `expanded`, or both comma-separated) runs an MLA model's
+//! `MLA_MODES` (`auto`, `absorbed`, `expanded`, comma-separated) runs an MLA model's
 //! attention each way, alternating the modes within each of `ROUNDS` rounds so that both
 //! see the same machine noise. Prints a table; nothing here is a test.
 
@@ -26,13 +26,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None => vec![1, 32],
     };
     let modes: Vec<MlaMode> = match args.next().as_deref() {
-        None => vec![MlaMode::Absorbed],
+        None => vec![MlaMode::Auto],
         Some(list) => list
             .split(',')
             .map(|m| match m {
+                "auto" => Ok(MlaMode::Auto),
                 "absorbed" => Ok(MlaMode::Absorbed),
                 "expanded" => Ok(MlaMode::Expanded),
-                other => Err(format!("MLA mode `{other}`: absorbed or expanded")),
+                other => Err(format!("MLA mode `{other}`: auto, absorbed or expanded")),
             })
             .collect::<Result<_, _>>()?,
     };

@@ -58,11 +58,12 @@ fn every_family_fixture_meets_every_tolerance() {
 /// cached token. Both meet the reference, and the cache holds 40 values per token and
 /// layer where expanded K and V would hold 4 x (24 + 16) = 160.
 #[test]
-fn deepseek_v3_absorbed_and_expanded_attention_both_meet_the_reference() {
+fn deepseek_v3_absorbed_expanded_and_auto_attention_all_meet_the_reference() {
     let dir = fixture("deepseek-v3-tiny");
     for mode in [
         switchyard_engine::layers::MlaMode::Absorbed,
         switchyard_engine::layers::MlaMode::Expanded,
+        switchyard_engine::layers::MlaMode::Auto,
     ] {
         let (mut model, ckpt) = Model::load(&dir).unwrap();
         model.set_mla_mode(mode);

@@ -15,8 +15,9 @@
 //! so the absorbed form ([`MlaMode::Absorbed`]) is multi-query attention over the cached
 //! rows themselves, with `W_uk` folded into the query and `W_uv` applied once per output:
 //! nothing is expanded per cached token. [`MlaMode::Expanded`] expands every cached latent
-//! at every step, as a naive latent cache would; it exists to check the absorbed path
-//! against the textbook form and to measure what absorption saves.
+//! (the textbook form): far more work per decode token, but less for a long prefill chunk,
+//! whose many queries share each expansion. [`MlaMode::Auto`] picks per chunk, as vLLM and
+//! SGLang do (expanded prefill, absorbed decode).
 
 use super::{AttentionInput, Projection};
 use crate::attention::{AttentionShape, KvRows, causal_attention};
@@ -28,9 +29,13 @@ use crate::ops::{Linear, matmul_strided, rms_norm};
 /// transformers' `DeepseekV3RMSNorm` default: the latent norms do not use the config's eps.
 const LATENT_NORM_EPS: f32 = 1e-6;
 
+/// How MLA attends. Both forms compute the same attention; they differ in cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum MlaMode {
+    /// Per chunk, whichever form costs fewer multiply-adds: absorbed for decode and short
+    /// chunks, expanded for long prefill chunks (see [`Mla::expanded_is_cheaper`]).
     #[default]
+    Auto,
     Absorbed,
     Expanded,
 }
@@ -63,6 +68,23 @@ pub struct Mla {
 }
 
 impl Mla {
+    /// Per (query, cached token, head), absorbed attention costs `2r + rope` multiply-adds
+    /// (scores over `r + rope`, then `r` for the values); expanded costs `qk + v` plus, once
+    /// per cached token and head, expanding it: `r (nope + v)`. So expanding pays off when a
+    /// chunk has more than `r (nope + v) / (2r + rope - qk - v)` new tokens: 128 for the
+    /// benchmark's shape, 171 for DeepSeek-V3's.
+    pub fn expanded_is_cheaper(&self, new_tokens: usize) -> bool {
+        let d = self.dims;
+        let (r, nope, rope, dv) = (
+            d.kv_lora_rank,
+            d.qk_nope_head_dim,
+            d.qk_rope_head_dim,
+            d.v_head_dim,
+        );
+        let saved_per_pair = (2 * r + rope).saturating_sub(nope + rope + dv);
+        saved_per_pair == 0 || new_tokens * saved_per_pair > r * (nope + dv)
+    }
+
     pub fn load(ckpt: &Checkpoint, cfg: &ModelConfig, p: &str) -> Result<Self, WeightError> {
         let AttentionKind::Mla(dims) = cfg.attention else {
             return Err(WeightError::Missing {
@@ -160,9 +182,15 @@ impl Mla {
             let mut rows = vec![0.0f32; seen * lat];
             kv.gather(input.layer, cache, seen, &mut rows, &mut []);
             let q = &q[s.row * heads * qk..(s.row + s.len) * heads * qk];
-            match self.mode {
-                MlaMode::Absorbed => self.absorbed(q, s.len, s.start, &rows),
-                MlaMode::Expanded => self.expanded(q, s.len, s.start, &rows),
+            let expand = match self.mode {
+                MlaMode::Auto => self.expanded_is_cheaper(s.len),
+                MlaMode::Absorbed => false,
+                MlaMode::Expanded => true,
+            };
+            if expand {
+                self.expanded(q, s.len, s.start, &rows)
+            } else {
+                self.absorbed(q, s.len, s.start, &rows)
             }
         });
         self.o.forward(&out, total)
@@ -452,8 +480,18 @@ mod tests {
             .collect()
     }
 
+    #[test]
+    fn long_chunks_expand_and_decode_absorbs() {
+        let mut seed = 5u64;
+        let m = mla(&mut seed);
+        // r (nope + v) / (2r + rope - qk - v) = 8 * 9 / (16 + 4 - 8 - 5) = 72 / 7: 10.3.
+        assert!(!m.expanded_is_cheaper(1));
+        assert!(!m.expanded_is_cheaper(10));
+        assert!(m.expanded_is_cheaper(11));
+    }
+
     /// Two sequences fed as a prefill chunk, then a second chunk, then single decode
-    /// tokens, batched together: both modes match the f64 reference at every position.
+    /// tokens, batched together: every mode matches the f64 reference at every position.
     #[test]
     fn absorbed_and_expanded_match_the_expanded_reference() {
         let mut seed = 3u64;
@@ -478,7 +516,7 @@ mod tests {
             &[(0, 7, 1)],
             &[(0, 8, 1)],
         ];
-        for mode in [MlaMode::Absorbed, MlaMode::Expanded] {
+        for mode in [MlaMode::Absorbed, MlaMode::Expanded, MlaMode::Auto] {
             m.set_mode(mode);
             let mut kv = PagedKvCache::with_dims(1, (DIMS.latent_dim(), 0), 2, 32);
             let mut caches = [SeqCache::new(), SeqCache::new()];
