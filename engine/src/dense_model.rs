@@ -46,7 +46,22 @@ impl DenseModel {
         config: ModelConfig,
         ckpt: &Checkpoint,
     ) -> Result<Self, ModelError> {
-        Ok(match device.resolve()? {
+        // Asked for by name, a device that cannot run the family is an error before any
+        // GPU is touched; `auto` falls back to the CPU for it.
+        if let Device::Cuda(_) = device {
+            CudaModel::supports(&config)?;
+        }
+        let device = match device.resolve()? {
+            Device::Cuda(_) if CudaModel::supports(&config).is_err() => {
+                tracing::info!(
+                    model_type = %config.model_type,
+                    "--device auto: the CUDA dense path runs mixtral only; dense layers on the CPU"
+                );
+                Device::Cpu
+            }
+            resolved => resolved,
+        };
+        Ok(match device {
             Device::Cuda(n) => DenseModel::Cuda(CudaModel::from_checkpoint(
                 CudaBackend::new(n)?,
                 config,
@@ -227,6 +242,21 @@ mod tests {
             matches!(err, Some(ModelError::Device(_))),
             "{:?}",
             err.map(|e| e.to_string())
+        );
+    }
+
+    /// A family the CUDA dense path does not run is refused by name before any GPU is
+    /// looked for (this machine has none: the error must not be "no device").
+    #[test]
+    fn cuda_dense_refuses_other_families_by_name() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/deepseek-v3-tiny");
+        let err = match DenseModel::load(Device::Cuda(0), &dir) {
+            Ok(_) => panic!("loaded deepseek_v3 onto the CUDA dense path"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains("mixtral only") && err.contains("deepseek_v3"),
+            "{err}"
         );
     }
 }

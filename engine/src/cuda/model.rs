@@ -420,23 +420,28 @@ impl CudaModel {
         Self::from_checkpoint(backend, config, &ckpt)
     }
 
-    pub fn from_checkpoint(
-        backend: Arc<CudaBackend>,
-        config: ModelConfig,
-        ckpt: &Checkpoint,
-    ) -> Result<Self, CudaModelError> {
-        // The device's layer sequence is Mixtral's; other families' dense parts (MLA, q/k
-        // norms, shared experts, dense layers) run on the CPU for now, while their routed
-        // experts run on CUDA expert nodes unchanged.
+    /// Whether this device path runs `config`'s dense layers. Its layer sequence is
+    /// Mixtral's; other families' dense parts (MLA, q/k norms, shared experts, dense
+    /// layers, YaRN) run on the CPU for now, while their routed experts run on CUDA expert
+    /// nodes unchanged (the expert FFN is the same SwiGLU in every family).
+    pub fn supports(config: &ModelConfig) -> Result<(), CudaError> {
         if config.family != crate::family::Family::Mixtral
             || config.rope.scaling != crate::config::RopeScaling::None
         {
             return Err(CudaError::Unsupported(format!(
                 "the CUDA dense path runs mixtral only, not {}: run this model's coordinator with --device cpu (its expert nodes may use --device cuda)",
                 config.model_type
-            ))
-            .into());
+            )));
         }
+        Ok(())
+    }
+
+    pub fn from_checkpoint(
+        backend: Arc<CudaBackend>,
+        config: ModelConfig,
+        ckpt: &Checkpoint,
+    ) -> Result<Self, CudaModelError> {
+        Self::supports(&config)?;
         // SAFETY: only tries to dlopen the library by its usual names; CudaBlas::new would
         // panic without it.
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {

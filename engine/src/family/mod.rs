@@ -155,3 +155,106 @@ pub(crate) fn routed(
         shared,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use serde_json::{Value, json};
+
+    use crate::config::{AttentionKind, ModelConfig, RouterKind};
+
+    fn fixture(name: &str) -> Value {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
+            .join("config.json");
+        serde_json::from_slice(&std::fs::read(path).expect("fixture config")).expect("JSON")
+    }
+
+    fn err(mut v: Value, key: &str, value: Value) -> String {
+        if value.is_null() {
+            v.as_object_mut().expect("object").remove(key);
+        } else {
+            v[key] = value;
+        }
+        match ModelConfig::from_json(&v) {
+            Ok(_) => panic!("{key} = {v} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    /// The fixtures' configs, written by transformers in both styles, parse to the layer
+    /// mix and router their golden.json records.
+    #[test]
+    fn fixture_configs_parse_to_their_layer_mix() {
+        for (name, moe, dense) in [
+            ("qwen3-moe-tiny", vec![0, 1, 3], 1),
+            ("qwen3-moe-tiny-bf16", vec![1, 3], 2),
+            ("qwen2-moe-tiny", vec![0, 1, 2, 3], 0),
+            ("deepseek-v3-tiny", vec![1, 2, 3], 1),
+            ("deepseek-v3-tiny-bf16", vec![1, 2, 3], 1),
+            ("deepseek-v3-tiny-fp8", vec![1, 2, 3], 1),
+        ] {
+            let c = ModelConfig::from_json(&fixture(name)).expect(name);
+            assert_eq!(c.moe_layers, moe, "{name}");
+            assert_eq!(c.num_layers - c.expert_layers(), dense, "{name}");
+            let golden: Value = serde_json::from_slice(
+                &std::fs::read(
+                    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                        .join("../tests/fixtures")
+                        .join(name)
+                        .join("golden.json"),
+                )
+                .expect("golden.json"),
+            )
+            .expect("JSON");
+            let recorded: Vec<usize> = golden["moe_layers"]
+                .as_array()
+                .expect("moe_layers")
+                .iter()
+                .map(|l| l.as_u64().expect("layer") as usize)
+                .collect();
+            assert_eq!(c.moe_layers, recorded, "{name}");
+        }
+        let ds = ModelConfig::from_json(&fixture("deepseek-v3-tiny")).expect("deepseek");
+        assert!(matches!(ds.attention, AttentionKind::Mla(m) if m.q_lora_rank == Some(48)));
+        assert!(matches!(
+            ds.router,
+            RouterKind::SigmoidGrouped {
+                groups: 4,
+                topk_groups: 2,
+                renormalize: true,
+                ..
+            }
+        ));
+        let ds5 = ModelConfig::from_json(&fixture("deepseek-v3-tiny-bf16")).expect("bf16");
+        assert!(matches!(ds5.attention, AttentionKind::Mla(m) if m.q_lora_rank.is_none()));
+    }
+
+    #[test]
+    fn family_config_errors_name_the_field() {
+        let ds = fixture("deepseek-v3-tiny");
+        assert!(err(ds.clone(), "n_group", json!(3)).contains("`n_group`"));
+        assert!(err(ds.clone(), "topk_group", json!(5)).contains("`topk_group`"));
+        assert!(err(ds.clone(), "num_experts_per_tok", json!(9)).contains("`num_experts_per_tok`"));
+        assert!(err(ds.clone(), "scoring_func", json!("softmax")).contains("`scoring_func`"));
+        assert!(err(ds.clone(), "topk_method", json!("greedy")).contains("`topk_method`"));
+        assert!(err(ds.clone(), "attention_bias", json!(true)).contains("`attention_bias`"));
+        assert!(err(ds.clone(), "kv_lora_rank", Value::Null).contains("`kv_lora_rank`"));
+        assert!(err(ds.clone(), "moe_layer_freq", json!(2)).contains("`moe_layer_freq`"));
+        let mut yarn = ds.clone();
+        yarn["rope_scaling"]["beta_fast"] = json!("fast");
+        assert!(err(yarn, "x", json!(0)).contains("`rope_scaling.beta_fast`"));
+        let q3 = fixture("qwen3-moe-tiny");
+        assert!(err(q3.clone(), "mlp_only_layers", json!([9])).contains("`mlp_only_layers`"));
+        assert!(
+            err(q3.clone(), "moe_intermediate_size", Value::Null)
+                .contains("`moe_intermediate_size`")
+        );
+        assert!(err(q3.clone(), "num_experts", Value::Null).contains("`num_experts`"));
+        let mut windowed = q3.clone();
+        windowed["use_sliding_window"] = json!(true);
+        assert!(err(windowed, "sliding_window", json!(64)).contains("`sliding_window`"));
+        // Every layer dense: not a MoE model.
+        assert!(err(q3, "mlp_only_layers", json!([0, 1, 2, 3])).contains("not a MoE model"));
+    }
+}
