@@ -41,6 +41,8 @@ enum Command {
     Certs(cmd::certs::Args),
     /// Inspect and operate a cluster in etcd: status, drain a node.
     Ctl(cmd::ctl::Args),
+    /// An emulated network link (delay, rate cap, jitter) in front of any TCP service.
+    Link(cmd::link::Args),
 }
 
 fn main() -> Result<std::process::ExitCode> {
@@ -56,6 +58,7 @@ fn main() -> Result<std::process::ExitCode> {
         Command::Bench(args) => cmd::bench::run(args),
         Command::Certs(args) => cmd::certs::run(args),
         Command::Ctl(args) => cmd::ctl::run(args),
+        Command::Link(args) => cmd::link::run(args),
     }
 }
 

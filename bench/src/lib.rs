@@ -9,6 +9,7 @@ pub mod arrivals;
 pub mod client;
 pub mod dataset;
 pub mod error;
+pub mod link;
 pub mod metrics;
 pub mod plot;
 pub mod probe;

@@ -34,6 +34,9 @@ pub struct Metrics {
     /// replicas answered first.
     pub hedges: IntCounterVec,
     pub hedge_wins: IntCounterVec,
+    /// How long the forward pass waited for one MoE layer's routed experts (the wire and
+    /// the nodes, or the in-process store): the coordinator's idle time per layer.
+    pub expert_wait: Histogram,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -105,6 +108,11 @@ impl Metrics {
             waiting: gauge("waiting_requests", "Requests waiting for admission")?,
             kv_total_blocks: gauge("kv_cache_blocks_total", "KV-cache blocks")?,
             kv_used_blocks: gauge("kv_cache_blocks_used", "KV-cache blocks held by sequences")?,
+            expert_wait: histogram(
+                "expert_wait_seconds",
+                "Time the forward pass waited for one MoE layer's routed experts",
+                prometheus::exponential_buckets(0.00002, 2.0, 18)?,
+            )?,
             batch_tokens: histogram("batch_tokens", "Tokens per scheduler step", sizes.clone())?,
             batch_sequences: histogram("batch_sequences", "Sequences per scheduler step", sizes)?,
             routed_tokens: counter_vec(
@@ -197,7 +205,12 @@ impl Experts for CountingExperts {
                 c.inc();
             }
         }
-        self.inner.forward(layer, x, routing)
+        let started = std::time::Instant::now();
+        let out = self.inner.forward(layer, x, routing);
+        self.metrics
+            .expert_wait
+            .observe(started.elapsed().as_secs_f64());
+        out
     }
 }
 

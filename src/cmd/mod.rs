@@ -5,6 +5,7 @@ pub mod ctl;
 pub mod device;
 pub mod expert_node;
 pub mod generate;
+pub mod link;
 pub mod serve_args;
 pub mod synth;
 pub mod up;

@@ -50,6 +50,13 @@ pub struct Args {
     /// Lease TTL of the nodes and the coordinator in cluster mode, in seconds.
     #[arg(long, default_value_t = 5)]
     lease_ttl_s: u64,
+    /// Put every node behind an emulated link (`switchyard link`) with this one-way delay
+    /// in microseconds, to see what a network does to the workload (static placement only).
+    #[arg(long, conflicts_with_all = ["in_process", "etcd"])]
+    link_delay_us: Option<u64>,
+    /// The emulated links' rate cap per direction, Gbit/s [default: uncapped].
+    #[arg(long, requires = "link_delay_us")]
+    link_rate_gbps: Option<f64>,
     #[command(flatten)]
     serve: ServeArgs,
     #[command(flatten)]
@@ -221,6 +228,26 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 .map_err(|_| anyhow!("expert node {i} did not start within {timeout:?}"))??;
             info!(node = i, %addr, "expert node listening");
             addrs.push(addr);
+        }
+    }
+
+    // The coordinator dials the links; the links dial the nodes. Kept until `up` returns.
+    let mut links = Vec::new();
+    if let Some(delay_us) = a.link_delay_us {
+        let cfg = super::link::config(delay_us, a.link_rate_gbps, 0)?;
+        for addr in addrs.iter_mut() {
+            let upstream = addr
+                .parse()
+                .with_context(|| format!("node address {addr} is not IP:PORT"))?;
+            let link = switchyard_bench::link::Link::start(
+                std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                upstream,
+                cfg,
+            )
+            .context("starting an emulated link")?;
+            info!(node = %addr, link = %link.local_addr(), delay_us, "node behind an emulated link");
+            *addr = link.local_addr().to_string();
+            links.push(link);
         }
     }
 
