@@ -54,3 +54,35 @@ fn nodes_behind_a_delaying_link_give_the_same_answers_a_round_trip_per_layer_lat
         "{waited} s over {layers} layers"
     );
 }
+
+/// Two micro-batches taking turns through three nodes behind links: concurrent requests
+/// (so steps hold several sequences and get split) still get exactly transformers' text.
+#[test]
+fn micro_batches_through_delayed_nodes_keep_every_answer() {
+    let c = std::sync::Arc::new(Cluster::up(&[
+        "--nodes",
+        "3",
+        "--wire-dtype",
+        "f32",
+        "--link-delay-us",
+        "500",
+        "--micro-batches",
+        "2",
+    ]));
+    let texts = golden_texts();
+    let threads: Vec<_> = golden()
+        .into_iter()
+        .filter(|g| g.input_ids.len() < 100)
+        .map(|g| {
+            let (c, want) = (c.clone(), texts[g.index].clone());
+            std::thread::spawn(move || {
+                let body = greedy(&c.model, json!(g.input_ids), g.greedy_ids.len());
+                let v = post_ok(&c.client(), "/v1/completions", &body);
+                assert_eq!(text_of(&v), want, "prompt {}", g.index);
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().expect("client thread");
+    }
+}

@@ -34,6 +34,10 @@ pub struct SchedulerConfig {
     pub max_waiting: usize,
     pub kv_block_size: usize,
     pub kv_cache_bytes: usize,
+    /// Micro-batches a step may be split into, taking turns per layer so one's experts are
+    /// away while another attends (`None`: auto, decided where the experts are known).
+    /// Only steps of up to 32 tokens are split: that changes no bit of any result.
+    pub micro_batches: Option<usize>,
 }
 
 impl Default for SchedulerConfig {
@@ -44,6 +48,7 @@ impl Default for SchedulerConfig {
             max_waiting: 256,
             kv_block_size: 16,
             kv_cache_bytes: 256 << 20,
+            micro_batches: None,
         }
     }
 }
@@ -379,12 +384,13 @@ impl Scheduler {
                     });
                 }
             }
-            self.model.forward(
+            self.model.forward_split(
                 &mut self.kv,
                 self.experts.as_ref(),
                 &mut batch,
                 LogitsFor::LastToken,
                 false,
+                self.config.micro_batches.unwrap_or(1),
             )
         };
         let out = match result {

@@ -109,9 +109,23 @@ impl DenseModel {
         logits_for: LogitsFor,
         trace_routing: bool,
     ) -> Result<ForwardOutput, ModelError> {
+        self.forward_split(kv, experts, batch, logits_for, trace_routing, 1)
+    }
+
+    /// [`DenseModel::forward`] in up to `micro_batches` micro-batches taking turns
+    /// (`Model::forward_split`; the CUDA path runs one batch for now).
+    pub fn forward_split(
+        &self,
+        kv: &mut KvCache,
+        experts: &dyn Experts,
+        batch: &mut [SeqChunk<'_>],
+        logits_for: LogitsFor,
+        trace_routing: bool,
+        micro_batches: usize,
+    ) -> Result<ForwardOutput, ModelError> {
         match (self, kv) {
             (DenseModel::Cpu(m), KvCache::Cpu(kv)) => {
-                m.forward(kv, experts, batch, logits_for, trace_routing)
+                m.forward_split(kv, experts, batch, logits_for, trace_routing, micro_batches)
             }
             (DenseModel::Cuda(m), KvCache::Cuda(kv)) => {
                 Ok(m.forward(kv, experts, batch, logits_for, trace_routing)?)

@@ -11,9 +11,13 @@ use crate::config::{ConfigError, ModelConfig};
 use crate::cuda::CudaError;
 use crate::experts::{ExpertError, Experts};
 use crate::kv_cache::{KvCacheError, PagedKvCache, SeqCache};
-use crate::layers::{Attention, AttentionInput, Layer, MlaMode, Span};
+use crate::layers::{Attention, Layer, MlaMode, Span};
 use crate::ops::{Linear, Rope, rms_norm};
 use crate::router::Routing;
+
+mod pipeline;
+
+pub use pipeline::max_micro_batches;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -141,6 +145,21 @@ impl Model {
         logits_for: LogitsFor,
         trace_routing: bool,
     ) -> Result<ForwardOutput, ModelError> {
+        self.forward_split(kv, experts, batch, logits_for, trace_routing, 1)
+    }
+
+    /// [`Model::forward`] with the batch split into up to `micro_batches` micro-batches
+    /// that take turns (one's experts away while another attends; `pipeline`). Splits
+    /// that could change a bit of the result are not made: the output is the unsplit one.
+    pub fn forward_split(
+        &self,
+        kv: &mut PagedKvCache,
+        experts: &dyn Experts,
+        batch: &mut [SeqChunk<'_>],
+        logits_for: LogitsFor,
+        trace_routing: bool,
+        micro_batches: usize,
+    ) -> Result<ForwardOutput, ModelError> {
         admit(&self.config, self.rope.max_positions(), kv, batch)?;
         let c = &self.config;
         let h = c.hidden_size;
@@ -148,32 +167,23 @@ impl Model {
         let spans = spans(batch);
         let total: usize = spans.iter().map(|s| s.len).sum();
 
-        let mut x = Vec::with_capacity(total * h);
-        for chunk in batch.iter() {
-            for &t in chunk.tokens {
-                x.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
-            }
-        }
-
-        let mut normed = vec![0.0f32; total * h];
-        let mut routing_trace = trace_routing.then(|| Vec::with_capacity(c.expert_layers()));
-        for (li, layer) in self.layers.iter().enumerate() {
-            rms_norm(&x, &layer.attn_norm, eps, &mut normed);
-            let input = AttentionInput {
-                batch,
-                spans: &spans,
-                rope: &self.rope,
-                layer: li,
-            };
-            let attn = layer.attention.forward(&input, &normed, kv);
-            crate::layers::add(&mut x, &attn);
-
-            rms_norm(&x, &layer.ffn_norm, eps, &mut normed);
-            let routing = layer.ffn.forward(experts, &normed, total, &mut x)?;
-            if let (Some(trace), Some(routing)) = (routing_trace.as_mut(), routing) {
-                trace.push(routing);
-            }
-        }
+        let lens: Vec<usize> = spans.iter().map(|s| s.len).collect();
+        let parts = micro_batches.min(pipeline::max_micro_batches(total, batch.len()));
+        let mut micros: Vec<pipeline::MicroBatch> = pipeline::split(&lens, parts)
+            .into_iter()
+            .map(|chunks| {
+                let mut x = Vec::new();
+                for chunk in &batch[chunks.clone()] {
+                    for &t in chunk.tokens {
+                        x.extend_from_slice(&self.embed[t as usize * h..(t as usize + 1) * h]);
+                    }
+                }
+                pipeline::MicroBatch::new(chunks.clone(), &spans[chunks], x, h)
+            })
+            .collect();
+        self.run_layers(kv, experts, batch, &mut micros, trace_routing)?;
+        let x: Vec<f32> = micros.iter().flat_map(|m| m.x.iter().copied()).collect();
+        let routing_trace = trace_routing.then(|| merge_traces(&micros));
 
         for (chunk, s) in batch.iter_mut().zip(&spans) {
             kv.advance(chunk.cache, s.len);
@@ -211,6 +221,24 @@ impl Model {
             routing: routing_trace,
         })
     }
+}
+
+/// Each expert layer's routing over the whole batch, from the micro-batches' (in order).
+fn merge_traces(micros: &[pipeline::MicroBatch]) -> Vec<Routing> {
+    let layers = micros.first().map_or(0, |m| m.trace.len());
+    (0..layers)
+        .map(|l| {
+            let mut all = Routing {
+                k: micros[0].trace[l].k,
+                ..Routing::default()
+            };
+            for m in micros {
+                all.experts.extend_from_slice(&m.trace[l].experts);
+                all.weights.extend_from_slice(&m.trace[l].weights);
+            }
+            all
+        })
+        .collect()
 }
 
 /// Where every chunk of `batch` sits in the batch's rows and in its sequence.

@@ -218,3 +218,100 @@ fn bad_batches_are_refused_before_anything_changes() {
     assert!(err.to_string().contains("KV cache full"), "{err}");
     assert_eq!(tiny.free_blocks(), 1);
 }
+
+/// Micro-batches in ping-pong change no bit: for every family's fixture, steps of up to 32
+/// tokens (prefill chunks beside decode tokens, over several sequences) give the same
+/// logits and routing split in 1, 2 or 3 micro-batches, step after step through the KV
+/// cache; a step over 32 tokens is not split at all.
+#[test]
+fn micro_batches_give_bit_identical_logits_and_routing() {
+    for name in [
+        "mixtral-tiny",
+        "qwen2-moe-tiny",
+        "qwen3-moe-tiny",
+        "deepseek-v3-tiny",
+    ] {
+        let dir = fixture(name);
+        let (model, ckpt) = Model::load(&dir).unwrap();
+        let cfg = model.config().clone();
+        let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All).unwrap();
+        let prompts: Vec<Vec<u32>> = (0..5u32)
+            .map(|s| {
+                (0..4 + 3 * s)
+                    .map(|i| (1 + i * 37 + s * 101) % 500)
+                    .collect()
+            })
+            .collect();
+        let mut runs = Vec::new();
+        for parts in [1, 2, 3] {
+            let mut kv = model.new_kv_cache(4, 8 << 20);
+            let mut caches: Vec<SeqCache> = (0..prompts.len()).map(|_| SeqCache::new()).collect();
+            let mut outputs = Vec::new();
+            // Step 1: the first three prompts (4 + 7 + 10 = 21 tokens). Step 2: the rest
+            // (13 + 16 = 29 tokens). Then decode steps over all five.
+            let mut next: Vec<Vec<u32>> = prompts.clone();
+            for step in 0..6 {
+                let chosen: Vec<usize> = match step {
+                    0 => vec![0, 1, 2],
+                    1 => vec![3, 4],
+                    _ => (0..5).collect(),
+                };
+                let mut chunks: Vec<SeqChunk> = Vec::new();
+                let mut picked: Vec<&mut SeqCache> = Vec::new();
+                for (i, cache) in caches.iter_mut().enumerate() {
+                    if chosen.contains(&i) {
+                        picked.push(cache);
+                    }
+                }
+                for (&i, cache) in chosen.iter().zip(picked) {
+                    chunks.push(SeqChunk {
+                        tokens: &next[i],
+                        cache,
+                    });
+                }
+                let out = model
+                    .forward_split(
+                        &mut kv,
+                        &experts,
+                        &mut chunks,
+                        LogitsFor::EveryToken,
+                        true,
+                        parts,
+                    )
+                    .unwrap();
+                drop(chunks);
+                // Feed each sequence its own greedy token next.
+                let mut row = 0;
+                let mut fed = Vec::new();
+                for &i in &chosen {
+                    row += next[i].len();
+                    fed.push((i, argmax(out.row(row - 1))));
+                }
+                for (i, t) in fed {
+                    next[i] = vec![t];
+                }
+                outputs.push((out.logits, out.routing));
+            }
+            runs.push(outputs);
+        }
+        for parts in 1..runs.len() {
+            for (step, (a, b)) in runs[0].iter().zip(&runs[parts]).enumerate() {
+                let same =
+                    a.0.iter()
+                        .zip(&b.0)
+                        .all(|(x, y)| x.to_bits() == y.to_bits());
+                assert!(
+                    same,
+                    "{name}: {} micro-batches, step {step}: logits differ",
+                    parts + 1
+                );
+                assert_eq!(
+                    a.1,
+                    b.1,
+                    "{name}: {} micro-batches, step {step}: routing",
+                    parts + 1
+                );
+            }
+        }
+    }
+}

@@ -100,6 +100,12 @@ pub struct ServeArgs {
     /// Token budget of one scheduler step (decode tokens + prefill chunk tokens).
     #[arg(long, default_value_t = 512)]
     pub max_batch_tokens: usize,
+    /// Micro-batches a step is split into, taking turns per MoE layer so one's experts
+    /// are on the wire while another attends: a number (1: off), or `auto` (off for now:
+    /// it has not yet measured faster; BENCHMARKS.md). Only steps of up to 32 tokens are
+    /// split, which changes no bit of any result.
+    #[arg(long, default_value = "auto")]
+    pub micro_batches: String,
     /// Sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
@@ -190,7 +196,17 @@ impl ServeArgs {
                 anyhow::bail!("{name} must be positive");
             }
         }
+        let micro_batches = match self.micro_batches.as_str() {
+            "auto" => None,
+            n => match n.parse::<usize>() {
+                Ok(n) if n > 0 => Some(n),
+                _ => {
+                    anyhow::bail!("--micro-batches must be `auto` or a positive number, got `{n}`")
+                }
+            },
+        };
         Ok(SchedulerConfig {
+            micro_batches,
             max_batch_tokens: self.max_batch_tokens,
             max_running: self.max_running,
             max_waiting: self.max_waiting,

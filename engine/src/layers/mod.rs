@@ -1,6 +1,6 @@
 //! The blocks every family is composed of: one decoder layer is a pre-norm attention
 //! ([`Attention`]: GQA or MLA) and a pre-norm feed-forward ([`Ffn`]: a dense MLP, or a
-//! router, routed experts behind [`Experts`] and an optional shared expert). Families
+//! router, routed experts behind [`crate::experts::Experts`] and an optional shared expert). Families
 //! (`crate::family`) choose the variants and the tensor names; the forward loop in
 //! `crate::model` runs them all alike.
 
@@ -12,7 +12,7 @@ pub use mla::{Mla, MlaMode};
 
 use crate::checkpoint::{Checkpoint, WeightError};
 use crate::config::{ModelConfig, RouterKind};
-use crate::experts::{ExpertError, ExpertFfn, Experts};
+use crate::experts::{ExpertError, ExpertFfn};
 use crate::kv_cache::{PagedKvCache, SeqCache};
 use crate::model::SeqChunk;
 use crate::ops::{Linear, Rope};
@@ -244,37 +244,49 @@ impl Router {
     }
 }
 
+/// A MoE layer's routed work for one batch, started and not yet added: what
+/// [`Ffn::start`] leaves to the caller to dispatch, and the shared expert's output,
+/// computed while the routed experts are away.
+pub struct RoutedWork {
+    pub expert_layer: usize,
+    pub routing: Routing,
+    pub shared: Option<Vec<f32>>,
+}
+
+impl RoutedWork {
+    /// Adds the routed experts' answer and then the shared expert's output into `x`.
+    pub fn finish(self, x: &mut [f32], routed: Vec<f32>) -> Result<(), ExpertError> {
+        if routed.len() != x.len() {
+            let tokens = self.routing.tokens();
+            return Err(ExpertError::BadShape {
+                len: routed.len(),
+                tokens,
+                hidden: x.len() / tokens.max(1),
+            });
+        }
+        add(x, &routed);
+        if let Some(shared) = &self.shared {
+            add(x, shared);
+        }
+        Ok(())
+    }
+}
+
 impl Ffn {
-    /// Adds this layer's feed-forward output for `normed` (`[rows, hidden]`) into `x`;
-    /// returns the routing when the layer routes.
-    pub fn forward(
-        &self,
-        experts: &dyn Experts,
-        normed: &[f32],
-        rows: usize,
-        x: &mut [f32],
-    ) -> Result<Option<Routing>, ExpertError> {
+    /// Starts this layer's feed-forward for `normed` (`[rows, hidden]`): a dense MLP adds
+    /// its output into `x` now; a MoE layer routes, runs its shared expert, and returns the
+    /// routed work for the caller to send to the experts and [`RoutedWork::finish`].
+    pub fn start(&self, normed: &[f32], rows: usize, x: &mut [f32]) -> Option<RoutedWork> {
         match self {
             Ffn::Dense(mlp) => {
                 add(x, &mlp.forward(normed, rows));
-                Ok(None)
+                None
             }
-            Ffn::Moe(moe) => {
-                let routing = moe.router.route(normed, rows);
-                let routed = experts.forward(moe.expert_layer, normed, &routing)?;
-                if routed.len() != x.len() {
-                    return Err(ExpertError::BadShape {
-                        len: routed.len(),
-                        tokens: rows,
-                        hidden: x.len() / rows.max(1),
-                    });
-                }
-                add(x, &routed);
-                if let Some(shared) = &moe.shared {
-                    add(x, &shared.forward(normed, rows));
-                }
-                Ok(Some(routing))
-            }
+            Ffn::Moe(moe) => Some(RoutedWork {
+                expert_layer: moe.expert_layer,
+                routing: moe.router.route(normed, rows),
+                shared: moe.shared.as_ref().map(|s| s.forward(normed, rows)),
+            }),
         }
     }
 }
