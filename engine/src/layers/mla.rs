@@ -164,8 +164,8 @@ impl Mla {
         };
         // Each row becomes [rms_norm(c) | k_pe], the cached row.
         let mut latent = self.kv_a.forward(x, total);
+        let mut c = vec![0.0; r];
         for row in latent.chunks_exact_mut(lat) {
-            let mut c = vec![0.0; r];
             rms_norm(&row[..r], &self.kv_a_norm, LATENT_NORM_EPS, &mut c);
             row[..r].copy_from_slice(&c);
         }

@@ -255,7 +255,7 @@ pub struct RoutedWork {
 
 impl RoutedWork {
     /// Adds the routed experts' answer and then the shared expert's output into `x`.
-    pub fn finish(self, x: &mut [f32], routed: Vec<f32>) -> Result<(), ExpertError> {
+    pub fn finish(&self, x: &mut [f32], routed: Vec<f32>) -> Result<(), ExpertError> {
         if routed.len() != x.len() {
             let tokens = self.routing.tokens();
             return Err(ExpertError::BadShape {

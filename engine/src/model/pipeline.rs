@@ -110,10 +110,9 @@ impl InFlight<'_> {
                 ))
             }),
         }?;
-        let routing = self.work.routing.clone();
         self.work.finish(&mut micro.x, routed)?;
         if trace {
-            micro.trace.push(routing);
+            micro.trace.push(self.work.routing);
         }
         Ok(())
     }
