@@ -5,19 +5,47 @@ mod common;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
+use common::delay_proxy::DelayProxy;
 use common::{Cluster, expert_node, golden, golden_texts, greedy, post_ok, text_of};
 use serde_json::json;
 
 #[test]
 fn killing_a_node_with_replicas_fails_no_request_and_changes_no_output() {
+    kill_a_node_while_serving(&[], None);
+}
+
+/// The same with two micro-batches per step and every node behind a 1 ms link, so that a
+/// layer of each micro-batch is on the wire when the node dies: both are re-sent to the
+/// replicas, none is lost and none is counted twice (the answers are exact).
+#[test]
+fn killing_a_node_with_both_micro_batches_in_flight_changes_no_output() {
+    kill_a_node_while_serving(&["--micro-batches", "2"], Some(Duration::from_millis(1)));
+}
+
+fn kill_a_node_while_serving(args: &[&str], link_delay: Option<Duration>) {
     let nodes: Vec<_> = (0..3).map(expert_node).collect();
-    let addrs: Vec<String> = nodes.iter().map(|(_, a)| a.clone()).collect();
+    let proxies: Vec<DelayProxy> = match link_delay {
+        Some(delay) => nodes
+            .iter()
+            .map(|(_, a)| {
+                let p = DelayProxy::start(a);
+                p.set_delay(delay);
+                p
+            })
+            .collect(),
+        None => Vec::new(),
+    };
+    let addrs: Vec<String> = if proxies.is_empty() {
+        nodes.iter().map(|(_, a)| a.clone()).collect()
+    } else {
+        proxies.iter().map(|p| p.addr.clone()).collect()
+    };
     let mut nodes: Vec<_> = nodes.into_iter().map(|(p, _)| p).collect();
-    let c = Arc::new(Cluster::coordinator(
-        &addrs,
-        &["--wire-dtype", "f32", "--replicas", "2"],
-    ));
+    let mut flags = vec!["--wire-dtype", "f32", "--replicas", "2"];
+    flags.extend_from_slice(args);
+    let c = Arc::new(Cluster::coordinator(&addrs, &flags));
     let prompts: Vec<Vec<u32>> = golden().iter().map(|g| g.input_ids.clone()).collect();
     let expected = golden_texts();
     let lengths: Vec<usize> = golden().iter().map(|g| g.greedy_ids.len()).collect();

@@ -10,6 +10,7 @@ pub mod http;
 pub mod link;
 pub mod metrics;
 pub mod output;
+pub mod overlap;
 pub mod placement;
 pub mod remote;
 pub mod request;

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// How long the forward pass waited for one MoE layer's routed experts (the wire and
     /// the nodes, or the in-process store): the coordinator's idle time per layer.
     pub expert_wait: Histogram,
+    /// Steps run as two or more micro-batches (`--micro-batches`).
+    pub split_steps: IntCounter,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -112,6 +114,10 @@ impl Metrics {
                 "expert_wait_seconds",
                 "Time the forward pass waited for one MoE layer's routed experts",
                 prometheus::exponential_buckets(0.00002, 2.0, 18)?,
+            )?,
+            split_steps: counter(
+                "micro_batch_split_steps_total",
+                "Scheduler steps run as two or more micro-batches taking turns per layer",
             )?,
             batch_tokens: histogram("batch_tokens", "Tokens per scheduler step", sizes.clone())?,
             batch_sequences: histogram("batch_sequences", "Sequences per scheduler step", sizes)?,

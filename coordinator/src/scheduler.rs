@@ -22,6 +22,7 @@ use tracing::{debug, debug_span, warn};
 
 use crate::metrics::Metrics;
 use crate::output::TextOutput;
+use crate::overlap::MicroBatchTuner;
 use crate::request::{Event, FinishReason, GenerateError, GenerateRequest, Usage};
 
 #[derive(Debug, Clone)]
@@ -35,7 +36,7 @@ pub struct SchedulerConfig {
     pub kv_block_size: usize,
     pub kv_cache_bytes: usize,
     /// Micro-batches a step may be split into, taking turns per layer so one's experts are
-    /// away while another attends (`None`: auto, decided where the experts are known).
+    /// away while another attends (`None`: auto, two where measured faster: `overlap`).
     /// Only steps of up to 32 tokens are split: that changes no bit of any result.
     pub micro_batches: Option<usize>,
 }
@@ -164,6 +165,8 @@ pub struct Scheduler {
     metrics: Arc<Metrics>,
     eos: Vec<u32>,
     seed_counter: u64,
+    /// `--micro-batches auto`'s measurements.
+    tuner: MicroBatchTuner,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +224,7 @@ pub fn spawn(
         metrics,
         eos,
         seed_counter: u64::from(std::process::id()) << 32,
+        tuner: MicroBatchTuner::default(),
     };
     std::thread::Builder::new()
         .name("scheduler".into())
@@ -384,14 +388,28 @@ impl Scheduler {
                     });
                 }
             }
-            self.model.forward_split(
+            let allowed = self.model.max_micro_batches(total, batch.len());
+            let parts = match self.config.micro_batches {
+                Some(n) => n.min(allowed),
+                None => self.tuner.choose(batch.len(), allowed),
+            };
+            if parts > 1 {
+                self.metrics.split_steps.inc();
+            }
+            let started = Instant::now();
+            let result = self.model.forward_split(
                 &mut self.kv,
                 self.experts.as_ref(),
                 &mut batch,
                 LogitsFor::LastToken,
                 false,
-                self.config.micro_batches.unwrap_or(1),
-            )
+                parts,
+            );
+            if self.config.micro_batches.is_none() && result.is_ok() {
+                self.tuner
+                    .record(batch.len(), parts, total, started.elapsed());
+            }
+            result
         };
         let out = match result {
             Ok(out) => out,

@@ -266,13 +266,7 @@ impl Coordinator {
             Arc::new(model),
             experts,
             tokenizer.clone(),
-            SchedulerConfig {
-                // Auto is off for now: on the 2-core machine two micro-batches measured
-                // 0.97x of one at RTT = C/2 and 0.84-0.90x without a link (BENCHMARKS.md),
-                // so nothing is split unless asked for.
-                micro_batches: Some(cfg.scheduler.micro_batches.unwrap_or(1)),
-                ..cfg.scheduler.clone()
-            },
+            cfg.scheduler.clone(),
             metrics.clone(),
         )?;
         Ok(Coordinator {

@@ -112,6 +112,15 @@ impl DenseModel {
         self.forward_split(kv, experts, batch, logits_for, trace_routing, 1)
     }
 
+    /// The most micro-batches [`DenseModel::forward_split`] splits a step of `tokens`
+    /// tokens in `chunks` chunks into.
+    pub fn max_micro_batches(&self, tokens: usize, chunks: usize) -> usize {
+        match self {
+            DenseModel::Cpu(_) => crate::model::max_micro_batches(tokens, chunks),
+            DenseModel::Cuda(_) => 1,
+        }
+    }
+
     /// [`DenseModel::forward`] in up to `micro_batches` micro-batches taking turns
     /// (`Model::forward_split`; the CUDA path runs one batch for now).
     pub fn forward_split(

@@ -6,16 +6,21 @@ use switchyard_proto::ExpertService;
 use switchyard_proto::pb::{
     DescribeRequest, ExpertsRequest, ForwardRequest, ForwardResponse, NodeInfo,
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::ExpertNode;
 
-/// Responses a stream may have computed ahead of a slow reader. The coordinator reads
-/// each answer before it can send the next layer, so a few is plenty.
-const RESPONSE_BUFFER: usize = 4;
+/// Responses a stream may have computed ahead of a slow reader.
+const RESPONSE_BUFFER: usize = 8;
+
+/// Requests of one stream computed at once. The coordinator multiplexes by request id, and
+/// with micro-batches it has one layer of each in flight: the second must not queue behind
+/// the first (the working memory is bounded by the node's budget, not by this). Past this
+/// many, the stream stops reading and HTTP/2 flow control pushes back on the sender.
+const IN_FLIGHT_PER_STREAM: usize = 8;
 
 pub(crate) struct ExpertNodeService {
     node: Arc<ExpertNode>,
@@ -43,9 +48,13 @@ impl ExpertService for ExpertNodeService {
         let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
         let node = Arc::clone(&self.node);
         let mut stopping = self.stopping.clone();
+        let in_flight = Arc::new(Semaphore::new(IN_FLIGHT_PER_STREAM));
         let serve_stream = async move {
             tracing::debug!("forward stream opened");
             loop {
+                let Ok(slot) = Arc::clone(&in_flight).acquire_owned().await else {
+                    break;
+                };
                 let next = tokio::select! {
                     biased;
                     _ = stopping.wait_for(|stop| *stop) => break,
@@ -69,11 +78,19 @@ impl ExpertService for ExpertNodeService {
                     tokens = req.num_tokens,
                     assignments = req.token.len()
                 );
-                let response = node.forward(req).instrument(span).await;
-                if tx.send(Ok(response)).await.is_err() {
-                    // The client has gone.
-                    break;
-                }
+                let (node, tx) = (Arc::clone(&node), tx.clone());
+                // Each request is its own task, answered when done (out of order is fine:
+                // answers carry the request's id). A request in hand when the server stops
+                // still finishes: the stream's receiver lives until every task's sender is gone.
+                tokio::spawn(
+                    async move {
+                        let response = node.forward(req).await;
+                        // An error here means the client has gone.
+                        let _ = tx.send(Ok(response)).await;
+                        drop(slot);
+                    }
+                    .instrument(span),
+                );
             }
             tracing::debug!("forward stream closed");
         };

@@ -101,9 +101,10 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 512)]
     pub max_batch_tokens: usize,
     /// Micro-batches a step is split into, taking turns per MoE layer so one's experts
-    /// are on the wire while another attends: a number (1: off), or `auto` (off for now:
-    /// it has not yet measured faster; BENCHMARKS.md). Only steps of up to 32 tokens are
-    /// split, which changes no bit of any result.
+    /// are on the wire while another attends: a number (1: off), or `auto` (two where
+    /// measured faster: steps of 4+ sequences are timed both ways per batch-size class and
+    /// the faster wins). Only steps of up to 32 tokens are split, which changes no bit of
+    /// any result.
     #[arg(long, default_value = "auto")]
     pub micro_batches: String,
     /// Sequences decoding at once.

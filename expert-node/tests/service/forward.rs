@@ -30,9 +30,18 @@ async fn answers_match_local_combine_over_one_stream() {
             cases.push((id, format, case));
         }
     }
+    // Requests are computed concurrently and answered as they finish: the id says which.
+    let mut answers = std::collections::HashMap::new();
+    for _ in 0..cases.len() {
+        let resp = stream.recv().await;
+        assert!(
+            answers.insert(resp.id, resp).is_none(),
+            "an id answered twice"
+        );
+    }
     let mut assigned = 0;
     for (id, format, case) in &cases {
-        let resp = stream.recv().await;
+        let resp = answers.remove(id).expect("every request answered");
         let got = output_of(&resp, *id, *format, case.tokens, HIDDEN);
         let want = case.expected(&reference, *format);
         match format {
