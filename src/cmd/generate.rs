@@ -65,6 +65,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             temperature: a.temperature,
             top_p: a.top_p,
             top_k: a.top_k,
+            ..SamplingParams::default()
         },
         a.seed,
     );

@@ -254,6 +254,7 @@ impl Sampling {
                 temperature,
                 top_p: top_p as f32,
                 top_k,
+                ..SamplingParams::default()
             },
             seed,
             stop,
