@@ -735,3 +735,12 @@ fn an_oversized_body_gets_413_in_openai_error_shape() {
         .unwrap();
     assert_error(&resp, 413, "a 4 MiB + 1 KiB body");
 }
+
+/// A log that is not a terminal gets plain text: no colour escape codes in a file.
+#[test]
+fn logs_written_to_a_file_carry_no_colour_codes() {
+    let c = f32_cluster();
+    let log = c.proc.log_tail();
+    assert!(log.contains("serving"), "{log}");
+    assert!(!log.contains('\x1b'), "escape codes in the log: {log:?}");
+}

@@ -1,6 +1,7 @@
 //! What the HTTP layer hands the scheduler, and what comes back.
 
 use switchyard_engine::SamplingParams;
+use switchyard_engine::sampling::TokenLogprobs;
 use tokio::sync::mpsc;
 
 /// A validated, tokenised generation request.
@@ -12,7 +13,13 @@ pub struct GenerateRequest {
     /// `None`: a fresh random seed.
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    /// Token ids that end the sequence (not part of the text), also under `ignore_eos`.
+    pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
+    /// Report each generated token's logprob with this many alternatives (`None`: not).
+    pub logprobs: Option<usize>,
+    /// The same for every prompt token (`echo` with `logprobs`); sent once prefill ends.
+    pub prompt_logprobs: Option<usize>,
     /// When the request reached the server, for latency metrics.
     pub arrived: std::time::Instant,
     /// Where tokens go. Dropping the receiver (client gone) cancels the request.
@@ -35,10 +42,14 @@ pub struct Usage {
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// Per prompt token, its logprob under the model given the tokens before it (the
+    /// first has none), when asked for; before any token.
+    PromptLogprobs(Vec<Option<TokenLogprobs>>),
     /// One sampled token and the text it completed (possibly empty).
     Token {
         id: u32,
         text: String,
+        logprobs: Option<TokenLogprobs>,
     },
     /// Final event of a successful request; `text` is what was held back until the end.
     Done {

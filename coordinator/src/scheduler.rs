@@ -14,9 +14,11 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::time::Instant;
 
+use switchyard_engine::sampling::TokenLogprobs;
 use switchyard_engine::tokenizer::Tokenizer;
 use switchyard_engine::{
-    DenseModel, ExpertError, Experts, KvCache, LogitsFor, ModelError, Sampler, SeqCache, SeqChunk,
+    DenseModel, ExpertError, Experts, ForwardOutput, KvCache, LogitsFor, ModelError, Sampler,
+    SeqCache, SeqChunk,
 };
 use tracing::{debug, debug_span, warn};
 
@@ -138,6 +140,13 @@ struct Sequence {
     generated: usize,
     max_tokens: usize,
     ignore_eos: bool,
+    /// Tokens that end the sequence like EOS does, also under `ignore_eos`.
+    stop_token_ids: Vec<u32>,
+    /// Alternatives to report with each generated / prompt token's logprob.
+    logprobs: Option<usize>,
+    prompt_logprobs: Option<usize>,
+    /// Prompt logprobs gathered over the prefill chunks, sent when prefill ends.
+    prompt_lp: Vec<Option<TokenLogprobs>>,
     cache: SeqCache,
     sampler: Sampler,
     output: TextOutput,
@@ -149,6 +158,14 @@ struct Sequence {
 impl Sequence {
     fn prefilling(&self) -> bool {
         self.fed < self.prompt.len()
+    }
+
+    fn usage(&self) -> Usage {
+        Usage {
+            prompt_tokens: self.prompt.len(),
+            completion_tokens: self.generated,
+            total_tokens: self.prompt.len() + self.generated,
+        }
     }
 }
 
@@ -330,6 +347,14 @@ impl Scheduler {
                 self.seed_counter ^ now
             });
             let output = TextOutput::new(req.stop, &req.prompt);
+            // min_tokens holds back whatever would end the sequence.
+            let mut enders = req.stop_token_ids.clone();
+            if !req.ignore_eos {
+                enders.extend_from_slice(&self.eos);
+            }
+            let sampler = Sampler::new(req.sampling, seed)
+                .with_prompt(&req.prompt)
+                .with_stop_ids(&enders);
             self.running.push(Sequence {
                 prompt: req.prompt,
                 fed: 0,
@@ -337,8 +362,12 @@ impl Scheduler {
                 generated: 0,
                 max_tokens: req.max_tokens,
                 ignore_eos: req.ignore_eos,
+                stop_token_ids: req.stop_token_ids,
+                logprobs: req.logprobs,
+                prompt_logprobs: req.prompt_logprobs,
+                prompt_lp: Vec::new(),
                 cache,
-                sampler: Sampler::new(req.sampling, seed),
+                sampler,
                 output,
                 events: req.events,
                 arrived: req.arrived,
@@ -371,6 +400,19 @@ impl Scheduler {
             }
         }
         let total: usize = plan.iter().map(|(_, t)| t.len()).sum();
+        // Prompt chunks whose logprobs were asked for need a row of logits per token.
+        let every_row: Vec<bool> = plan
+            .iter()
+            .map(|(i, _)| {
+                let s = &self.running[*i];
+                s.prefilling() && s.prompt_logprobs.is_some()
+            })
+            .collect();
+        let logits_for = if every_row.contains(&true) {
+            LogitsFor::Chunks(every_row.clone())
+        } else {
+            LogitsFor::LastToken
+        };
         let _span = debug_span!("step", sequences = plan.len(), tokens = total).entered();
         self.stats.last_batch_tokens.store(total, Ordering::Relaxed);
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
@@ -401,7 +443,7 @@ impl Scheduler {
                 &mut self.kv,
                 self.experts.as_ref(),
                 &mut batch,
-                LogitsFor::LastToken,
+                logits_for,
                 false,
                 parts,
             );
@@ -432,84 +474,121 @@ impl Scheduler {
         };
 
         let mut finished: Vec<(usize, Event)> = Vec::new();
-        for (row, (i, tokens)) in plan.iter().enumerate() {
-            let s = &mut self.running[*i];
-            if s.prefilling() {
-                s.fed += tokens.len();
-                if s.prefilling() {
-                    continue; // a middle chunk of the prompt: its logits are not needed
-                }
-            }
-            let id = s.sampler.sample(out.row(row));
-            s.generated += 1;
-            self.metrics.generation_tokens.inc();
-            if s.first_token_at.is_none() {
-                let now = Instant::now();
-                s.first_token_at = Some(now);
-                self.metrics
-                    .time_to_first_token
-                    .observe((now - s.arrived).as_secs_f64());
-            }
-            s.next_input = Some(id);
-            let usage = Usage {
-                prompt_tokens: s.prompt.len(),
-                completion_tokens: s.generated,
-                total_tokens: s.prompt.len() + s.generated,
-            };
-            let is_eos = !s.ignore_eos && self.eos.contains(&id);
-            let delta = if is_eos {
-                Ok(Default::default())
-            } else {
-                s.output.push(&self.tokenizer, id)
-            };
-            let delta = match delta {
-                Ok(d) => d,
-                Err(e) => {
-                    finished.push((*i, Event::Error(GenerateError::Internal(e.to_string()))));
-                    continue;
-                }
-            };
-            let reason = if is_eos || delta.stopped {
-                Some(FinishReason::Stop)
-            } else if s.generated >= s.max_tokens {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            let _ = s.events.send(Event::Token {
-                id,
-                text: delta.text,
-            });
-            if let Some(finish_reason) = reason {
-                let e2e = s.arrived.elapsed();
-                self.metrics.e2e_latency.observe(e2e.as_secs_f64());
-                if let Some(first) = s.first_token_at
-                    && s.generated > 1
-                {
-                    let decode = e2e.saturating_sub(first - s.arrived);
-                    self.metrics
-                        .time_per_output_token
-                        .observe(decode.as_secs_f64() / (s.generated - 1) as f64);
-                }
-                let text = if delta.stopped {
-                    String::new()
-                } else {
-                    s.output
-                        .finish(&self.tokenizer)
-                        .map(|d| d.text)
-                        .unwrap_or_default()
-                };
-                finished.push((
-                    *i,
-                    Event::Done {
-                        text,
-                        finish_reason,
-                        usage,
-                    },
-                ));
+        let mut row = 0;
+        for ((i, tokens), every) in plan.iter().zip(every_row) {
+            let rows = row..row + if every { tokens.len() } else { 1 };
+            row = rows.end;
+            if let Some(last) = self.advance(*i, tokens.len(), &out, rows) {
+                finished.push((*i, last));
             }
         }
         self.finish_many(finished);
+    }
+
+    /// Sequence `i` after a step that fed it `fed_now` tokens, whose logits are `rows` of
+    /// `out`: its prompt logprobs, then its next token. Returns its final event if it ended.
+    fn advance(
+        &mut self,
+        i: usize,
+        fed_now: usize,
+        out: &ForwardOutput,
+        rows: std::ops::Range<usize>,
+    ) -> Option<Event> {
+        let s = &mut self.running[i];
+        if s.prefilling() {
+            if let Some(n) = s.prompt_logprobs {
+                // Row j predicts prompt token fed + j + 1; the first token has no logprob.
+                if s.fed == 0 {
+                    s.prompt_lp.push(None);
+                }
+                for (j, r) in rows.clone().enumerate() {
+                    if let Some(&token) = s.prompt.get(s.fed + j + 1) {
+                        s.prompt_lp
+                            .push(Some(TokenLogprobs::from_logits(out.row(r), token, n)));
+                    }
+                }
+            }
+            s.fed += fed_now;
+            if s.prefilling() {
+                return None; // a middle chunk of the prompt: no token to sample yet
+            }
+            if s.prompt_logprobs.is_some() {
+                let _ = s
+                    .events
+                    .send(Event::PromptLogprobs(std::mem::take(&mut s.prompt_lp)));
+            }
+            if s.max_tokens == 0 {
+                // Scoring only (echo with max_tokens 0): the prompt was all that was asked.
+                return Some(Event::Done {
+                    text: String::new(),
+                    finish_reason: FinishReason::Length,
+                    usage: s.usage(),
+                });
+            }
+        }
+        let logits = out.row(rows.end - 1);
+        let id = s.sampler.sample(logits);
+        let logprobs = s
+            .logprobs
+            .map(|n| TokenLogprobs::from_logits(logits, id, n));
+        s.generated += 1;
+        self.metrics.generation_tokens.inc();
+        if s.first_token_at.is_none() {
+            let now = Instant::now();
+            s.first_token_at = Some(now);
+            self.metrics
+                .time_to_first_token
+                .observe((now - s.arrived).as_secs_f64());
+        }
+        s.next_input = Some(id);
+        let usage = s.usage();
+        let is_stop_token =
+            (!s.ignore_eos && self.eos.contains(&id)) || s.stop_token_ids.contains(&id);
+        let delta = if is_stop_token {
+            Ok(Default::default())
+        } else {
+            s.output.push(&self.tokenizer, id)
+        };
+        let delta = match delta {
+            Ok(d) => d,
+            Err(e) => return Some(Event::Error(GenerateError::Internal(e.to_string()))),
+        };
+        let reason = if is_stop_token || delta.stopped {
+            Some(FinishReason::Stop)
+        } else if s.generated >= s.max_tokens {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        let _ = s.events.send(Event::Token {
+            id,
+            text: delta.text,
+            logprobs,
+        });
+        let finish_reason = reason?;
+        let e2e = s.arrived.elapsed();
+        self.metrics.e2e_latency.observe(e2e.as_secs_f64());
+        if let Some(first) = s.first_token_at
+            && s.generated > 1
+        {
+            let decode = e2e.saturating_sub(first - s.arrived);
+            self.metrics
+                .time_per_output_token
+                .observe(decode.as_secs_f64() / (s.generated - 1) as f64);
+        }
+        let text = if delta.stopped {
+            String::new()
+        } else {
+            s.output
+                .finish(&self.tokenizer)
+                .map(|d| d.text)
+                .unwrap_or_default()
+        };
+        Some(Event::Done {
+            text,
+            finish_reason,
+            usage,
+        })
     }
 
     /// Sends each listed sequence its final event and frees it.

@@ -67,7 +67,10 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> (GenerateRequest, mpsc::Unbounde
             sampling: SamplingParams::greedy(),
             seed: Some(0),
             stop: Vec::new(),
+            stop_token_ids: Vec::new(),
             ignore_eos: true,
+            logprobs: None,
+            prompt_logprobs: None,
             arrived: Instant::now(),
             events: tx,
         },
@@ -96,6 +99,7 @@ fn collect_after(
                 return (ids, finish_reason);
             }
             Some(Event::Error(e)) => panic!("request failed: {e}"),
+            Some(Event::PromptLogprobs(_)) => panic!("prompt logprobs nobody asked for"),
             None => panic!("scheduler dropped the request"),
         }
     }

@@ -59,12 +59,38 @@ pub struct SeqChunk<'a> {
     pub cache: &'a mut SeqCache,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LogitsFor {
     /// One row per chunk: the logits after its last token (serving).
     LastToken,
     /// One row per token of every chunk (verification).
     EveryToken,
+    /// Per chunk: every token's row where `true` (a prompt whose logprobs were asked
+    /// for), the last token's where `false`. The LM head runs only on the rows kept.
+    Chunks(Vec<bool>),
+}
+
+impl LogitsFor {
+    /// The batch rows whose logits are computed, in order, for chunks of `lens` tokens
+    /// (empty chunks have none).
+    pub fn rows(&self, lens: &[usize]) -> Vec<usize> {
+        let mut rows = Vec::with_capacity(lens.len());
+        let mut start = 0;
+        for (i, &len) in lens.iter().enumerate() {
+            let every = match self {
+                LogitsFor::LastToken => false,
+                LogitsFor::EveryToken => true,
+                LogitsFor::Chunks(flags) => flags.get(i).copied().unwrap_or(false),
+            };
+            if every {
+                rows.extend(start..start + len);
+            } else if len > 0 {
+                rows.push(start + len - 1);
+            }
+            start += len;
+        }
+        rows
+    }
 }
 
 pub struct ForwardOutput {
@@ -189,10 +215,7 @@ impl Model {
             kv.advance(chunk.cache, s.len);
         }
 
-        let rows: Vec<usize> = match logits_for {
-            LogitsFor::EveryToken => (0..total).collect(),
-            LogitsFor::LastToken => spans.iter().map(|s| s.row + s.len - 1).collect(),
-        };
+        let rows = logits_for.rows(&lens);
         let mut picked = Vec::with_capacity(rows.len() * h);
         for &r in &rows {
             picked.extend_from_slice(&x[r * h..(r + 1) * h]);

@@ -315,3 +315,42 @@ fn micro_batches_give_bit_identical_logits_and_routing() {
         }
     }
 }
+
+/// `LogitsFor::Chunks` computes every row of the chunks marked and the last row of the
+/// others, the same values as asking for every row of the whole batch.
+#[test]
+fn logits_for_marked_chunks_are_those_rows_of_every_token() {
+    let dir = fixture("mixtral-tiny");
+    let (model, ckpt) = Model::load(&dir).unwrap();
+    let cfg = model.config().clone();
+    let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All).unwrap();
+    let prompts: [&[u32]; 3] = [&[1, 5, 9, 13], &[1, 7], &[1, 2, 3, 4, 5, 6]];
+    let run = |logits_for: LogitsFor| {
+        let mut kv = model.new_kv_cache(16, 16 << 20);
+        let mut seqs: Vec<SeqCache> = prompts.iter().map(|_| SeqCache::new()).collect();
+        let mut batch: Vec<SeqChunk> = prompts
+            .iter()
+            .zip(seqs.iter_mut())
+            .map(|(p, cache)| SeqChunk { tokens: p, cache })
+            .collect();
+        let out = model
+            .forward(&mut kv, &experts, &mut batch, logits_for, false)
+            .unwrap();
+        (0..out.rows)
+            .map(|r| out.row(r).to_vec())
+            .collect::<Vec<_>>()
+    };
+    let every = run(LogitsFor::EveryToken);
+    let marked = run(LogitsFor::Chunks(vec![true, false, true]));
+    // Rows of every token: 0..4, 4..6, 6..12. Marked: all of 0, the last of 1, all of 2.
+    let want: Vec<&Vec<f32>> = (0..4).chain([5]).chain(6..12).map(|r| &every[r]).collect();
+    assert_eq!(marked.len(), want.len());
+    for (got, want) in marked.iter().zip(want) {
+        assert!(max_rel_diff(got, want) < 1e-5);
+    }
+    assert_eq!(
+        LogitsFor::Chunks(vec![false, true]).rows(&[3, 0]),
+        vec![2],
+        "an empty chunk has no row"
+    );
+}

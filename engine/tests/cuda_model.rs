@@ -70,7 +70,7 @@ fn step_plan_matches_the_cpu_cache_bookkeeping() {
                 start: s.len(),
             })
             .collect();
-        let plan = StepPlan::build(&chunks, bs, logits_for).unwrap();
+        let plan = StepPlan::build(&chunks, bs, &logits_for).unwrap();
         let total: usize = lens.iter().sum();
         assert_eq!(plan.tokens(), total);
 
@@ -145,9 +145,9 @@ fn step_plan_refuses_chunks_their_blocks_do_not_cover() {
         blocks: &[0],
         start: 0,
     };
-    assert!(StepPlan::build(&[chunk], 4, LogitsFor::LastToken).is_err());
-    assert!(StepPlan::build(&[chunk], 8, LogitsFor::LastToken).is_ok());
-    assert!(StepPlan::build(&[chunk], 0, LogitsFor::LastToken).is_err());
+    assert!(StepPlan::build(&[chunk], 4, &LogitsFor::LastToken).is_err());
+    assert!(StepPlan::build(&[chunk], 8, &LogitsFor::LastToken).is_ok());
+    assert!(StepPlan::build(&[chunk], 0, &LogitsFor::LastToken).is_err());
 }
 
 // ---------------------------------------------------------------------------------------

@@ -3,12 +3,14 @@
 
 pub mod auth;
 pub mod error;
+pub mod logprobs;
 pub mod openai;
+pub mod params;
+mod response;
 pub mod transport;
 
-use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::Router;
 use axum::body::Bytes;
@@ -16,21 +18,22 @@ use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
-use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use futures::Stream;
-use serde_json::{Value, json};
+use serde_json::json;
 use switchyard_engine::tokenizer::Tokenizer;
 use tokio::sync::mpsc;
 use tracing::{Instrument, info_span};
 
 use crate::metrics::Metrics;
-use crate::request::{Event, FinishReason, GenerateRequest, Usage};
+use crate::request::{Event, GenerateRequest};
 use crate::scheduler::SchedulerHandle;
 use auth::ApiKeys;
 use error::ApiError;
+use logprobs::LogprobsWriter;
 use openai::{InputContext, Limits, Params, chat_input, completion_input};
+use response::{Deadline, Generation, Kind, Render, collect, sse_stream};
 use transport::{BodyCut, Timeouts};
 
 /// Largest request body accepted by default (`--max-body-bytes`).
@@ -172,13 +175,6 @@ async fn models(State(s): State<AppState>) -> Response {
     .into_response()
 }
 
-/// Which endpoint a generation answers, for the response shapes.
-#[derive(Clone, Copy, PartialEq)]
-enum Kind {
-    Completion,
-    Chat,
-}
-
 /// The body, or the error a client should see when it could not be read (too large:
 /// 413; not in time: 408; cut by a shutdown: 503; otherwise 400), in OpenAI's shape
 /// rather than axum's plain text.
@@ -297,14 +293,25 @@ async fn generate(
         }
         .into_response();
     }
+    // Echo puts the prompt in front: as sent when it was text, else decoded.
+    let echo = params.echo.then(|| {
+        let text = params
+            .prompt_text
+            .clone()
+            .unwrap_or_else(|| s.tokenizer.decode(&prompt, false).unwrap_or_default());
+        (text, prompt.clone())
+    });
     let (tx, mut rx) = mpsc::unbounded_channel();
     let submitted = s.scheduler.submit(GenerateRequest {
         prompt,
         max_tokens,
-        sampling: params.sampling,
+        sampling: params.sampling.clone(),
         seed: params.seed,
         stop: params.stop.clone(),
+        stop_token_ids: params.stop_token_ids.clone(),
         ignore_eos: params.ignore_eos,
+        logprobs: params.logprobs,
+        prompt_logprobs: params.prompt_logprobs,
         arrived,
         events: tx,
     });
@@ -321,93 +328,31 @@ async fn generate(
             return ApiError::Internal("generation ended without a result".into()).into_response();
         }
     };
-    let created = now();
+    let render = Render {
+        kind,
+        id,
+        created: now(),
+        model: s.model_name.clone(),
+        tokenizer: s.tokenizer.clone(),
+        echo,
+        logprobs: params
+            .logprobs
+            .map(|_| LogprobsWriter::new(kind == Kind::Chat)),
+        include_usage: params.include_usage,
+    };
+    let generation = Generation {
+        first,
+        rx,
+        deadline,
+    };
     if params.stream {
-        let stream = sse_stream(
-            kind,
-            id,
-            created,
-            s.model_name.clone(),
-            params.include_usage,
-            Generation {
-                first,
-                rx,
-                deadline,
-            },
-        );
-        Sse::new(stream)
+        Sse::new(sse_stream(render, generation))
             .keep_alive(KeepAlive::default())
             .into_response()
     } else {
-        let mut text = String::new();
-        let mut ev = Some(first);
-        loop {
-            match ev {
-                Some(Event::Token { text: t, .. }) => text.push_str(&t),
-                Some(Event::Done {
-                    text: t,
-                    finish_reason,
-                    usage,
-                }) => {
-                    text.push_str(&t);
-                    return axum::Json(full_response(
-                        kind,
-                        &id,
-                        created,
-                        &s.model_name,
-                        &text,
-                        finish_reason,
-                        usage,
-                    ))
-                    .into_response();
-                }
-                Some(Event::Error(e)) => return ApiError::from(e).into_response(),
-                None => {
-                    return ApiError::Internal("generation ended without a result".into())
-                        .into_response();
-                }
-            }
-            // Returning drops `rx`, which tells the scheduler to drop the sequence and
-            // free its KV-cache blocks.
-            ev = match deadline.recv(&mut rx).await {
-                Ok(ev) => ev,
-                Err(e) => return e.into_response(),
-            };
-        }
-    }
-}
-
-/// When a request must be done by (`--request-timeout-s`).
-#[derive(Debug, Clone, Copy)]
-struct Deadline {
-    at: Option<tokio::time::Instant>,
-    limit: Duration,
-}
-
-impl Deadline {
-    /// Counted from arrival: time spent queued is part of the client's wait.
-    fn new(arrived: Instant, limit: Option<Duration>) -> Self {
-        Deadline {
-            at: limit
-                .and_then(|t| arrived.checked_add(t))
-                .map(tokio::time::Instant::from_std),
-            limit: limit.unwrap_or_default(),
-        }
-    }
-
-    /// The next event, or the time-out error once the deadline passes.
-    async fn recv(
-        &self,
-        rx: &mut mpsc::UnboundedReceiver<Event>,
-    ) -> Result<Option<Event>, ApiError> {
-        match self.at {
-            None => Ok(rx.recv().await),
-            Some(at) => tokio::time::timeout_at(at, rx.recv()).await.map_err(|_| {
-                ApiError::Timeout(format!(
-                    "the request did not finish within the server's limit of {} s (--request-timeout-s) and was cancelled",
-                    self.limit.as_secs_f64()
-                ))
-            }),
+        match collect(render, generation).await {
+            Ok(body) => axum::Json(body).into_response(),
+            Err(e) => e.into_response(),
         }
     }
 }
@@ -420,187 +365,4 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| ApiError::Internal(format!("request parsing task failed: {e}")))
-}
-
-fn full_response(
-    kind: Kind,
-    id: &str,
-    created: u64,
-    model: &str,
-    text: &str,
-    finish_reason: FinishReason,
-    usage: Usage,
-) -> Value {
-    match kind {
-        Kind::Completion => json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": null, "finish_reason": finish_reason}],
-            "usage": usage,
-        }),
-        Kind::Chat => json!({
-            "id": id, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": null,
-                "finish_reason": finish_reason,
-            }],
-            "usage": usage,
-        }),
-    }
-}
-
-fn chunk(
-    kind: Kind,
-    id: &str,
-    created: u64,
-    model: &str,
-    text: Option<&str>,
-    finish: Option<FinishReason>,
-) -> Value {
-    match kind {
-        Kind::Completion => json!({
-            "id": id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": null, "finish_reason": finish}],
-        }),
-        Kind::Chat => {
-            let delta = match text {
-                Some(t) => json!({"content": t}),
-                None => json!({}),
-            };
-            json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}],
-            })
-        }
-    }
-}
-
-/// A running generation as the response sees it: its first event, the rest, and when it
-/// must be done by.
-struct Generation {
-    first: Event,
-    rx: mpsc::UnboundedReceiver<Event>,
-    deadline: Deadline,
-}
-
-fn sse_stream(
-    kind: Kind,
-    id: String,
-    created: u64,
-    model: String,
-    include_usage: bool,
-    generation: Generation,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
-    let Generation {
-        first,
-        mut rx,
-        deadline,
-    } = generation;
-    async_stream(move |tx| async move {
-        let send = |v: Value| SseEvent::default().data(v.to_string());
-        if kind == Kind::Chat {
-            let opening = json!({
-                "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}],
-            });
-            if tx.send(send(opening)).await.is_err() {
-                return;
-            }
-        }
-        let mut ev = Some(first);
-        loop {
-            let out = match ev.take() {
-                Some(Event::Token { text, .. }) => {
-                    if text.is_empty() {
-                        None
-                    } else {
-                        Some(send(chunk(kind, &id, created, &model, Some(&text), None)))
-                    }
-                }
-                Some(Event::Done {
-                    text,
-                    finish_reason,
-                    usage,
-                }) => {
-                    if !text.is_empty()
-                        && tx
-                            .send(send(chunk(kind, &id, created, &model, Some(&text), None)))
-                            .await
-                            .is_err()
-                    {
-                        return;
-                    }
-                    let mut last = chunk(kind, &id, created, &model, None, Some(finish_reason));
-                    if kind == Kind::Completion {
-                        last["choices"][0]["text"] = json!("");
-                    }
-                    if tx.send(send(last)).await.is_err() {
-                        return;
-                    }
-                    if include_usage {
-                        let object = if kind == Kind::Chat {
-                            "chat.completion.chunk"
-                        } else {
-                            "text_completion"
-                        };
-                        let u = json!({"id": id, "object": object, "created": created, "model": model, "choices": [], "usage": usage});
-                        if tx.send(send(u)).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-                    return;
-                }
-                Some(Event::Error(e)) => {
-                    let _ = tx.send(send(ApiError::from(e).body())).await;
-                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-                    return;
-                }
-                None => return,
-            };
-            if let Some(event) = out
-                && tx.send(event).await.is_err()
-            {
-                // The client went away: dropping `rx` tells the scheduler to free it.
-                return;
-            }
-            ev = match deadline.recv(&mut rx).await {
-                Ok(ev) => ev,
-                Err(e) => {
-                    // The status line went out long ago: the error travels as the last
-                    // event, and returning drops `rx`, which cancels the sequence.
-                    let _ = tx.send(send(e.body())).await;
-                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-                    return;
-                }
-            };
-            if ev.is_none() {
-                return;
-            }
-        }
-    })
-}
-
-/// A stream fed by a task through a small channel; the task ends (dropping what it
-/// holds) when the stream is dropped.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
-where
-    F: FnOnce(mpsc::Sender<SseEvent>) -> Fut,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel(16);
-    let task = tokio::spawn(f(tx));
-    let abort = AbortOnDrop(task);
-    futures::stream::unfold((rx, abort), |(mut rx, abort)| async move {
-        rx.recv().await.map(|ev| (Ok(ev), (rx, abort)))
-    })
-}
-
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }

@@ -77,9 +77,23 @@ pub struct Sampling {
     pub stream: bool,
     pub stream_options: Option<StreamOptions>,
     pub n: Option<i64>,
+    /// Completions: how many alternatives per token (0-20). Chat: whether to return them.
     pub logprobs: Option<Value>,
+    /// Chat: how many alternatives per token, with `logprobs: true`.
+    pub top_logprobs: Option<i64>,
     pub echo: Option<bool>,
     pub best_of: Option<i64>,
+    pub presence_penalty: Option<f64>,
+    pub frequency_penalty: Option<f64>,
+    pub repetition_penalty: Option<f64>,
+    pub min_p: Option<f64>,
+    pub min_tokens: Option<i64>,
+    pub stop_token_ids: Option<Vec<i64>>,
+    /// Token id (as a string, OpenAI's shape) to a bias in [-100, 100].
+    pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    /// Everything else: refused by name unless harmless (`super::params`).
+    #[serde(flatten)]
+    pub other: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -119,13 +133,44 @@ pub struct ChatRequest {
 /// A request after validation, before tokenisation-dependent checks.
 #[derive(Debug, Clone)]
 pub struct Params {
+    /// `Some(0)` only with `echo` (scoring a prompt).
     pub max_tokens: Option<usize>,
     pub sampling: SamplingParams,
     pub seed: Option<u64>,
     pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
     pub ignore_eos: bool,
     pub stream: bool,
     pub include_usage: bool,
+    /// Alternatives per generated token's logprob (`None`: no logprobs).
+    pub logprobs: Option<usize>,
+    /// Alternatives per prompt token's logprob (`echo` with `logprobs`, or vLLM's
+    /// `prompt_logprobs`).
+    pub prompt_logprobs: Option<usize>,
+    /// The prompt goes in front of the completion's text (and logprobs).
+    pub echo: bool,
+    /// The prompt as the client sent it, when it was text and `echo` needs it.
+    pub prompt_text: Option<String>,
+}
+
+impl Params {
+    /// The checks that need the vocabulary's size: every token id a request names.
+    pub fn check_token_ids(&self, vocab_size: usize) -> Result<(), ApiError> {
+        let outside = |t: u32| (t as usize) >= vocab_size;
+        if let Some(t) = self.stop_token_ids.iter().find(|t| outside(**t)) {
+            return Err(ApiError::bad(
+                format!("stop_token_ids: {t} is outside the vocabulary (0..{vocab_size})"),
+                "stop_token_ids",
+            ));
+        }
+        if let Some((t, _)) = self.sampling.logit_bias.iter().find(|(t, _)| outside(*t)) {
+            return Err(ApiError::bad(
+                format!("logit_bias: token {t} is outside the vocabulary (0..{vocab_size})"),
+                "logit_bias",
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// Parses a JSON body into `T`, with a 400 that says what is wrong.
@@ -138,8 +183,21 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
+/// Which endpoint a body came to: `logprobs` and `echo` differ between them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Completions,
+    Chat,
+}
+
 impl Sampling {
-    pub fn validate(&self, served_model: &str, limits: &Limits) -> Result<Params, ApiError> {
+    pub fn validate(
+        &self,
+        served_model: &str,
+        limits: &Limits,
+        endpoint: Endpoint,
+    ) -> Result<Params, ApiError> {
+        super::params::refuse_unsupported(&self.other, endpoint)?;
         if let Some(m) = &self.model
             && m != served_model
         {
@@ -158,22 +216,15 @@ impl Sampling {
         {
             return Err(ApiError::bad("best_of is not supported", "best_of"));
         }
-        if self.echo == Some(true) {
-            return Err(ApiError::bad("echo is not supported", "echo"));
-        }
-        if self
-            .logprobs
-            .as_ref()
-            .is_some_and(|v| !v.is_null() && v != &Value::Bool(false))
-        {
-            return Err(ApiError::bad("logprobs are not supported", "logprobs"));
-        }
+        let lp = super::params::logprobs(self, endpoint)?;
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
             None => None,
             Some(n) if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+            // Scoring a prompt: nothing to generate, only the prompt's logprobs.
+            Some(0) if lp.echo => Some(0),
             Some(n) => {
                 return Err(ApiError::bad(
-                    format!("max_tokens must be at least 1, got {n}"),
+                    format!("max_tokens must be at least 1 (0 only with echo), got {n}"),
                     "max_tokens",
                 ));
             }
@@ -248,16 +299,27 @@ impl Sampling {
                 "stop",
             ));
         }
+        let extra = super::params::penalties_and_more(self, max_tokens)?;
         Ok(Params {
             max_tokens,
             sampling: SamplingParams {
                 temperature,
                 top_p: top_p as f32,
                 top_k,
-                ..SamplingParams::default()
+                min_p: extra.min_p,
+                presence_penalty: extra.presence_penalty,
+                frequency_penalty: extra.frequency_penalty,
+                repetition_penalty: extra.repetition_penalty,
+                logit_bias: extra.logit_bias,
+                min_tokens: extra.min_tokens,
             },
             seed,
             stop,
+            stop_token_ids: extra.stop_token_ids,
+            logprobs: lp.logprobs,
+            prompt_logprobs: lp.prompt_logprobs,
+            echo: lp.echo,
+            prompt_text: None,
             ignore_eos: self.ignore_eos,
             stream: self.stream,
             include_usage: self
@@ -284,15 +346,24 @@ pub fn completion_input(
     cx: &InputContext<'_>,
 ) -> Result<(Vec<u32>, Params), ApiError> {
     let req: CompletionRequest = parse_body(body)?;
-    let params = req.sampling.validate(cx.model_name, cx.limits)?;
+    let params = req
+        .sampling
+        .validate(cx.model_name, cx.limits, Endpoint::Completions)?;
+    params.check_token_ids(cx.vocab_size)?;
+    let mut params = params;
     let prompt = match req.prompt.single()? {
         Ok(text) => {
             if text.is_empty() {
                 return Err(ApiError::bad("prompt must not be empty", "prompt"));
             }
-            cx.tokenizer
+            let ids = cx
+                .tokenizer
                 .encode(&text, true)
-                .map_err(|e| ApiError::Internal(e.to_string()))?
+                .map_err(|e| ApiError::Internal(e.to_string()))?;
+            if params.echo {
+                params.prompt_text = Some(text);
+            }
+            ids
         }
         Err(ids) => {
             if ids.is_empty() {
@@ -323,7 +394,10 @@ pub fn completion_input(
 /// chat template, then tokenised.
 pub fn chat_input(body: &[u8], cx: &InputContext<'_>) -> Result<(Vec<u32>, Params), ApiError> {
     let req: ChatRequest = parse_body(body)?;
-    let params = req.sampling.validate(cx.model_name, cx.limits)?;
+    let params = req
+        .sampling
+        .validate(cx.model_name, cx.limits, Endpoint::Chat)?;
+    params.check_token_ids(cx.vocab_size)?;
     if req.messages.is_empty() {
         return Err(ApiError::bad("messages must not be empty", "messages"));
     }
@@ -408,7 +482,11 @@ mod tests {
     use super::*;
 
     fn sampling(json: &str) -> Result<Params, ApiError> {
-        parse_body::<Sampling>(json.as_bytes())?.validate("m", &Limits::default())
+        parse_body::<Sampling>(json.as_bytes())?.validate(
+            "m",
+            &Limits::default(),
+            Endpoint::Completions,
+        )
     }
 
     #[test]
@@ -432,7 +510,24 @@ mod tests {
             (r#"{"n": 2}"#, "n"),
             (r#"{"top_k": -3}"#, "top_k"),
             (r#"{"stop": [""]}"#, "stop"),
-            (r#"{"logprobs": 3}"#, "logprobs"),
+            (r#"{"logprobs": 21}"#, "logprobs"),
+            (r#"{"logprobs": -1}"#, "logprobs"),
+            (r#"{"best_of": 2}"#, "best_of"),
+            (r#"{"max_tokens": 0, "echo": false}"#, "max_tokens"),
+            (r#"{"presence_penalty": 2.5}"#, "presence_penalty"),
+            (r#"{"frequency_penalty": -3}"#, "frequency_penalty"),
+            (r#"{"repetition_penalty": 0}"#, "repetition_penalty"),
+            (r#"{"min_p": 1.5}"#, "min_p"),
+            (r#"{"min_tokens": 5, "max_tokens": 3}"#, "min_tokens"),
+            (r#"{"logit_bias": {"5": 101}}"#, "logit_bias"),
+            (r#"{"logit_bias": {"five": 1}}"#, "logit_bias"),
+            (r#"{"stop_token_ids": [-1]}"#, "stop_token_ids"),
+            (
+                r#"{"response_format": {"type": "json_object"}}"#,
+                "response_format",
+            ),
+            (r#"{"tools": []}"#, "tools"),
+            (r#"{"use_beam_search": true}"#, "use_beam_search"),
         ] {
             match sampling(body) {
                 Err(ApiError::BadRequest { param: Some(p), .. }) => assert_eq!(p, param, "{body}"),
@@ -511,7 +606,11 @@ mod tests {
                         let t = params.sampling.temperature;
                         assert!(t == 0.0 || (1e-5..=2.0).contains(&t), "temperature {t}");
                         assert!(params.sampling.top_p > 0.0 && params.sampling.top_p <= 1.0);
-                        assert!(params.max_tokens.is_none_or(|n| (1..=100).contains(&n)));
+                        assert!(
+                            params
+                                .max_tokens
+                                .is_none_or(|n| n <= 100 && (n >= 1 || params.echo))
+                        );
                         assert!(params.stop.len() <= limits.max_stop_sequences);
                     }
                     Err(e) => {

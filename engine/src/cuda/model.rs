@@ -113,7 +113,7 @@ impl StepPlan {
     pub fn build(
         chunks: &[PlanChunk<'_>],
         block_size: usize,
-        logits_for: LogitsFor,
+        logits_for: &LogitsFor,
     ) -> Result<Self, CudaError> {
         if block_size == 0 {
             return Err(CudaError::Shape("block size 0".into()));
@@ -135,7 +135,6 @@ impl StepPlan {
             max_blocks,
             max_len: 1,
         };
-        let mut row = 0;
         for (ci, c) in chunks.iter().enumerate() {
             let end = c.start + c.tokens.len();
             if end.div_ceil(block_size) > c.blocks.len() {
@@ -161,18 +160,10 @@ impl StepPlan {
                 p.tables.extend_from_slice(&table);
                 p.max_len = p.max_len.max(pos + 1);
             }
-            match logits_for {
-                LogitsFor::EveryToken => {
-                    for r in row..row + c.tokens.len() {
-                        p.out_rows.push(to_i32(r, "row")?);
-                    }
-                }
-                LogitsFor::LastToken if !c.tokens.is_empty() => {
-                    p.out_rows.push(to_i32(row + c.tokens.len() - 1, "row")?);
-                }
-                LogitsFor::LastToken => {}
-            }
-            row += c.tokens.len();
+        }
+        let lens: Vec<usize> = chunks.iter().map(|c| c.tokens.len()).collect();
+        for r in logits_for.rows(&lens) {
+            p.out_rows.push(to_i32(r, "row")?);
         }
         Ok(p)
     }
@@ -550,7 +541,7 @@ impl CudaModel {
                 start: b.cache.len(),
             })
             .collect();
-        let plan = StepPlan::build(&chunks, kv.block_size(), logits_for)?;
+        let plan = StepPlan::build(&chunks, kv.block_size(), &logits_for)?;
         let mut guard = self
             .ws
             .lock()
