@@ -106,6 +106,34 @@ def main(url: str, api_key: str | None) -> None:
     assert usage.completion_tokens == MAX_TOKENS, usage
     assert usage.prompt_tokens == r.usage.prompt_tokens, usage
 
+    # Logprobs and echo, as lm-evaluation-harness scores text: the prompt's tokens come
+    # back with their logprobs (the first has none).
+    e = client.completions.create(
+        model=model, prompt=prompt, max_tokens=0, echo=True, logprobs=2, temperature=0
+    )
+    lp = e.choices[0].logprobs
+    assert e.choices[0].text == prompt, e
+    assert len(lp.tokens) == e.usage.prompt_tokens, lp
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None, lp
+    assert all(x <= 0 for x in lp.token_logprobs[1:]), lp
+    assert lp.text_offset == sorted(lp.text_offset), lp
+
+    r = client.chat.completions.create(
+        model=model, messages=messages, logprobs=True, top_logprobs=2, **greedy
+    )
+    content = r.choices[0].logprobs.content
+    assert len(content) == MAX_TOKENS, r
+    assert "".join(t.token for t in content) == r.choices[0].message.content, content
+    assert all(len(t.top_logprobs) == 2 for t in content), content
+
+    # n choices; penalties are honoured (greedy with a 0 penalty changes nothing).
+    n = client.completions.create(
+        model=model, prompt=prompt, n=3, presence_penalty=0.0, frequency_penalty=0.0, **greedy
+    )
+    assert [ch.index for ch in n.choices] == [0, 1, 2], n
+    assert all(ch.text == text for ch in n.choices), n
+    assert n.usage.completion_tokens == 3 * MAX_TOKENS, n.usage
+
     print("openai client: all checks passed")
 
 

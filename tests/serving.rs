@@ -394,7 +394,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     );
     check(
         cmpl,
-        json!({"model": m, "prompt": "hi", "n": 2}),
+        json!({"model": m, "prompt": "hi", "n": 0}),
         400,
         Some("n"),
     );
@@ -420,7 +420,7 @@ fn bad_requests_get_openai_errors_with_the_right_status() {
     );
     check(
         chat,
-        json!({"model": m, "messages": hi, "n": 2}),
+        json!({"model": m, "messages": hi, "n": 129}),
         400,
         Some("n"),
     );

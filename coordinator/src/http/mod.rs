@@ -32,8 +32,8 @@ use crate::scheduler::SchedulerHandle;
 use auth::ApiKeys;
 use error::ApiError;
 use logprobs::LogprobsWriter;
-use openai::{InputContext, Limits, Params, chat_input, completion_input};
-use response::{Deadline, Generation, Kind, Render, collect, sse_stream};
+use openai::{InputContext, Limits, Params, PromptInput, chat_input, completion_input};
+use response::{Choice, Deadline, Generation, Head, Kind, collect, sse_stream};
 use transport::{BodyCut, Timeouts};
 
 /// Largest request body accepted by default (`--max-body-bytes`).
@@ -261,19 +261,115 @@ async fn generate(
     kind: Kind,
     id: String,
     arrived: Instant,
-    prompt: Vec<u32>,
+    prompts: Vec<PromptInput>,
     params: Params,
     default_max_tokens: usize,
 ) -> Response {
+    let deadline = Deadline::new(arrived, s.http.limits.request_timeout);
+    // Every choice is submitted before any is awaited, so they share steps. Returning
+    // early drops the receivers of those already submitted, which cancels them.
+    let mut pending = Vec::with_capacity(prompts.len() * params.n);
+    for prompt in prompts {
+        let max_tokens = match max_tokens_for(&s, &prompt.ids, &params, default_max_tokens) {
+            Ok(n) => n,
+            Err(e) => return e.into_response(),
+        };
+        // Echo puts the prompt in front: as sent when it was text, else decoded.
+        let echo = params.echo.then(|| {
+            let text = prompt
+                .text
+                .clone()
+                .unwrap_or_else(|| s.tokenizer.decode(&prompt.ids, false).unwrap_or_default());
+            (text, prompt.ids.clone())
+        });
+        for i in 0..params.n {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let submitted = s.scheduler.submit(GenerateRequest {
+                prompt: prompt.ids.clone(),
+                max_tokens,
+                sampling: params.sampling.clone(),
+                // Each of n choices draws its own stream, reproducibly when seeded.
+                seed: params.seed.map(|seed| seed.wrapping_add(i as u64)),
+                stop: params.stop.clone(),
+                stop_token_ids: params.stop_token_ids.clone(),
+                ignore_eos: params.ignore_eos,
+                logprobs: params.logprobs,
+                prompt_logprobs: params.prompt_logprobs,
+                arrived,
+                events: tx,
+            });
+            if let Err(e) = submitted {
+                return ApiError::from(e).into_response();
+            }
+            let choice = Choice {
+                index: pending.len(),
+                counts_prompt: i == 0,
+                tokenizer: s.tokenizer.clone(),
+                echo: echo.clone(),
+                logprobs: params
+                    .logprobs
+                    .map(|_| LogprobsWriter::new(kind == Kind::Chat)),
+            };
+            pending.push((choice, rx));
+        }
+    }
+    // Wait for each choice's first event so a request that fails before producing
+    // anything gets a real error status rather than a 200 stream holding an error.
+    let mut choices = Vec::with_capacity(pending.len());
+    for (choice, mut rx) in pending {
+        let first = match deadline.recv(&mut rx).await {
+            Err(e) => return e.into_response(),
+            Ok(Some(Event::Error(e))) => return ApiError::from(e).into_response(),
+            Ok(Some(ev)) => ev,
+            Ok(None) => {
+                return ApiError::Internal("generation ended without a result".into())
+                    .into_response();
+            }
+        };
+        choices.push((
+            choice,
+            Generation {
+                first,
+                rx,
+                deadline,
+            },
+        ));
+    }
+    let head = Head {
+        kind,
+        id,
+        created: now(),
+        model: s.model_name.clone(),
+        include_usage: params.include_usage,
+    };
+    if params.stream {
+        Sse::new(sse_stream(head, choices))
+            .keep_alive(KeepAlive::default())
+            .into_response()
+    } else {
+        match collect(&head, choices).await {
+            Ok(body) => axum::Json(body).into_response(),
+            Err(e) => e.into_response(),
+        }
+    }
+}
+
+/// The tokens to generate for `prompt`: as asked, or what the endpoint's default and the
+/// context leave; an error when the prompt or the total is too long.
+fn max_tokens_for(
+    s: &AppState,
+    prompt: &[u32],
+    params: &Params,
+    default_max_tokens: usize,
+) -> Result<usize, ApiError> {
     let limits = &s.http.limits;
     if let Some(limit) = limits.max_prompt_tokens
         && prompt.len() > limit
     {
-        return ApiError::PromptTooLong {
+        return Err(ApiError::PromptTooLong {
             tokens: prompt.len(),
             limit,
-        }
-        .into_response();
+        });
     }
     let room = s.context_len.saturating_sub(prompt.len());
     let max_tokens = match params.max_tokens {
@@ -283,78 +379,15 @@ async fn generate(
             .min(room)
             .min(limits.max_completion_tokens.unwrap_or(usize::MAX)),
     };
-    let deadline = Deadline::new(arrived, limits.request_timeout);
     if prompt.len().saturating_add(max_tokens) > s.context_len {
-        return ApiError::ContextLength {
+        return Err(ApiError::ContextLength {
             context: s.context_len,
             requested: prompt.len().saturating_add(max_tokens),
             prompt: prompt.len(),
             max_tokens,
-        }
-        .into_response();
+        });
     }
-    // Echo puts the prompt in front: as sent when it was text, else decoded.
-    let echo = params.echo.then(|| {
-        let text = params
-            .prompt_text
-            .clone()
-            .unwrap_or_else(|| s.tokenizer.decode(&prompt, false).unwrap_or_default());
-        (text, prompt.clone())
-    });
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let submitted = s.scheduler.submit(GenerateRequest {
-        prompt,
-        max_tokens,
-        sampling: params.sampling.clone(),
-        seed: params.seed,
-        stop: params.stop.clone(),
-        stop_token_ids: params.stop_token_ids.clone(),
-        ignore_eos: params.ignore_eos,
-        logprobs: params.logprobs,
-        prompt_logprobs: params.prompt_logprobs,
-        arrived,
-        events: tx,
-    });
-    if let Err(e) = submitted {
-        return ApiError::from(e).into_response();
-    }
-    // Wait for the first event so a request that fails before producing anything gets a
-    // real error status rather than a 200 stream holding an error.
-    let first = match deadline.recv(&mut rx).await {
-        Err(e) => return e.into_response(),
-        Ok(Some(Event::Error(e))) => return ApiError::from(e).into_response(),
-        Ok(Some(ev)) => ev,
-        Ok(None) => {
-            return ApiError::Internal("generation ended without a result".into()).into_response();
-        }
-    };
-    let render = Render {
-        kind,
-        id,
-        created: now(),
-        model: s.model_name.clone(),
-        tokenizer: s.tokenizer.clone(),
-        echo,
-        logprobs: params
-            .logprobs
-            .map(|_| LogprobsWriter::new(kind == Kind::Chat)),
-        include_usage: params.include_usage,
-    };
-    let generation = Generation {
-        first,
-        rx,
-        deadline,
-    };
-    if params.stream {
-        Sse::new(sse_stream(render, generation))
-            .keep_alive(KeepAlive::default())
-            .into_response()
-    } else {
-        match collect(render, generation).await {
-            Ok(body) => axum::Json(body).into_response(),
-            Err(e) => e.into_response(),
-        }
-    }
+    Ok(max_tokens)
 }
 
 /// Runs CPU-bound work (parsing and tokenising a body of up to the size limit) on the

@@ -149,8 +149,15 @@ pub struct Params {
     pub prompt_logprobs: Option<usize>,
     /// The prompt goes in front of the completion's text (and logprobs).
     pub echo: bool,
-    /// The prompt as the client sent it, when it was text and `echo` needs it.
-    pub prompt_text: Option<String>,
+    /// Choices per prompt, each its own sequence (seeded `seed + i` when seeded).
+    pub n: usize,
+}
+
+/// One prompt of a request: its tokens, and its text as sent (for `echo`).
+#[derive(Debug, Clone)]
+pub struct PromptInput {
+    pub ids: Vec<u32>,
+    pub text: Option<String>,
 }
 
 impl Params {
@@ -203,18 +210,31 @@ impl Sampling {
         {
             return Err(ApiError::ModelNotFound(m.clone()));
         }
-        if let Some(n) = self.n
-            && n != 1
+        let n = match self.n {
+            None => 1,
+            Some(n) => usize::try_from(n)
+                .ok()
+                .filter(|n| (1..=super::params::MAX_CHOICES).contains(n))
+                .ok_or_else(|| {
+                    ApiError::bad(
+                        format!(
+                            "n must be between 1 and {}, got {n}",
+                            super::params::MAX_CHOICES
+                        ),
+                        "n",
+                    )
+                })?,
+        };
+        // best_of = n is n; more would rank candidates, which is not built.
+        if let Some(b) = self.best_of
+            && usize::try_from(b).ok() != Some(n)
         {
             return Err(ApiError::bad(
-                format!("n = {n} is not supported: only n = 1"),
-                "n",
+                format!(
+                    "best_of must equal n ({n}) here, got {b}: ranking extra candidates is not supported"
+                ),
+                "best_of",
             ));
-        }
-        if let Some(b) = self.best_of
-            && b != 1
-        {
-            return Err(ApiError::bad("best_of is not supported", "best_of"));
         }
         let lp = super::params::logprobs(self, endpoint)?;
         let max_tokens = match self.max_completion_tokens.or(self.max_tokens) {
@@ -319,7 +339,7 @@ impl Sampling {
             logprobs: lp.logprobs,
             prompt_logprobs: lp.prompt_logprobs,
             echo: lp.echo,
-            prompt_text: None,
+            n,
             ignore_eos: self.ignore_eos,
             stream: self.stream,
             include_usage: self
@@ -344,14 +364,40 @@ pub struct InputContext<'a> {
 pub fn completion_input(
     body: &[u8],
     cx: &InputContext<'_>,
-) -> Result<(Vec<u32>, Params), ApiError> {
+) -> Result<(Vec<PromptInput>, Params), ApiError> {
     let req: CompletionRequest = parse_body(body)?;
     let params = req
         .sampling
         .validate(cx.model_name, cx.limits, Endpoint::Completions)?;
     params.check_token_ids(cx.vocab_size)?;
-    let mut params = params;
-    let prompt = match req.prompt.single()? {
+    let prompts = req.prompt.into_list();
+    if prompts.is_empty() {
+        return Err(ApiError::bad("prompt must not be an empty list", "prompt"));
+    }
+    if prompts.len().saturating_mul(params.n) > super::params::MAX_CHOICES {
+        return Err(ApiError::bad(
+            format!(
+                "{} prompts x n = {} is more than {} choices in one request",
+                prompts.len(),
+                params.n,
+                super::params::MAX_CHOICES
+            ),
+            "prompt",
+        ));
+    }
+    let prompts = prompts
+        .into_iter()
+        .map(|p| prompt_input(p, cx))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((prompts, params))
+}
+
+/// One prompt, as text or token ids, to checked token ids.
+fn prompt_input(
+    prompt: Result<String, Vec<i64>>,
+    cx: &InputContext<'_>,
+) -> Result<PromptInput, ApiError> {
+    match prompt {
         Ok(text) => {
             if text.is_empty() {
                 return Err(ApiError::bad("prompt must not be empty", "prompt"));
@@ -360,16 +406,17 @@ pub fn completion_input(
                 .tokenizer
                 .encode(&text, true)
                 .map_err(|e| ApiError::Internal(e.to_string()))?;
-            if params.echo {
-                params.prompt_text = Some(text);
-            }
-            ids
+            Ok(PromptInput {
+                ids,
+                text: Some(text),
+            })
         }
         Err(ids) => {
             if ids.is_empty() {
                 return Err(ApiError::bad("prompt must not be empty", "prompt"));
             }
-            ids.iter()
+            let ids = ids
+                .iter()
                 .map(|&t| {
                     u32::try_from(t)
                         .ok()
@@ -384,15 +431,18 @@ pub fn completion_input(
                             )
                         })
                 })
-                .collect::<Result<Vec<u32>, _>>()?
+                .collect::<Result<Vec<u32>, _>>()?;
+            Ok(PromptInput { ids, text: None })
         }
-    };
-    Ok((prompt, params))
+    }
 }
 
 /// [`completion_input`] for `/v1/chat/completions`: messages rendered by the model's
 /// chat template, then tokenised.
-pub fn chat_input(body: &[u8], cx: &InputContext<'_>) -> Result<(Vec<u32>, Params), ApiError> {
+pub fn chat_input(
+    body: &[u8],
+    cx: &InputContext<'_>,
+) -> Result<(Vec<PromptInput>, Params), ApiError> {
     let req: ChatRequest = parse_body(body)?;
     let params = req
         .sampling
@@ -410,25 +460,24 @@ pub fn chat_input(body: &[u8], cx: &InputContext<'_>) -> Result<(Vec<u32>, Param
         .tokenizer
         .encode_chat(&messages)
         .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
-    Ok((prompt, params))
+    Ok((
+        vec![PromptInput {
+            ids: prompt,
+            text: None,
+        }],
+        params,
+    ))
 }
 
 impl Prompt {
-    /// The prompt as text or token ids; a batch of one is accepted, larger batches not.
-    pub fn single(self) -> Result<Result<String, Vec<i64>>, ApiError> {
-        let too_many = |n: usize| {
-            ApiError::bad(
-                format!("batched prompts are not supported: send one prompt per request (got {n})"),
-                "prompt",
-            )
-        };
+    /// The prompts of a request (a batch gets a choice per prompt and `n`), each as text or
+    /// token ids.
+    pub fn into_list(self) -> Vec<Result<String, Vec<i64>>> {
         match self {
-            Prompt::Text(s) => Ok(Ok(s)),
-            Prompt::Tokens(t) => Ok(Err(t)),
-            Prompt::TextBatch(mut v) if v.len() == 1 => Ok(Ok(v.remove(0))),
-            Prompt::TokenBatch(mut v) if v.len() == 1 => Ok(Err(v.remove(0))),
-            Prompt::TextBatch(v) => Err(too_many(v.len())),
-            Prompt::TokenBatch(v) => Err(too_many(v.len())),
+            Prompt::Text(s) => vec![Ok(s)],
+            Prompt::Tokens(t) => vec![Err(t)],
+            Prompt::TextBatch(v) => v.into_iter().map(Ok).collect(),
+            Prompt::TokenBatch(v) => v.into_iter().map(Err).collect(),
         }
     }
 }
@@ -507,7 +556,9 @@ mod tests {
             (r#"{"top_p": 1.5}"#, "top_p"),
             (r#"{"max_tokens": 0}"#, "max_tokens"),
             (r#"{"max_tokens": -5}"#, "max_tokens"),
-            (r#"{"n": 2}"#, "n"),
+            (r#"{"n": 0}"#, "n"),
+            (r#"{"n": 1000}"#, "n"),
+            (r#"{"n": 2, "best_of": 3}"#, "best_of"),
             (r#"{"top_k": -3}"#, "top_k"),
             (r#"{"stop": [""]}"#, "stop"),
             (r#"{"logprobs": 21}"#, "logprobs"),
@@ -555,11 +606,13 @@ mod tests {
     #[test]
     fn prompts_in_every_accepted_shape() {
         let p: CompletionRequest = parse_body(br#"{"prompt": [1, 2, 3]}"#).unwrap();
-        assert_eq!(p.prompt.single().unwrap(), Err(vec![1, 2, 3]));
+        assert_eq!(p.prompt.into_list(), vec![Err(vec![1, 2, 3])]);
         let p: CompletionRequest = parse_body(br#"{"prompt": ["hi"]}"#).unwrap();
-        assert_eq!(p.prompt.single().unwrap(), Ok("hi".to_string()));
+        assert_eq!(p.prompt.into_list(), vec![Ok("hi".to_string())]);
         let p: CompletionRequest = parse_body(br#"{"prompt": ["a", "b"]}"#).unwrap();
-        assert!(p.prompt.single().is_err());
+        assert_eq!(p.prompt.into_list().len(), 2);
+        let p: CompletionRequest = parse_body(br#"{"prompt": [[1], [2, 3]]}"#).unwrap();
+        assert_eq!(p.prompt.into_list(), vec![Err(vec![1]), Err(vec![2, 3])]);
     }
 
     /// Property tests: whatever bytes or JSON arrive, parsing and validation end in `Ok`
@@ -600,9 +653,13 @@ mod tests {
             };
             for result in [completion_input(body, &cx), chat_input(body, &cx)] {
                 match result {
-                    Ok((prompt, params)) => {
-                        assert!(!prompt.is_empty());
-                        assert!(prompt.iter().all(|&t| (t as usize) < 512));
+                    Ok((prompts, params)) => {
+                        assert!(!prompts.is_empty());
+                        assert!(prompts.len() * params.n <= crate::http::params::MAX_CHOICES);
+                        for p in &prompts {
+                            assert!(!p.ids.is_empty());
+                            assert!(p.ids.iter().all(|&t| (t as usize) < 512));
+                        }
                         let t = params.sampling.temperature;
                         assert!(t == 0.0 || (1e-5..=2.0).contains(&t), "temperature {t}");
                         assert!(params.sampling.top_p > 0.0 && params.sampling.top_p <= 1.0);

@@ -12,6 +12,8 @@ use super::openai::{Endpoint, Sampling};
 pub const MAX_LOGPROBS: usize = 20;
 /// The most `logit_bias` entries: each is applied at every step.
 pub const MAX_LOGIT_BIAS: usize = 1024;
+/// The most choices (prompts x `n`) in one request: each is a sequence of its own.
+pub const MAX_CHOICES: usize = 128;
 
 /// Parameters this server knows and does not honour, with why.
 const UNSUPPORTED: &[(&str, &str)] = &[

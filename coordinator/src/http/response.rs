@@ -64,21 +64,45 @@ pub(super) struct Generation {
     pub deadline: Deadline,
 }
 
-/// Everything a response says besides the generated text.
-pub(super) struct Render {
+/// What every choice of a response shares.
+pub(super) struct Head {
     pub kind: Kind,
     pub id: String,
     pub created: u64,
     pub model: String,
+    pub include_usage: bool,
+}
+
+impl Head {
+    fn object(&self, chunk: bool) -> &'static str {
+        match (self.kind, chunk) {
+            (Kind::Completion, _) => "text_completion",
+            (Kind::Chat, false) => "chat.completion",
+            (Kind::Chat, true) => "chat.completion.chunk",
+        }
+    }
+
+    fn wrap(&self, choices: Value, chunk: bool) -> Value {
+        json!({
+            "id": self.id, "object": self.object(chunk), "created": self.created,
+            "model": self.model, "choices": choices,
+        })
+    }
+}
+
+/// One choice: a sequence of its own (a prompt of a batch, or one of `n`).
+pub(super) struct Choice {
+    pub index: usize,
+    /// Whether its prompt's tokens count in the usage (once per prompt, not per `n`).
+    pub counts_prompt: bool,
     pub tokenizer: Arc<Tokenizer>,
     /// `echo`: the prompt's text and ids, in front of the completion.
     pub echo: Option<(String, Vec<u32>)>,
     /// Present when logprobs were asked for.
     pub logprobs: Option<LogprobsWriter>,
-    pub include_usage: bool,
 }
 
-impl Render {
+impl Choice {
     /// Takes in an event's logprobs; returns the text it adds to the choice.
     fn absorb(&mut self, ev: &Event) -> String {
         match ev {
@@ -105,64 +129,96 @@ impl Render {
             .map_or(Value::Null, LogprobsWriter::take)
     }
 
-    fn full(&mut self, text: &str, finish_reason: FinishReason, usage: Usage) -> Value {
+    fn has_logprobs(&self) -> bool {
+        self.logprobs.as_ref().is_some_and(|w| !w.is_empty())
+    }
+
+    /// This choice in a whole response.
+    fn full(&mut self, kind: Kind, text: &str, finish_reason: FinishReason) -> Value {
         let logprobs = self.take_logprobs();
-        let (id, created, model) = (&self.id, self.created, &self.model);
-        match self.kind {
+        match kind {
             Kind::Completion => json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-                "usage": usage,
+                "index": self.index, "text": text, "logprobs": logprobs,
+                "finish_reason": finish_reason,
             }),
             Kind::Chat => json!({
-                "id": id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [{
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": logprobs,
-                    "finish_reason": finish_reason,
-                }],
-                "usage": usage,
+                "index": self.index,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": logprobs,
+                "finish_reason": finish_reason,
             }),
         }
     }
 
-    /// One streamed chunk: `text` (None: no content), the logprobs gathered since the
-    /// last chunk, and the finish reason if this is the last.
-    fn chunk(&mut self, text: Option<&str>, finish: Option<FinishReason>) -> Value {
+    /// One streamed chunk of this choice: `text` (None: no content), the logprobs
+    /// gathered since the last chunk, and the finish reason if this is the last.
+    fn chunk(&mut self, head: &Head, text: Option<&str>, finish: Option<FinishReason>) -> Value {
         let logprobs = self.take_logprobs();
-        let (id, created, model) = (&self.id, self.created, &self.model);
-        match self.kind {
+        let choice = match head.kind {
             Kind::Completion => json!({
-                "id": id, "object": "text_completion", "created": created, "model": model,
-                "choices": [{"index": 0, "text": text.unwrap_or(""), "logprobs": logprobs, "finish_reason": finish}],
+                "index": self.index, "text": text.unwrap_or(""), "logprobs": logprobs,
+                "finish_reason": finish,
             }),
             Kind::Chat => {
                 let delta = match text {
                     Some(t) => json!({"content": t}),
                     None => json!({}),
                 };
-                json!({
-                    "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-                    "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
-                })
+                json!({"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": finish})
             }
-        }
-    }
-
-    fn has_logprobs(&self) -> bool {
-        self.logprobs.as_ref().is_some_and(|w| !w.is_empty())
+        };
+        head.wrap(json!([choice]), true)
     }
 }
 
-/// The whole response of a non-streaming request.
-pub(super) async fn collect(mut r: Render, generation: Generation) -> Result<Value, ApiError> {
+/// The usage of a request: each prompt's tokens once, every choice's completion.
+fn total_usage(parts: &[(bool, Usage)]) -> Usage {
+    let mut u = Usage::default();
+    for (counts_prompt, p) in parts {
+        if *counts_prompt {
+            u.prompt_tokens += p.prompt_tokens;
+        }
+        u.completion_tokens += p.completion_tokens;
+    }
+    u.total_tokens = u.prompt_tokens + u.completion_tokens;
+    u
+}
+
+/// The whole response of a non-streaming request: every choice to its end (any error
+/// fails the request; returning drops the other choices' receivers, which cancels them).
+pub(super) async fn collect(
+    head: &Head,
+    choices: Vec<(Choice, Generation)>,
+) -> Result<Value, ApiError> {
+    let done = futures::future::join_all(
+        choices
+            .into_iter()
+            .map(|(c, g)| collect_one(head.kind, c, g)),
+    )
+    .await;
+    let mut bodies = Vec::with_capacity(done.len());
+    let mut usages = Vec::with_capacity(done.len());
+    for d in done {
+        let (body, usage) = d?;
+        bodies.push(body);
+        usages.push(usage);
+    }
+    let mut v = head.wrap(Value::Array(bodies), false);
+    v["usage"] = json!(total_usage(&usages));
+    Ok(v)
+}
+
+async fn collect_one(
+    kind: Kind,
+    mut c: Choice,
+    generation: Generation,
+) -> Result<(Value, (bool, Usage)), ApiError> {
     let Generation {
         first,
         mut rx,
         deadline,
     } = generation;
-    let mut text = r.echo.as_ref().map(|(t, _)| t.clone()).unwrap_or_default();
+    let mut text = c.echo.as_ref().map(|(t, _)| t.clone()).unwrap_or_default();
     let mut ev = Some(first);
     loop {
         match &ev {
@@ -173,124 +229,139 @@ pub(super) async fn collect(mut r: Render, generation: Generation) -> Result<Val
             }
             Some(Event::Error(e)) => return Err(ApiError::from(e.clone())),
             Some(e) => {
-                text.push_str(&r.absorb(e));
+                text.push_str(&c.absorb(e));
                 if let Event::Done {
                     finish_reason,
                     usage,
                     ..
                 } = e
                 {
-                    return Ok(r.full(&text, *finish_reason, *usage));
+                    return Ok((
+                        c.full(kind, &text, *finish_reason),
+                        (c.counts_prompt, *usage),
+                    ));
                 }
             }
         }
-        // Returning drops `rx`, which tells the scheduler to drop the sequence and free
-        // its KV-cache blocks.
         ev = deadline.recv(&mut rx).await?;
     }
 }
 
-/// The SSE chunks of a streaming request.
+/// The SSE chunks of a streaming request: every choice's, as they come, then the usage
+/// (if asked for) and `[DONE]`.
 pub(super) fn sse_stream(
-    mut r: Render,
-    generation: Generation,
+    head: Head,
+    choices: Vec<(Choice, Generation)>,
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+    async_stream(move |tx| async move {
+        if head.kind == Kind::Chat {
+            for (c, _) in &choices {
+                let opening = head.wrap(
+                    json!([{"index": c.index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+                    true,
+                );
+                if tx.send(sse(&opening)).await.is_err() {
+                    return;
+                }
+            }
+        }
+        let done = futures::future::join_all(
+            choices
+                .into_iter()
+                .map(|(c, g)| stream_one(&head, c, g, &tx)),
+        )
+        .await;
+        let usages: Option<Vec<(bool, Usage)>> = done.into_iter().collect();
+        if head.include_usage
+            && let Some(usages) = usages
+        {
+            let mut u = head.wrap(json!([]), true);
+            u["usage"] = json!(total_usage(&usages));
+            if tx.send(sse(&u)).await.is_err() {
+                return;
+            }
+        }
+        let _ = tx.send(SseEvent::default().data("[DONE]")).await;
+    })
+}
+
+fn sse(v: &Value) -> SseEvent {
+    SseEvent::default().data(v.to_string())
+}
+
+/// One choice's chunks; its usage when it finished, `None` when it failed (the error
+/// went out as an event) or the client went away.
+async fn stream_one(
+    head: &Head,
+    mut c: Choice,
+    generation: Generation,
+    tx: &mpsc::Sender<SseEvent>,
+) -> Option<(bool, Usage)> {
     let Generation {
         first,
         mut rx,
         deadline,
     } = generation;
-    async_stream(move |tx| async move {
-        let send = |v: Value| SseEvent::default().data(v.to_string());
-        if r.kind == Kind::Chat {
-            let opening = json!({
-                "id": r.id, "object": "chat.completion.chunk", "created": r.created, "model": r.model,
-                "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}],
-            });
-            if tx.send(send(opening)).await.is_err() {
-                return;
+    // The echoed prompt goes first; with logprobs, once they have come (they precede
+    // every token).
+    let mut echo_pending = c.echo.as_ref().map(|(t, _)| t.clone());
+    if c.logprobs.is_none()
+        && let Some(t) = echo_pending.take()
+    {
+        tx.send(sse(&c.chunk(head, Some(&t), None))).await.ok()?;
+    }
+    let mut ev = Some(first);
+    loop {
+        let out = match ev.take() {
+            Some(Event::Done {
+                text,
+                finish_reason,
+                usage,
+            }) => {
+                if !text.is_empty() {
+                    tx.send(sse(&c.chunk(head, Some(&text), None))).await.ok()?;
+                }
+                let mut last = c.chunk(head, None, Some(finish_reason));
+                if head.kind == Kind::Completion {
+                    last["choices"][0]["text"] = json!("");
+                }
+                tx.send(sse(&last)).await.ok()?;
+                return Some((c.counts_prompt, usage));
             }
-        }
-        // The echoed prompt goes first; with logprobs, once they have come (they precede
-        // every token).
-        let mut echo_pending = r.echo.as_ref().map(|(t, _)| t.clone());
-        if r.logprobs.is_none()
-            && let Some(t) = echo_pending.take()
-            && tx.send(send(r.chunk(Some(&t), None))).await.is_err()
-        {
-            return;
-        }
-        let mut ev = Some(first);
-        loop {
-            let out = match ev.take() {
-                Some(Event::Done {
-                    text,
-                    finish_reason,
-                    usage,
-                }) => {
-                    if !text.is_empty() && tx.send(send(r.chunk(Some(&text), None))).await.is_err()
-                    {
-                        return;
-                    }
-                    let mut last = r.chunk(None, Some(finish_reason));
-                    if r.kind == Kind::Completion {
-                        last["choices"][0]["text"] = json!("");
-                    }
-                    if tx.send(send(last)).await.is_err() {
-                        return;
-                    }
-                    if r.include_usage {
-                        let object = if r.kind == Kind::Chat {
-                            "chat.completion.chunk"
-                        } else {
-                            "text_completion"
-                        };
-                        let u = json!({"id": r.id, "object": object, "created": r.created, "model": r.model, "choices": [], "usage": usage});
-                        if tx.send(send(u)).await.is_err() {
-                            return;
-                        }
-                    }
-                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-                    return;
-                }
-                Some(Event::Error(e)) => {
-                    let _ = tx.send(send(ApiError::from(e).body())).await;
-                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-                    return;
-                }
-                Some(e @ Event::PromptLogprobs(_)) => {
-                    r.absorb(&e);
-                    echo_pending.take().map(|t| send(r.chunk(Some(&t), None)))
-                }
-                Some(e @ Event::Token { .. }) => {
-                    let text = r.absorb(&e);
-                    // With logprobs every token gets its chunk, even one whose text is
-                    // held back (a partial character or a possible stop sequence).
-                    (!text.is_empty() || r.has_logprobs()).then(|| send(r.chunk(Some(&text), None)))
-                }
-                None => return,
-            };
-            if let Some(event) = out
-                && tx.send(event).await.is_err()
-            {
-                // The client went away: dropping `rx` tells the scheduler to free it.
-                return;
+            Some(Event::Error(e)) => {
+                let _ = tx.send(sse(&ApiError::from(e).body())).await;
+                return None;
             }
-            ev = match deadline.recv(&mut rx).await {
-                Ok(ev) => ev,
-                Err(e) => {
-                    // The status line went out long ago: the error travels as the last
-                    // event, and returning drops `rx`, which cancels the sequence.
-                    let _ = tx.send(send(e.body())).await;
-                    let _ = tx.send(SseEvent::default().data("[DONE]")).await;
-                    return;
-                }
-            };
-            if ev.is_none() {
-                return;
+            Some(e @ Event::PromptLogprobs(_)) => {
+                c.absorb(&e);
+                echo_pending
+                    .take()
+                    .map(|t| sse(&c.chunk(head, Some(&t), None)))
             }
+            Some(e @ Event::Token { .. }) => {
+                let text = c.absorb(&e);
+                // With logprobs every token gets its chunk, even one whose text is held
+                // back (a partial character or a possible stop sequence).
+                (!text.is_empty() || c.has_logprobs())
+                    .then(|| sse(&c.chunk(head, Some(&text), None)))
+            }
+            None => return None,
+        };
+        if let Some(event) = out {
+            // An error: the client went away; returning drops `rx`, which frees the
+            // sequence.
+            tx.send(event).await.ok()?;
         }
-    })
+        ev = match deadline.recv(&mut rx).await {
+            Ok(ev) => ev,
+            Err(e) => {
+                // The status line went out long ago: the error travels as an event, and
+                // returning drops `rx`, which cancels the sequence.
+                let _ = tx.send(sse(&e.body())).await;
+                return None;
+            }
+        };
+    }
 }
 
 /// A stream fed by a task through a small channel; the task ends (dropping what it

@@ -1,12 +1,13 @@
-//! Logprobs, echo and the sampling parameters through the OpenAI API, against
-//! transformers' logits (the fixtures) and against the server's own scoring of the same
-//! tokens. The experts travel as f32, so values agree to rounding.
+//! Logprobs, echo, `n`, batched prompts and the sampling parameters through the OpenAI
+//! API, against transformers' logits and greedy texts (the fixtures) and against the
+//! server's own answers to simpler requests. The experts travel as f32, so values agree
+//! to rounding.
 
 mod common;
 
 use std::sync::OnceLock;
 
-use common::{Cluster, golden, greedy, post_ok, text_of};
+use common::{Cluster, golden, golden_texts, greedy, post_ok, text_of};
 use serde_json::{Value, json};
 use switchyard_engine::verify::GoldenPrompt;
 
@@ -43,6 +44,15 @@ fn vocab(g: &GoldenPrompt) -> usize {
 fn golden_logprob(g: &GoldenPrompt, t: usize) -> f64 {
     let v = vocab(g);
     log_softmax(&g.logits[(t - 1) * v..t * v])[g.input_ids[t] as usize]
+}
+
+/// The SSE events of a streamed completion.
+fn stream_events(c: &Cluster, body: &Value) -> Vec<String> {
+    c.client()
+        .post_stream("/v1/completions", body)
+        .expect("POST stream")
+        .events()
+        .expect("SSE events")
 }
 
 fn f(v: &Value) -> f64 {
@@ -224,12 +234,7 @@ fn streamed_logprobs_are_the_non_streamed_ones() {
     body["echo"] = json!(true);
     let whole = post_ok(&c.client(), "/v1/completions", &body);
     body["stream"] = json!(true);
-    let events = c
-        .client()
-        .post_stream("/v1/completions", &body)
-        .expect("POST stream")
-        .events()
-        .expect("SSE events");
+    let events = stream_events(c, &body);
     let (mut tokens, mut lps, mut text) = (Vec::new(), Vec::new(), String::new());
     for ev in events.iter().filter(|e| e.as_str() != "[DONE]") {
         let v: Value = serde_json::from_str(ev).expect("a JSON chunk");
@@ -335,4 +340,100 @@ fn unsupported_and_unknown_parameters_are_refused_by_name() {
     let body =
         json!({"model": c.model, "prompt": "hi", "max_tokens": 1, "user": "u1", "metadata": {}});
     post_ok(&c.client(), "/v1/completions", &body);
+}
+
+fn texts(v: &Value) -> Vec<String> {
+    let choices = v["choices"].as_array().expect("choices");
+    for (i, c) in choices.iter().enumerate() {
+        assert_eq!(c["index"], json!(i), "choices in index order");
+    }
+    choices
+        .iter()
+        .map(|c| c["text"].as_str().expect("text").to_owned())
+        .collect()
+}
+
+/// `n` greedy choices are the same text (transformers'); usage counts the prompt once
+/// and every choice's tokens.
+#[test]
+fn n_greedy_choices_are_identical_and_counted_once_per_prompt() {
+    let c = cluster();
+    let g = &golden()[3];
+    let mut body = greedy(&c.model, json!(g.input_ids), g.greedy_ids.len());
+    body["n"] = json!(4);
+    let v = post_ok(&c.client(), "/v1/completions", &body);
+    assert_eq!(texts(&v), vec![golden_texts()[3].clone(); 4]);
+    assert_eq!(v["usage"]["prompt_tokens"], json!(g.input_ids.len()));
+    assert_eq!(
+        v["usage"]["completion_tokens"],
+        json!(4 * g.greedy_ids.len())
+    );
+}
+
+/// Seeded choices are reproducible, differ from each other, and choice i draws what a
+/// single request seeded `seed + i` draws.
+#[test]
+fn n_seeded_choices_are_reproducible_streams_of_their_own() {
+    let c = cluster();
+    let body = |n: usize, seed: u64| {
+        json!({"model": c.model, "prompt": "The expert nodes", "max_tokens": 12, "n": n,
+               "temperature": 1.0, "seed": seed, "ignore_eos": true})
+    };
+    let a = texts(&post_ok(&c.client(), "/v1/completions", &body(3, 7)));
+    let b = texts(&post_ok(&c.client(), "/v1/completions", &body(3, 7)));
+    assert_eq!(a, b);
+    assert!(
+        a[0] != a[1] || a[1] != a[2],
+        "three seeds drew the same text: {a:?}"
+    );
+    for (i, text) in a.iter().enumerate() {
+        let single = text_of(&post_ok(
+            &c.client(),
+            "/v1/completions",
+            &body(1, 7 + i as u64),
+        ));
+        assert_eq!(&single, text, "choice {i}");
+    }
+}
+
+/// A batch of prompts gets a choice per prompt and `n`, in order, streamed or not.
+#[test]
+fn batched_prompts_get_n_choices_each_in_order() {
+    let c = cluster();
+    let g = golden();
+    let want = golden_texts();
+    let steps = g[0].greedy_ids.len().min(g[1].greedy_ids.len());
+    let mut body = greedy(&c.model, json!([g[0].input_ids, g[1].input_ids]), steps);
+    body["n"] = json!(2);
+    let v = post_ok(&c.client(), "/v1/completions", &body);
+    let got = texts(&v);
+    assert_eq!(got.len(), 4);
+    for (i, text) in got.iter().enumerate() {
+        assert!(
+            want[i / 2].starts_with(text.as_str()),
+            "choice {i}: {text:?}"
+        );
+    }
+    assert_eq!(
+        v["usage"]["prompt_tokens"],
+        json!(g[0].input_ids.len() + g[1].input_ids.len())
+    );
+
+    body["stream"] = json!(true);
+    body["stream_options"] = json!({"include_usage": true});
+    let events = stream_events(c, &body);
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let mut streamed = vec![String::new(); 4];
+    let mut usage = Value::Null;
+    for ev in &events[..events.len() - 1] {
+        let v: Value = serde_json::from_str(ev).expect("a JSON chunk");
+        if let Some(choice) = v["choices"].as_array().and_then(|c| c.first()) {
+            let i = choice["index"].as_u64().expect("index") as usize;
+            streamed[i].push_str(choice["text"].as_str().unwrap_or(""));
+        } else {
+            usage = v["usage"].clone();
+        }
+    }
+    assert_eq!(streamed, got);
+    assert_eq!(usage, v["usage"]);
 }
