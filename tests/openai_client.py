@@ -9,6 +9,7 @@ Exits 0 when every check passes. Run by tests/serving.rs against its cluster; ne
 `pip install openai`.
 """
 
+import json
 import sys
 
 import openai
@@ -133,6 +134,39 @@ def main(url: str, api_key: str | None) -> None:
     assert [ch.index for ch in n.choices] == [0, 1, 2], n
     assert all(ch.text == text for ch in n.choices), n
     assert n.usage.completion_tokens == 3 * MAX_TOKENS, n.usage
+
+    # Structured output: the mask makes even a random model's output valid.
+    schema = {
+        "type": "object",
+        "properties": {
+            "color": {"enum": ["red", "green", "blue"]},
+            "n": {"type": "integer", "minimum": 0, "maximum": 9},
+        },
+        "required": ["color", "n"],
+        "additionalProperties": False,
+    }
+    s = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=64,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "pick", "schema": schema}},
+    )
+    obj = json.loads(s.choices[0].message.content)
+    assert obj["color"] in ("red", "green", "blue") and 0 <= obj["n"] <= 9, obj
+    t = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=64,
+        temperature=0,
+        tools=[{"type": "function", "function": {"name": "pick", "parameters": schema}}],
+        tool_choice="required",
+    )
+    assert t.choices[0].finish_reason == "tool_calls", t
+    call = t.choices[0].message.tool_calls[0]
+    assert call.function.name == "pick", call
+    args = json.loads(call.function.arguments)
+    assert args["color"] in ("red", "green", "blue") and 0 <= args["n"] <= 9, args
 
     print("openai client: all checks passed")
 

@@ -696,9 +696,9 @@ fn every_bad_input_class_gets_its_error_while_concurrent_good_requests_stay_exac
             Some("logprobs"),
         ),
         (
-            "structured output (not yet)",
+            "an unknown response_format",
             chat,
-            j(json!({"model": m, "messages": hi, "response_format": {"type": "json_object"}})),
+            j(json!({"model": m, "messages": hi, "response_format": {"type": "xml"}})),
             400,
             inv,
             None,

@@ -16,3 +16,4 @@ pub mod remote;
 pub mod request;
 pub mod scheduler;
 pub mod server;
+pub mod structured;

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub expert_wait: Histogram,
     /// Steps run as two or more micro-batches (`--micro-batches`).
     pub split_steps: IntCounter,
+    /// Time spent on structured output's grammar per token (the mask, then the advance),
+    /// on the scheduler's thread.
+    pub grammar: Histogram,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -114,6 +117,11 @@ impl Metrics {
                 "expert_wait_seconds",
                 "Time the forward pass waited for one MoE layer's routed experts",
                 prometheus::exponential_buckets(0.00002, 2.0, 18)?,
+            )?,
+            grammar: histogram(
+                "structured_grammar_seconds",
+                "Time the grammar of a structured output took per token (mask and advance)",
+                prometheus::exponential_buckets(0.000002, 2.0, 18)?,
             )?,
             split_steps: counter(
                 "micro_batch_split_steps_total",

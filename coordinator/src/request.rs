@@ -2,6 +2,8 @@
 
 use switchyard_engine::SamplingParams;
 use switchyard_engine::sampling::TokenLogprobs;
+
+use crate::structured::Constraint;
 use tokio::sync::mpsc;
 
 /// A validated, tokenised generation request.
@@ -20,6 +22,8 @@ pub struct GenerateRequest {
     pub logprobs: Option<usize>,
     /// The same for every prompt token (`echo` with `logprobs`); sent once prefill ends.
     pub prompt_logprobs: Option<usize>,
+    /// Structured output: the grammar that masks every step's tokens.
+    pub constraint: Option<Constraint>,
     /// When the request reached the server, for latency metrics.
     pub arrived: std::time::Instant,
     /// Where tokens go. Dropping the receiver (client gone) cancels the request.

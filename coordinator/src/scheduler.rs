@@ -26,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::output::TextOutput;
 use crate::overlap::MicroBatchTuner;
 use crate::request::{Event, FinishReason, GenerateError, GenerateRequest, Usage};
+use crate::structured::Constraint;
 
 #[derive(Debug, Clone)]
 pub struct SchedulerConfig {
@@ -147,6 +148,8 @@ struct Sequence {
     prompt_logprobs: Option<usize>,
     /// Prompt logprobs gathered over the prefill chunks, sent when prefill ends.
     prompt_lp: Vec<Option<TokenLogprobs>>,
+    /// Structured output's grammar state.
+    constraint: Option<Constraint>,
     cache: SeqCache,
     sampler: Sampler,
     output: TextOutput,
@@ -184,6 +187,8 @@ pub struct Scheduler {
     seed_counter: u64,
     /// `--micro-batches auto`'s measurements.
     tuner: MicroBatchTuner,
+    /// A row of logits under a grammar's mask.
+    masked: Vec<f32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +247,7 @@ pub fn spawn(
         eos,
         seed_counter: u64::from(std::process::id()) << 32,
         tuner: MicroBatchTuner::default(),
+        masked: Vec::new(),
     };
     std::thread::Builder::new()
         .name("scheduler".into())
@@ -366,6 +372,7 @@ impl Scheduler {
                 logprobs: req.logprobs,
                 prompt_logprobs: req.prompt_logprobs,
                 prompt_lp: Vec::new(),
+                constraint: req.constraint,
                 cache,
                 sampler,
                 output,
@@ -527,7 +534,30 @@ impl Scheduler {
             }
         }
         let logits = out.row(rows.end - 1);
-        let id = s.sampler.sample(logits);
+        let id = match &mut s.constraint {
+            None => s.sampler.sample(logits),
+            Some(c) => {
+                let started = Instant::now();
+                self.masked.clear();
+                self.masked.extend_from_slice(logits);
+                if let Err(e) = c.mask(&mut self.masked) {
+                    return Some(Event::Error(GenerateError::Internal(e)));
+                }
+                let grammar = started.elapsed();
+                let id = s.sampler.sample(&self.masked);
+                let started = Instant::now();
+                if let Err(e) = c.accept(id) {
+                    return Some(Event::Error(GenerateError::Internal(e)));
+                }
+                self.metrics
+                    .grammar
+                    .observe((grammar + started.elapsed()).as_secs_f64());
+                id
+            }
+        };
+        // A complete structured output ends the sequence, EOS or not (nothing else may
+        // follow it).
+        let complete = s.constraint.as_ref().is_some_and(Constraint::is_complete);
         let logprobs = s
             .logprobs
             .map(|n| TokenLogprobs::from_logits(logits, id, n));
@@ -542,8 +572,9 @@ impl Scheduler {
         }
         s.next_input = Some(id);
         let usage = s.usage();
+        let ends_anyway = s.constraint.is_some() || !s.ignore_eos;
         let is_stop_token =
-            (!s.ignore_eos && self.eos.contains(&id)) || s.stop_token_ids.contains(&id);
+            (ends_anyway && self.eos.contains(&id)) || s.stop_token_ids.contains(&id);
         let delta = if is_stop_token {
             Ok(Default::default())
         } else {
@@ -553,7 +584,7 @@ impl Scheduler {
             Ok(d) => d,
             Err(e) => return Some(Event::Error(GenerateError::Internal(e.to_string()))),
         };
-        let reason = if is_stop_token || delta.stopped {
+        let reason = if is_stop_token || delta.stopped || complete {
             Some(FinishReason::Stop)
         } else if s.generated >= s.max_tokens {
             Some(FinishReason::Length)

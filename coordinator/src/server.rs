@@ -20,6 +20,7 @@ use crate::metrics::{CountingExperts, Metrics};
 use crate::placement::{Placement, PlacementError};
 use crate::remote::{Keepalive, RemoteError, RemoteExperts};
 use crate::scheduler::{SchedulerConfig, SpawnError, spawn};
+use crate::structured::Grammars;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CoordinatorError {
@@ -269,6 +270,13 @@ impl Coordinator {
             cfg.scheduler.clone(),
             metrics.clone(),
         )?;
+        let grammars = match Grammars::new(&tokenizer, mc.vocab_size) {
+            Ok(g) => Some(Arc::new(g)),
+            Err(e) => {
+                tracing::warn!("structured output is off (requests asking for it get 400): {e}");
+                None
+            }
+        };
         Ok(Coordinator {
             state: AppState {
                 scheduler,
@@ -280,6 +288,7 @@ impl Coordinator {
                 metrics,
                 refresh_metrics: refresh,
                 http: Arc::new(cfg.http.clone()),
+                grammars,
             },
             cluster,
         })

@@ -71,6 +71,7 @@ fn greedy(prompt: &[u32], max_tokens: usize) -> (GenerateRequest, mpsc::Unbounde
             ignore_eos: true,
             logprobs: None,
             prompt_logprobs: None,
+            constraint: None,
             arrived: Instant::now(),
             events: tx,
         },

@@ -354,6 +354,12 @@ impl Tokenizer {
         self.bos_token_id
     }
 
+    /// The underlying Hugging Face tokenizer, for adapters that need its vocabulary,
+    /// normalizer or decoder (e.g. the token trie of constrained decoding).
+    pub fn hf(&self) -> &tokenizers::Tokenizer {
+        &self.inner
+    }
+
     pub fn has_chat_template(&self) -> bool {
         self.chat_template.is_some()
     }

@@ -29,10 +29,11 @@ use tracing::{Instrument, info_span};
 use crate::metrics::Metrics;
 use crate::request::{Event, GenerateRequest};
 use crate::scheduler::SchedulerHandle;
+use crate::structured::{Constraint, Grammars};
 use auth::ApiKeys;
 use error::ApiError;
 use logprobs::LogprobsWriter;
-use openai::{InputContext, Limits, Params, PromptInput, chat_input, completion_input};
+use openai::{Input, InputContext, Limits, Params, chat_input, completion_input};
 use response::{Choice, Deadline, Generation, Head, Kind, collect, sse_stream};
 use transport::{BodyCut, Timeouts};
 
@@ -66,6 +67,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub refresh_metrics: Refresh,
     pub http: Arc<HttpConfig>,
+    /// Structured output's grammar compiler; `None` when the tokenizer could not be mapped.
+    pub grammars: Option<Arc<Grammars>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -200,6 +203,7 @@ fn read_body(body: Result<Bytes, BytesRejection>, limit: usize) -> Result<Bytes,
 fn input_context(s: &AppState) -> InputContext<'_> {
     InputContext {
         model_name: &s.model_name,
+        grammars: s.grammars.as_deref(),
         limits: &s.http.limits,
         tokenizer: &s.tokenizer,
         vocab_size: s.vocab_size,
@@ -220,9 +224,7 @@ async fn completions(State(s): State<AppState>, body: Result<Bytes, BytesRejecti
         }
         .await;
         match result {
-            Ok((prompt, params)) => {
-                generate(s, Kind::Completion, id, arrived, prompt, params, 16).await
-            }
+            Ok(input) => generate(s, Kind::Completion, id, arrived, input, 16).await,
             Err(e) => e.into_response(),
         }
     }
@@ -246,9 +248,7 @@ async fn chat_completions(
         .await;
         match result {
             // Chat defaults to "as long as the context allows", like vLLM.
-            Ok((prompt, params)) => {
-                generate(s, Kind::Chat, id, arrived, prompt, params, usize::MAX).await
-            }
+            Ok(input) => generate(s, Kind::Chat, id, arrived, input, usize::MAX).await,
             Err(e) => e.into_response(),
         }
     }
@@ -261,10 +261,15 @@ async fn generate(
     kind: Kind,
     id: String,
     arrived: Instant,
-    prompts: Vec<PromptInput>,
-    params: Params,
+    input: Input,
     default_max_tokens: usize,
 ) -> Response {
+    let Input {
+        prompts,
+        params,
+        constraint,
+    } = input;
+    let tools = params.tools.clone().map(Arc::new);
     let deadline = Deadline::new(arrived, s.http.limits.request_timeout);
     // Every choice is submitted before any is awaited, so they share steps. Returning
     // early drops the receivers of those already submitted, which cancels them.
@@ -295,6 +300,7 @@ async fn generate(
                 ignore_eos: params.ignore_eos,
                 logprobs: params.logprobs,
                 prompt_logprobs: params.prompt_logprobs,
+                constraint: constraint.as_ref().map(Constraint::fork),
                 arrived,
                 events: tx,
             });
@@ -309,6 +315,7 @@ async fn generate(
                 logprobs: params
                     .logprobs
                     .map(|_| LogprobsWriter::new(kind == Kind::Chat)),
+                tools: tools.clone(),
             };
             pending.push((choice, rx));
         }

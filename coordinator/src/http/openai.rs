@@ -6,6 +6,8 @@ use switchyard_engine::SamplingParams;
 use switchyard_engine::tokenizer::{ChatMessage, Tokenizer};
 
 use super::error::ApiError;
+use crate::structured::tools::ToolCalling;
+use crate::structured::{Constraint, Grammars, OutputFormat};
 
 /// What a request may ask for. Each is a flag of `up` and `coordinator` (README).
 #[derive(Debug, Clone, PartialEq)]
@@ -91,6 +93,9 @@ pub struct Sampling {
     pub stop_token_ids: Option<Vec<i64>>,
     /// Token id (as a string, OpenAI's shape) to a bias in [-100, 100].
     pub logit_bias: Option<std::collections::BTreeMap<String, f64>>,
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
     /// Everything else: refused by name unless harmless (`super::params`).
     #[serde(flatten)]
     pub other: serde_json::Map<String, Value>,
@@ -151,6 +156,50 @@ pub struct Params {
     pub echo: bool,
     /// Choices per prompt, each its own sequence (seeded `seed + i` when seeded).
     pub n: usize,
+    /// `response_format`: what the output must be.
+    pub format: Option<OutputFormat>,
+    /// `tools` and `tool_choice` (chat).
+    pub tools: Option<ToolCalling>,
+}
+
+impl Params {
+    /// What constrains the output, from `response_format` or a required or named tool.
+    pub fn output_format(&self) -> Option<OutputFormat> {
+        self.format
+            .clone()
+            .or_else(|| self.tools.as_ref().and_then(ToolCalling::format))
+    }
+
+    /// The grammar state every choice starts from, compiled once.
+    fn constraint(&self, cx: &InputContext<'_>) -> Result<Option<Constraint>, ApiError> {
+        let Some(format) = self.output_format() else {
+            return Ok(None);
+        };
+        let param = if self.format.is_some() {
+            "response_format"
+        } else {
+            "tools"
+        };
+        let grammars = cx.grammars.ok_or_else(|| {
+            ApiError::bad(
+                "structured output is not available: this model's tokenizer could not be mapped to bytes (see the server log)",
+                param,
+            )
+        })?;
+        grammars
+            .constraint(&format)
+            .map(Some)
+            .map_err(|e| ApiError::bad(e, param))
+    }
+}
+
+/// A request, validated and tokenised: what `generate` runs.
+#[derive(Debug)]
+pub struct Input {
+    pub prompts: Vec<PromptInput>,
+    pub params: Params,
+    /// Every choice starts from a fork of it.
+    pub constraint: Option<Constraint>,
 }
 
 /// One prompt of a request: its tokens, and its text as sent (for `echo`).
@@ -320,6 +369,7 @@ impl Sampling {
             ));
         }
         let extra = super::params::penalties_and_more(self, max_tokens)?;
+        let (format, tools) = super::params::structured(self, endpoint)?;
         Ok(Params {
             max_tokens,
             sampling: SamplingParams {
@@ -340,6 +390,8 @@ impl Sampling {
             prompt_logprobs: lp.prompt_logprobs,
             echo: lp.echo,
             n,
+            format,
+            tools,
             ignore_eos: self.ignore_eos,
             stream: self.stream,
             include_usage: self
@@ -353,6 +405,8 @@ impl Sampling {
 /// What turning a body into a prompt needs to know about the server.
 pub struct InputContext<'a> {
     pub model_name: &'a str,
+    /// `None`: structured output is refused (the tokenizer could not be mapped).
+    pub grammars: Option<&'a Grammars>,
     pub limits: &'a Limits,
     pub tokenizer: &'a Tokenizer,
     pub vocab_size: usize,
@@ -361,10 +415,7 @@ pub struct InputContext<'a> {
 /// A `/v1/completions` body to prompt tokens and parameters: parsing, every check that
 /// needs no scheduler, tokenisation. Synchronous and free of I/O, so it can be fuzzed;
 /// any input gives `Ok` or an [`ApiError`], never a panic.
-pub fn completion_input(
-    body: &[u8],
-    cx: &InputContext<'_>,
-) -> Result<(Vec<PromptInput>, Params), ApiError> {
+pub fn completion_input(body: &[u8], cx: &InputContext<'_>) -> Result<Input, ApiError> {
     let req: CompletionRequest = parse_body(body)?;
     let params = req
         .sampling
@@ -389,7 +440,12 @@ pub fn completion_input(
         .into_iter()
         .map(|p| prompt_input(p, cx))
         .collect::<Result<Vec<_>, _>>()?;
-    Ok((prompts, params))
+    let constraint = params.constraint(cx)?;
+    Ok(Input {
+        prompts,
+        params,
+        constraint,
+    })
 }
 
 /// One prompt, as text or token ids, to checked token ids.
@@ -439,10 +495,7 @@ fn prompt_input(
 
 /// [`completion_input`] for `/v1/chat/completions`: messages rendered by the model's
 /// chat template, then tokenised.
-pub fn chat_input(
-    body: &[u8],
-    cx: &InputContext<'_>,
-) -> Result<(Vec<PromptInput>, Params), ApiError> {
+pub fn chat_input(body: &[u8], cx: &InputContext<'_>) -> Result<Input, ApiError> {
     let req: ChatRequest = parse_body(body)?;
     let params = req
         .sampling
@@ -460,13 +513,15 @@ pub fn chat_input(
         .tokenizer
         .encode_chat(&messages)
         .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
-    Ok((
-        vec![PromptInput {
+    let constraint = params.constraint(cx)?;
+    Ok(Input {
+        prompts: vec![PromptInput {
             ids: prompt,
             text: None,
         }],
         params,
-    ))
+        constraint,
+    })
 }
 
 impl Prompt {
@@ -573,10 +628,7 @@ mod tests {
             (r#"{"logit_bias": {"5": 101}}"#, "logit_bias"),
             (r#"{"logit_bias": {"five": 1}}"#, "logit_bias"),
             (r#"{"stop_token_ids": [-1]}"#, "stop_token_ids"),
-            (
-                r#"{"response_format": {"type": "json_object"}}"#,
-                "response_format",
-            ),
+            (r#"{"response_format": {"type": "xml"}}"#, "response_format"),
             (r#"{"tools": []}"#, "tools"),
             (r#"{"use_beam_search": true}"#, "use_beam_search"),
         ] {
@@ -647,13 +699,16 @@ mod tests {
             let limits = limits();
             let cx = InputContext {
                 model_name: "m",
+                grammars: None,
                 limits: &limits,
                 tokenizer: tokenizer(),
                 vocab_size: 512,
             };
             for result in [completion_input(body, &cx), chat_input(body, &cx)] {
                 match result {
-                    Ok((prompts, params)) => {
+                    Ok(Input {
+                        prompts, params, ..
+                    }) => {
                         assert!(!prompts.is_empty());
                         assert!(prompts.len() * params.n <= crate::http::params::MAX_CHOICES);
                         for p in &prompts {
@@ -818,6 +873,7 @@ mod tests {
             let limits = Limits::default();
             let cx = InputContext {
                 model_name: "m",
+                grammars: None,
                 limits: &limits,
                 tokenizer: tokenizer(),
                 vocab_size: 512,

@@ -7,6 +7,8 @@ use serde_json::{Map, Value};
 
 use super::error::ApiError;
 use super::openai::{Endpoint, Sampling};
+use crate::structured::OutputFormat;
+use crate::structured::tools::ToolCalling;
 
 /// The most alternatives per token (`logprobs`, `top_logprobs`), as OpenAI and vLLM.
 pub const MAX_LOGPROBS: usize = 20;
@@ -23,21 +25,27 @@ const UNSUPPORTED: &[(&str, &str)] = &[
         "length_penalty",
         "length_penalty applies to beam search, which is not supported",
     ),
+    ("functions", "functions is deprecated: use tools"),
     (
-        "response_format",
-        "structured output (response_format) is not supported yet",
+        "function_call",
+        "function_call is deprecated: use tool_choice",
     ),
-    ("tools", "tool calling is not supported yet"),
-    ("tool_choice", "tool calling is not supported yet"),
-    ("functions", "function calling is not supported"),
-    ("function_call", "function calling is not supported"),
-    ("guided_json", "guided decoding is not supported yet"),
-    ("guided_regex", "guided decoding is not supported yet"),
-    ("guided_choice", "guided decoding is not supported yet"),
-    ("guided_grammar", "guided decoding is not supported yet"),
+    (
+        "guided_json",
+        "guided_json is not supported: use response_format json_schema",
+    ),
+    (
+        "guided_regex",
+        "regular-expression constraints are not supported",
+    ),
+    (
+        "guided_choice",
+        "guided_choice is not supported: use a json_schema enum",
+    ),
+    ("guided_grammar", "grammar constraints are not supported"),
     (
         "structured_outputs",
-        "structured output is not supported yet",
+        "structured_outputs is not supported: use response_format",
     ),
     (
         "prompt_logprobs",
@@ -204,6 +212,73 @@ pub fn logprobs(s: &Sampling, endpoint: Endpoint) -> Result<LogprobsRequest, Api
             })
         }
     }
+}
+
+/// `response_format`, `tools` and `tool_choice`: what the output is constrained to.
+pub fn structured(
+    s: &Sampling,
+    endpoint: Endpoint,
+) -> Result<(Option<OutputFormat>, Option<ToolCalling>), ApiError> {
+    let format = match &s.response_format {
+        None | Some(Value::Null) => None,
+        Some(f) => match f["type"].as_str() {
+            Some("text") => None,
+            Some("json_object") => Some(OutputFormat::JsonObject),
+            Some("json_schema") => match &f["json_schema"]["schema"] {
+                schema @ Value::Object(_) => Some(OutputFormat::JsonSchema(schema.clone())),
+                _ => {
+                    return Err(ApiError::bad(
+                        "response_format json_schema needs json_schema.schema, a JSON schema object",
+                        "response_format",
+                    ));
+                }
+            },
+            _ => {
+                return Err(ApiError::bad(
+                    format!(
+                        "response_format type must be \"text\", \"json_object\" or \"json_schema\", got {}",
+                        f["type"]
+                    ),
+                    "response_format",
+                ));
+            }
+        },
+    };
+    let tools = if endpoint == Endpoint::Chat {
+        ToolCalling::parse(s.tools.as_ref(), s.tool_choice.as_ref())
+            .map_err(|e| ApiError::bad(e, "tools"))?
+    } else if s.tools.as_ref().is_some_and(|t| !t.is_null())
+        || s.tool_choice.as_ref().is_some_and(|t| !t.is_null())
+    {
+        return Err(ApiError::bad(
+            "tools are a chat completions parameter",
+            "tools",
+        ));
+    } else {
+        None
+    };
+    if let Some(t) = &tools {
+        if t.format().is_some() && format.is_some() {
+            return Err(ApiError::bad(
+                "response_format cannot be combined with a required or named tool_choice",
+                "response_format",
+            ));
+        }
+        if s.stream {
+            return Err(ApiError::bad(
+                "streaming with tools is not supported yet",
+                "tools",
+            ));
+        }
+    }
+    let constrained = format.is_some() || tools.as_ref().is_some_and(|t| t.format().is_some());
+    if constrained && s.min_tokens.is_some_and(|n| n > 0) {
+        return Err(ApiError::bad(
+            "min_tokens cannot be combined with structured output (the grammar decides the end)",
+            "min_tokens",
+        ));
+    }
+    Ok((format, tools))
 }
 
 /// The vLLM sampling extensions, checked.

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use super::error::ApiError;
 use super::logprobs::LogprobsWriter;
 use crate::request::{Event, FinishReason, Usage};
+use crate::structured::tools::ToolCalling;
 
 /// Which endpoint a generation answers, for the response shapes.
 #[derive(Clone, Copy, PartialEq)]
@@ -100,6 +101,8 @@ pub(super) struct Choice {
     pub echo: Option<(String, Vec<u32>)>,
     /// Present when logprobs were asked for.
     pub logprobs: Option<LogprobsWriter>,
+    /// Chat with tools: the output may be a call.
+    pub tools: Option<Arc<ToolCalling>>,
 }
 
 impl Choice {
@@ -141,12 +144,41 @@ impl Choice {
                 "index": self.index, "text": text, "logprobs": logprobs,
                 "finish_reason": finish_reason,
             }),
-            Kind::Chat => json!({
-                "index": self.index,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": logprobs,
-                "finish_reason": finish_reason,
-            }),
+            Kind::Chat => {
+                let calls = self.tools.as_ref().and_then(|t| t.calls(text));
+                match calls {
+                    None => json!({
+                        "index": self.index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": logprobs,
+                        "finish_reason": finish_reason,
+                    }),
+                    Some(calls) => {
+                        let calls: Vec<Value> = calls
+                            .into_iter()
+                            .enumerate()
+                            .map(|(i, c)| {
+                                json!({
+                                    "id": format!("call_{:016x}_{i}", next_call_id()),
+                                    "type": "function",
+                                    "function": {"name": c.name, "arguments": c.arguments},
+                                })
+                            })
+                            .collect();
+                        // A call that was cut short by max_tokens is not a call.
+                        let finish = match finish_reason {
+                            FinishReason::Stop => json!("tool_calls"),
+                            other => json!(other),
+                        };
+                        json!({
+                            "index": self.index,
+                            "message": {"role": "assistant", "content": null, "tool_calls": calls},
+                            "logprobs": logprobs,
+                            "finish_reason": finish,
+                        })
+                    }
+                }
+            }
         }
     }
 
@@ -169,6 +201,13 @@ impl Choice {
         };
         head.wrap(json!([choice]), true)
     }
+}
+
+/// A number for a tool call's id, unique in this process (ids need only be unique
+/// within a conversation).
+fn next_call_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The usage of a request: each prompt's tokens once, every choice's completion.
