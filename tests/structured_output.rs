@@ -208,3 +208,27 @@ fn json_object_and_bad_schemas() {
     assert_eq!(resp.status, 400, "{}", resp.text());
     assert_eq!(resp.json()["error"]["param"], "response_format");
 }
+
+/// A tool round trip: the call the server made goes back as the assistant's message, the
+/// tool's answer as a `tool` message, and the conversation goes on.
+#[test]
+fn a_tool_round_trip_continues_the_conversation() {
+    let c = cluster();
+    let [thing, _] = <[Value; 2]>::try_from(schemas()).expect("two schemas");
+    let tools =
+        json!([{"type": "function", "function": {"name": "describe", "parameters": thing}}]);
+    let first = chat(
+        c,
+        json!({"temperature": 0, "tools": tools, "tool_choice": "required"}),
+    );
+    let call = first["choices"][0]["message"]["tool_calls"][0].clone();
+    assert!(call["id"].is_string(), "{first}");
+    let body = json!({"model": c.model, "max_tokens": 8, "temperature": 0, "tools": tools,
+    "messages": [
+        {"role": "user", "content": "Describe a thing as JSON."},
+        {"role": "assistant", "content": null, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": "done"},
+    ]});
+    let v = post_ok(&c.client(), "/v1/chat/completions", &body);
+    assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
+}

@@ -58,10 +58,20 @@ pub enum TokenizerError {
     Decode { message: String },
 }
 
-#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+/// One message as chat templates see it (transformers' shape).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant's calls: `[{"type": "function", "function": {"name", "arguments"}}]`,
+    /// the arguments as an object (templates index into them).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<serde_json::Value>,
+    /// A tool's answer: which call it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
 }
 
 impl ChatMessage {
@@ -69,6 +79,7 @@ impl ChatMessage {
         Self {
             role: role.into(),
             content: content.into(),
+            ..Self::default()
         }
     }
 }
@@ -369,6 +380,17 @@ impl Tokenizer {
         messages: &[ChatMessage],
         add_generation_prompt: bool,
     ) -> Result<String, TokenizerError> {
+        self.apply_chat_template_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// [`Tokenizer::apply_chat_template`] with the request's tools (OpenAI's
+    /// `[{"type": "function", "function": {...}}]`) as the template's `tools`.
+    pub fn apply_chat_template_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+        add_generation_prompt: bool,
+    ) -> Result<String, TokenizerError> {
         let template =
             self.chat_template
                 .as_ref()
@@ -385,6 +407,7 @@ impl Tokenizer {
             .map_err(render_err)?;
         tmpl.render(minijinja::context! {
             messages => Value::from_serialize(messages),
+            tools => tools.map(Value::from_serialize),
             bos_token => self.bos_token.as_deref().unwrap_or(""),
             eos_token => self.eos_token.as_deref().unwrap_or(""),
             add_generation_prompt => add_generation_prompt,
@@ -394,7 +417,16 @@ impl Tokenizer {
 
     /// The template already emits BOS, so special tokens are not added a second time.
     pub fn encode_chat(&self, messages: &[ChatMessage]) -> Result<Vec<u32>, TokenizerError> {
-        let text = self.apply_chat_template(messages, true)?;
+        self.encode_chat_with_tools(messages, None)
+    }
+
+    /// [`Tokenizer::encode_chat`] with the request's tools shown to the template.
+    pub fn encode_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&serde_json::Value>,
+    ) -> Result<Vec<u32>, TokenizerError> {
+        let text = self.apply_chat_template_with_tools(messages, tools, true)?;
         self.encode(&text, false)
     }
 }
@@ -696,6 +728,45 @@ mod tests {
             std::fs::write(tmp.path().join(name), content).unwrap();
         }
         tmp
+    }
+
+    /// Tools and a tool-call round trip reach the template in transformers' shape: the
+    /// tools list, an assistant's calls with their arguments as an object, a tool's
+    /// answer with its call id.
+    #[test]
+    fn templates_see_tools_and_tool_messages() {
+        let template = "{% if tools %}<tools>{% for t in tools %}{{ t.function.name }};{% endfor %}</tools>{% endif %}\
+            {% for m in messages %}<{{ m.role }}>{{ m.content }}\
+            {% for c in m.tool_calls or [] %}[{{ c.function.name }}:{{ c.function.arguments.city }}]{% endfor %}\
+            {% if m.tool_call_id %}#{{ m.tool_call_id }}{% endif %}{% endfor %}";
+        let tmp = temp_tokenizer_dir(&[("chat_template.jinja", template)]);
+        let tok = Tokenizer::from_dir(tmp.path()).unwrap();
+        let tools = serde_json::json!([
+            {"type": "function", "function": {"name": "weather"}},
+            {"type": "function", "function": {"name": "time"}},
+        ]);
+        let messages = [
+            ChatMessage::new("user", "Oslo?"),
+            ChatMessage {
+                tool_calls: Some(serde_json::json!([{"type": "function", "id": "c1",
+                    "function": {"name": "weather", "arguments": {"city": "Oslo"}}}])),
+                ..ChatMessage::new("assistant", "")
+            },
+            ChatMessage {
+                tool_call_id: Some("c1".into()),
+                ..ChatMessage::new("tool", "sunny")
+            },
+        ];
+        assert_eq!(
+            tok.apply_chat_template_with_tools(&messages, Some(&tools), false)
+                .unwrap(),
+            "<tools>weather;time;</tools><user>Oslo?<assistant>[weather:Oslo]<tool>sunny#c1"
+        );
+        assert_eq!(
+            tok.apply_chat_template(&messages[..1], false).unwrap(),
+            "<user>Oslo?",
+            "no tools: the template's `tools` is undefined"
+        );
     }
 
     #[test]

@@ -126,6 +126,11 @@ pub struct ContentPart {
 pub struct Message {
     pub role: String,
     pub content: Option<Content>,
+    /// An assistant's earlier calls, as this server (or OpenAI) answered them.
+    pub tool_calls: Option<Vec<Value>>,
+    /// A `tool` message: the call it answers.
+    pub tool_call_id: Option<String>,
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -509,9 +514,11 @@ pub fn chat_input(body: &[u8], cx: &InputContext<'_>) -> Result<Input, ApiError>
         .iter()
         .map(|m| m.to_chat())
         .collect::<Result<Vec<_>, _>>()?;
+    // The template sees the tools whatever the choice, as transformers renders them.
+    let tools = req.sampling.tools.as_ref().filter(|t| !t.is_null());
     let prompt = cx
         .tokenizer
-        .encode_chat(&messages)
+        .encode_chat_with_tools(&messages, tools)
         .map_err(|e| ApiError::bad(e.to_string(), "messages"))?;
     let constraint = params.constraint(cx)?;
     Ok(Input {
@@ -541,7 +548,7 @@ impl Message {
     pub fn to_chat(&self) -> Result<ChatMessage, ApiError> {
         if !matches!(
             self.role.as_str(),
-            "system" | "user" | "assistant" | "developer"
+            "system" | "user" | "assistant" | "developer" | "tool"
         ) {
             return Err(ApiError::bad(
                 format!("unsupported message role `{}`", self.role),
@@ -574,11 +581,38 @@ impl Message {
         } else {
             self.role.as_str()
         };
+        if self.tool_calls.is_some() && self.role != "assistant" {
+            return Err(ApiError::bad(
+                "only assistant messages carry tool_calls",
+                "messages",
+            ));
+        }
         Ok(ChatMessage {
             role: role.to_owned(),
             content,
+            tool_calls: self.tool_calls.as_ref().map(|calls| template_calls(calls)),
+            tool_call_id: self.tool_call_id.clone(),
+            name: self.name.clone(),
         })
     }
+}
+
+/// OpenAI sends a call's arguments as a JSON string; chat templates (transformers') index
+/// into them as an object, so a string that parses becomes one.
+fn template_calls(calls: &[Value]) -> Value {
+    let calls = calls
+        .iter()
+        .map(|c| {
+            let mut c = c.clone();
+            if let Some(args) = c["function"]["arguments"].as_str()
+                && let Ok(parsed @ Value::Object(_)) = serde_json::from_str::<Value>(args)
+            {
+                c["function"]["arguments"] = parsed;
+            }
+            c
+        })
+        .collect();
+    Value::Array(calls)
 }
 
 #[cfg(test)]
