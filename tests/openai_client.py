@@ -168,6 +168,25 @@ def main(url: str, api_key: str | None) -> None:
     args = json.loads(call.function.arguments)
     assert args["color"] in ("red", "green", "blue") and 0 <= args["n"] <= 9, args
 
+    args, finish = "", None
+    for chunk in client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=64,
+        temperature=0,
+        stream=True,
+        tools=[{"type": "function", "function": {"name": "pick", "parameters": schema}}],
+        tool_choice={"type": "function", "function": {"name": "pick"}},
+    ):
+        for choice in chunk.choices:
+            for call in choice.delta.tool_calls or []:
+                assert call.index == 0, call
+                args += call.function.arguments or ""
+            finish = choice.finish_reason or finish
+    assert finish == "tool_calls", finish
+    streamed = json.loads(args)
+    assert streamed["color"] in ("red", "green", "blue") and 0 <= streamed["n"] <= 9, streamed
+
     print("openai client: all checks passed")
 
 

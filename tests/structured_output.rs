@@ -232,3 +232,52 @@ fn a_tool_round_trip_continues_the_conversation() {
     let v = post_ok(&c.client(), "/v1/chat/completions", &body);
     assert!(v["choices"][0]["message"]["content"].is_string(), "{v}");
 }
+
+/// Streamed calls: the call opens with its id and name, its arguments arrive in
+/// fragments that join into valid arguments, and the finish reason is `tool_calls`.
+#[test]
+fn streamed_tool_calls_join_into_valid_calls() {
+    let c = cluster();
+    let [thing, point] = <[Value; 2]>::try_from(schemas()).expect("two schemas");
+    let tools = json!([
+        {"type": "function", "function": {"name": "describe", "parameters": thing}},
+        {"type": "function", "function": {"name": "plot", "parameters": point}},
+    ]);
+    for choice in [
+        json!({"type": "function", "function": {"name": "plot"}}),
+        json!("required"),
+    ] {
+        let body = json!({"model": c.model, "max_tokens": 200, "temperature": 0, "stream": true,
+            "messages": [{"role": "user", "content": "Plot a point."}],
+            "tools": tools, "tool_choice": choice});
+        let events = c
+            .client()
+            .post_stream("/v1/chat/completions", &body)
+            .expect("POST stream")
+            .events()
+            .expect("SSE events");
+        let (mut name, mut id, mut args, mut finish) = (None, None, String::new(), Value::Null);
+        for ev in events.iter().filter(|e| e.as_str() != "[DONE]") {
+            let v: Value = serde_json::from_str(ev).expect("a JSON chunk");
+            let ch = &v["choices"][0];
+            if let Some(call) = ch["delta"]["tool_calls"].get(0) {
+                assert_eq!(call["index"], 0);
+                if let Some(n) = call["function"]["name"].as_str() {
+                    assert!(name.is_none(), "the call opens once: {ev}");
+                    name = Some(n.to_owned());
+                    id = call["id"].as_str().map(str::to_owned);
+                }
+                args.push_str(call["function"]["arguments"].as_str().unwrap_or(""));
+            }
+            if !ch["finish_reason"].is_null() {
+                finish = ch["finish_reason"].clone();
+            }
+        }
+        assert_eq!(finish, "tool_calls", "{choice}: {events:?}");
+        assert!(id.is_some_and(|i| i.starts_with("call_")));
+        let name = name.expect("a call");
+        let schema = if name == "describe" { &thing } else { &point };
+        let args: Value = serde_json::from_str(&args).unwrap_or_else(|e| panic!("{e}: {args}"));
+        valid(&args, schema).unwrap_or_else(|e| panic!("{choice}: {e}"));
+    }
+}

@@ -7,6 +7,7 @@ pub mod logprobs;
 pub mod openai;
 pub mod params;
 mod response;
+mod tool_stream;
 pub mod transport;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ use error::ApiError;
 use logprobs::LogprobsWriter;
 use openai::{Input, InputContext, Limits, Params, chat_input, completion_input};
 use response::{Choice, Deadline, Generation, Head, Kind, collect, sse_stream};
+use tool_stream::ToolStream;
 use transport::{BodyCut, Timeouts};
 
 /// Largest request body accepted by default (`--max-body-bytes`).
@@ -316,6 +318,10 @@ async fn generate(
                     .logprobs
                     .map(|_| LogprobsWriter::new(kind == Kind::Chat)),
                 tools: tools.clone(),
+                tool_stream: tools
+                    .clone()
+                    .filter(|_| params.stream && kind == Kind::Chat)
+                    .map(|t| ToolStream::new(t, response::call_id(0))),
             };
             pending.push((choice, rx));
         }

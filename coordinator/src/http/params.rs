@@ -257,19 +257,11 @@ pub fn structured(
     } else {
         None
     };
-    if let Some(t) = &tools {
-        if t.format().is_some() && format.is_some() {
-            return Err(ApiError::bad(
-                "response_format cannot be combined with a required or named tool_choice",
-                "response_format",
-            ));
-        }
-        if s.stream {
-            return Err(ApiError::bad(
-                "streaming with tools is not supported yet",
-                "tools",
-            ));
-        }
+    if format.is_some() && tools.as_ref().is_some_and(|t| t.format().is_some()) {
+        return Err(ApiError::bad(
+            "response_format cannot be combined with a required or named tool_choice",
+            "response_format",
+        ));
     }
     let constrained = format.is_some() || tools.as_ref().is_some_and(|t| t.format().is_some());
     if constrained && s.min_tokens.is_some_and(|n| n > 0) {

@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::error::ApiError;
 use super::logprobs::LogprobsWriter;
+use super::tool_stream::{Delta, ToolStream};
 use crate::request::{Event, FinishReason, Usage};
 use crate::structured::tools::ToolCalling;
 
@@ -103,6 +104,8 @@ pub(super) struct Choice {
     pub logprobs: Option<LogprobsWriter>,
     /// Chat with tools: the output may be a call.
     pub tools: Option<Arc<ToolCalling>>,
+    /// Streaming chat with tools: how the output goes out as deltas.
+    pub tool_stream: Option<ToolStream>,
 }
 
 impl Choice {
@@ -136,6 +139,53 @@ impl Choice {
         self.logprobs.as_ref().is_some_and(|w| !w.is_empty())
     }
 
+    /// The chunks a piece of generated text becomes: content, or a tool call's deltas.
+    fn text_chunks(&mut self, head: &Head, text: &str) -> Vec<Value> {
+        if let Some(ts) = self.tool_stream.as_mut() {
+            let deltas = ts.push(text);
+            return deltas
+                .into_iter()
+                .map(|d| self.delta_chunk(head, d))
+                .collect();
+        }
+        // With logprobs every token gets its chunk, even one whose text is held back (a
+        // partial character or a possible stop sequence).
+        if !text.is_empty() || self.has_logprobs() {
+            vec![self.chunk(head, Some(text), None)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// What a tool stream held back, once the output is complete.
+    fn closing_chunks(&mut self, head: &Head) -> Vec<Value> {
+        let deltas = self
+            .tool_stream
+            .as_mut()
+            .map(ToolStream::finish)
+            .unwrap_or_default();
+        deltas
+            .into_iter()
+            .map(|d| self.delta_chunk(head, d))
+            .collect()
+    }
+
+    fn delta_chunk(&mut self, head: &Head, d: Delta) -> Value {
+        let delta = match d {
+            Delta::Content(t) => return self.chunk(head, Some(&t), None),
+            Delta::CallStart { id, name } => json!({"tool_calls": [{"index": 0, "id": id,
+                "type": "function", "function": {"name": name, "arguments": ""}}]}),
+            Delta::Arguments(a) => {
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": a}}]})
+            }
+        };
+        let logprobs = self.take_logprobs();
+        head.wrap(
+            json!([{"index": self.index, "delta": delta, "logprobs": logprobs, "finish_reason": null}]),
+            true,
+        )
+    }
+
     /// This choice in a whole response.
     fn full(&mut self, kind: Kind, text: &str, finish_reason: FinishReason) -> Value {
         let logprobs = self.take_logprobs();
@@ -159,7 +209,7 @@ impl Choice {
                             .enumerate()
                             .map(|(i, c)| {
                                 json!({
-                                    "id": format!("call_{:016x}_{i}", next_call_id()),
+                                    "id": call_id(i),
                                     "type": "function",
                                     "function": {"name": c.name, "arguments": c.arguments},
                                 })
@@ -205,9 +255,14 @@ impl Choice {
 
 /// A number for a tool call's id, unique in this process (ids need only be unique
 /// within a conversation).
-fn next_call_id() -> u64 {
+pub(super) fn next_call_id() -> u64 {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
     NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// A tool call's id (`i`: its place in the message).
+pub(super) fn call_id(i: usize) -> String {
+    format!("call_{:016x}_{i}", next_call_id())
 }
 
 /// The usage of a request: each prompt's tokens once, every choice's completion.
@@ -357,12 +412,19 @@ async fn stream_one(
                 finish_reason,
                 usage,
             }) => {
-                if !text.is_empty() {
-                    tx.send(sse(&c.chunk(head, Some(&text), None))).await.ok()?;
+                let mut chunks = c.text_chunks(head, &text);
+                chunks.extend(c.closing_chunks(head));
+                for chunk in chunks {
+                    tx.send(sse(&chunk)).await.ok()?;
                 }
                 let mut last = c.chunk(head, None, Some(finish_reason));
                 if head.kind == Kind::Completion {
                     last["choices"][0]["text"] = json!("");
+                }
+                if finish_reason == FinishReason::Stop
+                    && c.tool_stream.as_ref().is_some_and(ToolStream::called)
+                {
+                    last["choices"][0]["finish_reason"] = json!("tool_calls");
                 }
                 tx.send(sse(&last)).await.ok()?;
                 return Some((c.counts_prompt, usage));
@@ -375,21 +437,20 @@ async fn stream_one(
                 c.absorb(&e);
                 echo_pending
                     .take()
-                    .map(|t| sse(&c.chunk(head, Some(&t), None)))
+                    .map(|t| c.chunk(head, Some(&t), None))
+                    .into_iter()
+                    .collect()
             }
             Some(e @ Event::Token { .. }) => {
                 let text = c.absorb(&e);
-                // With logprobs every token gets its chunk, even one whose text is held
-                // back (a partial character or a possible stop sequence).
-                (!text.is_empty() || c.has_logprobs())
-                    .then(|| sse(&c.chunk(head, Some(&text), None)))
+                c.text_chunks(head, &text)
             }
             None => return None,
         };
-        if let Some(event) = out {
+        for chunk in out {
             // An error: the client went away; returning drops `rx`, which frees the
             // sequence.
-            tx.send(event).await.ok()?;
+            tx.send(sse(&chunk)).await.ok()?;
         }
         ev = match deadline.recv(&mut rx).await {
             Ok(ev) => ev,
