@@ -311,11 +311,13 @@ fn greedy_rows(model: &mut Model, prompts: &[Vec<u32>], steps: usize) -> Result<
     let len = prompts[0].len();
     let flat: Vec<u32> = prompts.iter().flatten().copied().collect();
     model.clear_kv_cache();
-    let mut out = vec![model.forward(&Tensor::from_vec(flat, (prompts.len(), len), &dev)?, 0)?];
+    let mut last = model.forward(&Tensor::from_vec(flat, (prompts.len(), len), &dev)?, 0)?;
+    let mut out = Vec::with_capacity(steps + 1);
     for s in 0..steps {
-        let next = out.last().unwrap().argmax(D::Minus1)?.unsqueeze(1)?;
-        out.push(model.forward(&next, len + s)?);
+        let next = last.argmax(D::Minus1)?.unsqueeze(1)?;
+        out.push(std::mem::replace(&mut last, model.forward(&next, len + s)?));
     }
+    out.push(last);
     model.clear_kv_cache();
     Ok(out)
 }
@@ -435,8 +437,7 @@ fn candle_config(raw: &Value, stock: bool) -> Result<(Value, Vec<String>)> {
             "rope_scaling",
         ),
     };
-    if source == "rope_parameters" {
-        let p = params.as_ref().unwrap();
+    if let (Some(p), "rope_parameters") = (params.as_ref(), source) {
         let theta = p
             .get("rope_theta")
             .and_then(Value::as_f64)
