@@ -187,8 +187,6 @@ pub struct Scheduler {
     seed_counter: u64,
     /// `--micro-batches auto`'s measurements.
     tuner: MicroBatchTuner,
-    /// A row of logits under a grammar's mask.
-    masked: Vec<f32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -247,7 +245,6 @@ pub fn spawn(
         eos,
         seed_counter: u64::from(std::process::id()) << 32,
         tuner: MicroBatchTuner::default(),
-        masked: Vec::new(),
     };
     std::thread::Builder::new()
         .name("scheduler".into())
@@ -537,14 +534,17 @@ impl Scheduler {
         let id = match &mut s.constraint {
             None => s.sampler.sample(logits),
             Some(c) => {
-                let started = Instant::now();
-                self.masked.clear();
-                self.masked.extend_from_slice(logits);
-                if let Err(e) = c.mask(&mut self.masked) {
-                    return Some(Event::Error(GenerateError::Internal(e)));
-                }
-                let grammar = started.elapsed();
-                let id = s.sampler.sample(&self.masked);
+                let mut grammar = std::time::Duration::ZERO;
+                let masked = s.sampler.sample_restricted(logits, |l| {
+                    let started = Instant::now();
+                    let masked = c.mask(l);
+                    grammar = started.elapsed();
+                    masked
+                });
+                let id = match masked {
+                    Ok(id) => id,
+                    Err(e) => return Some(Event::Error(GenerateError::Internal(e))),
+                };
                 let started = Instant::now();
                 if let Err(e) = c.accept(id) {
                     return Some(Event::Error(GenerateError::Internal(e)));

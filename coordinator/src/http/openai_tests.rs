@@ -112,16 +112,21 @@ mod fuzz {
         }
     }
 
+    /// The fixture's tokenizer behind a 512-token vocabulary, without structured output.
+    fn context(limits: &Limits) -> InputContext<'_> {
+        InputContext {
+            model_name: "m",
+            grammars: None,
+            limits,
+            tokenizer: tokenizer(),
+            vocab_size: 512,
+        }
+    }
+
     /// Runs both endpoints' input path and checks the outcome's shape.
     fn check(body: &[u8]) {
         let limits = limits();
-        let cx = InputContext {
-            model_name: "m",
-            grammars: None,
-            limits: &limits,
-            tokenizer: tokenizer(),
-            vocab_size: 512,
-        };
+        let cx = context(&limits);
         for result in [completion_input(body, &cx), chat_input(body, &cx)] {
             match result {
                 Ok(Input {
@@ -287,13 +292,7 @@ mod fuzz {
         check(br#"{"prompt": "a", "max_tokens": 1e400}"#);
         check(br#"{"prompt": "a", "max_tokens": 18446744073709551616}"#);
         let limits = Limits::default();
-        let cx = InputContext {
-            model_name: "m",
-            grammars: None,
-            limits: &limits,
-            tokenizer: tokenizer(),
-            vocab_size: 512,
-        };
+        let cx = context(&limits);
         for body in [
             &br#"{"prompt": "a", "temperature": 1e400}"#[..],
             br#"{"prompt": "a", "top_p": -1e400}"#,

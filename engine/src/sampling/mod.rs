@@ -181,6 +181,29 @@ impl Sampler {
         token
     }
 
+    /// [`Sampler::sample`] with `restrict` applied to the processed logits before the
+    /// choice (structured output's mask: the tokens it sets to `-inf` cannot be drawn).
+    /// One copy of the row, whatever else is active.
+    pub fn sample_restricted<E>(
+        &mut self,
+        logits: &[f32],
+        restrict: impl FnOnce(&mut [f32]) -> Result<(), E>,
+    ) -> Result<u32, E> {
+        let mut processed = std::mem::take(&mut self.processed);
+        processed.clear();
+        processed.extend_from_slice(logits);
+        if self.processing_active() {
+            self.process(&mut processed);
+        }
+        let restricted = restrict(&mut processed);
+        let token = restricted.map(|()| self.choose(&processed));
+        self.processed = processed;
+        if let Ok(t) = token {
+            self.record(t);
+        }
+        token
+    }
+
     fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.params.is_greedy() {
             argmax(logits)
@@ -733,6 +756,22 @@ mod tests {
         for _ in 0..100 {
             assert_eq!(s.sample(&logits), 0);
         }
+    }
+
+    #[test]
+    fn a_restriction_applies_after_the_processing_and_before_the_choice() {
+        // The bias makes 0 the greedy pick; the restriction rules it out, so 3 (the best
+        // left) is chosen, and the restriction's error stops the sample.
+        let params = greedy_with(|p| p.logit_bias = vec![(0, 100.0)]);
+        let mut s = Sampler::new(params, 0);
+        let pick = s.sample_restricted(&L, |l| {
+            l[0] = f32::NEG_INFINITY;
+            Ok::<(), ()>(())
+        });
+        assert_eq!(pick, Ok(3));
+        assert_eq!(s.generated(), 1);
+        assert_eq!(s.sample_restricted(&L, |_| Err("no")), Err("no"));
+        assert_eq!(s.generated(), 1, "a failed sample is not generated");
     }
 
     #[test]
