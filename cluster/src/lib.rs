@@ -14,7 +14,9 @@ pub mod watch;
 pub use etcd::{ClusterConfig, ClusterError, Snapshot, read_snapshot};
 pub use keys::Keys;
 pub use leader::{LeaderConfig, NodeControl};
-pub use planner::{Candidate, PlanError, PlanInput, plan};
+pub use planner::{
+    Candidate, PlanError, PlanInput, balancedness, mean_balancedness, plan, plan_by_load,
+};
 pub use records::{LeaderRecord, LoadReport, NodeRecord, PlacedNode, PlacementRecord};
 pub use session::Session;
 pub use watch::{View, follow};

@@ -3,6 +3,7 @@
 //! continuous batching. Experts run behind `switchyard_engine::Experts`: in this process
 //! or on expert nodes over gRPC, and nothing else here can tell which.
 
+pub mod balance;
 pub mod cluster;
 pub mod dispatch;
 pub mod hedge;

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use switchyard_engine::{ExpertError, Experts, Routing};
@@ -42,6 +42,13 @@ pub struct Metrics {
     /// Time spent on structured output's grammar per token (the mask, then the advance),
     /// on the scheduler's thread.
     pub grammar: Histogram,
+    /// Per MoE layer, the balancedness of the assignments planned for the nodes over the
+    /// last 25-30 s (`crate::balance`): mean over the nodes holding experts of the layer
+    /// divided by the max. A layer with no tokens in the window has no series.
+    pub expert_balancedness: GaugeVec,
+    /// The mean of `expert_balancedness` over the layers that have one (no labels; no
+    /// series while none has).
+    pub expert_balancedness_mean: GaugeVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -86,6 +93,22 @@ impl Metrics {
             &["node"],
         )?;
         registry.register(Box::new(node_up.clone()))?;
+        let expert_balancedness = GaugeVec::new(
+            Opts::new(
+                "expert_balancedness",
+                "Per MoE layer, over the last 25-30 s: mean over the nodes holding the layer's experts of the (token, expert) assignments dispatched to each, divided by the max (1: even)",
+            ),
+            &["layer"],
+        )?;
+        registry.register(Box::new(expert_balancedness.clone()))?;
+        let expert_balancedness_mean = GaugeVec::new(
+            Opts::new(
+                "expert_balancedness_mean",
+                "Mean of expert_balancedness over the MoE layers that had tokens in the window",
+            ),
+            &[],
+        )?;
+        registry.register(Box::new(expert_balancedness_mean.clone()))?;
         Ok(Arc::new(Metrics {
             requests: counter_vec(
                 "requests_total",
@@ -159,8 +182,41 @@ impl Metrics {
                 "Hedged layers the replicas answered before the late node",
                 &["node"],
             )?,
+            expert_balancedness,
+            expert_balancedness_mean,
             registry,
         }))
+    }
+
+    /// Sets `expert_balancedness` per layer (`None`: the layer's series is removed) and
+    /// their mean.
+    pub fn set_balancedness(&self, per_layer: &[Option<f64>]) {
+        let (mut sum, mut layers) = (0.0, 0usize);
+        for (layer, b) in per_layer.iter().enumerate() {
+            let label = layer.to_string();
+            match b {
+                Some(b) => {
+                    self.expert_balancedness
+                        .with_label_values(&[&label])
+                        .set(*b);
+                    sum += b;
+                    layers += 1;
+                }
+                None => {
+                    let _ = self.expert_balancedness.remove_label_values(&[&label]);
+                }
+            }
+        }
+        let no_labels: [&str; 0] = [];
+        if layers > 0 {
+            self.expert_balancedness_mean
+                .with_label_values(&no_labels)
+                .set(sum / layers as f64);
+        } else {
+            let _ = self
+                .expert_balancedness_mean
+                .remove_label_values(&no_labels);
+        }
     }
 
     /// The text exposition format.
@@ -235,4 +291,40 @@ pub const PER_EXPERT_SERIES_MAX: usize = 4096;
 
 pub fn per_expert_series(num_layers: usize, num_experts: usize) -> bool {
     num_layers.saturating_mul(num_experts) <= PER_EXPERT_SERIES_MAX
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn balancedness_series_exist_only_for_layers_with_data() {
+        let m = Metrics::new().unwrap();
+        let text = m.render();
+        assert!(!text.contains("switchyard_expert_balancedness"), "{text}");
+        m.set_balancedness(&[Some(1.0), None, Some(0.5)]);
+        let text = m.render();
+        assert!(
+            text.contains("switchyard_expert_balancedness{layer=\"0\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("switchyard_expert_balancedness{layer=\"2\"} 0.5\n"),
+            "{text}"
+        );
+        assert!(!text.contains("layer=\"1\""), "{text}");
+        assert!(
+            text.contains("switchyard_expert_balancedness_mean 0.75\n"),
+            "{text}"
+        );
+        m.set_balancedness(&[None, None, Some(0.25)]);
+        let text = m.render();
+        assert!(!text.contains("layer=\"0\""), "{text}");
+        assert!(
+            text.contains("switchyard_expert_balancedness_mean 0.25\n"),
+            "{text}"
+        );
+        m.set_balancedness(&[None, None, None]);
+        assert!(!m.render().contains("switchyard_expert_balancedness"));
+    }
 }

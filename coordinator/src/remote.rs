@@ -13,6 +13,7 @@ use switchyard_proto::tls::Tls;
 use switchyard_proto::{WireFormat, decode_activations, encode_activations};
 use tracing::{instrument, warn};
 
+use crate::balance::BalanceWindow;
 use crate::dispatch::{NodeWork, plan_avoiding, replan_away};
 use crate::hedge::Hedging;
 pub use crate::link::{Keepalive, NodeLink, wait_healthy};
@@ -102,22 +103,32 @@ impl Topology {
     }
 }
 
-/// The current topology, swapped atomically.
-pub struct TopologyCell(std::sync::RwLock<Arc<Topology>>);
+/// The current topology, swapped atomically, with its generation: a number that grows by
+/// one with every replacement (the load-balance window restarts on a newer one).
+pub struct TopologyCell(std::sync::RwLock<(Arc<Topology>, u64)>);
 
 impl TopologyCell {
     pub fn get(&self) -> Arc<Topology> {
+        self.get_with_generation().0
+    }
+
+    /// The topology and its generation, read together.
+    pub fn get_with_generation(&self) -> (Arc<Topology>, u64) {
         match self.0.read() {
-            Ok(t) => Arc::clone(&t),
-            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+            Ok(t) => (Arc::clone(&t.0), t.1),
+            Err(poisoned) => {
+                let t = poisoned.into_inner();
+                (Arc::clone(&t.0), t.1)
+            }
         }
     }
 
     fn set(&self, t: Arc<Topology>) {
-        match self.0.write() {
-            Ok(mut cur) => *cur = t,
-            Err(poisoned) => *poisoned.into_inner() = t,
-        }
+        let mut cur = match self.0.write() {
+            Ok(cur) => cur,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        *cur = (t, cur.1 + 1);
     }
 
     /// Replaces `expected` by `new`; false if something else replaced it first.
@@ -126,8 +137,8 @@ impl TopologyCell {
             Ok(cur) => cur,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if Arc::ptr_eq(&cur, expected) {
-            *cur = new;
+        if Arc::ptr_eq(&cur.0, expected) {
+            *cur = (new, cur.1 + 1);
             true
         } else {
             false
@@ -167,6 +178,8 @@ pub struct RemoteExperts {
     timeout: Duration,
     stats: Mutex<DispatchStats>,
     metrics: Option<Arc<Metrics>>,
+    /// Assignments planned per (layer, node) over the last 25-30 s, kept with `metrics`.
+    balance: BalanceWindow,
 }
 
 impl RemoteExperts {
@@ -187,11 +200,14 @@ impl RemoteExperts {
         let keepalive = links
             .first()
             .map_or_else(Keepalive::default, |l| l.keepalive);
-        let topology = Arc::new(TopologyCell(std::sync::RwLock::new(Arc::new(Topology {
-            epoch: 0,
-            links,
-            placement,
-        }))));
+        let topology = Arc::new(TopologyCell(std::sync::RwLock::new((
+            Arc::new(Topology {
+                epoch: 0,
+                links,
+                placement,
+            }),
+            0,
+        ))));
         let audit = Arc::new(AtomicBool::new(true));
         runtime.spawn(reconnect_dead_nodes(
             Arc::downgrade(&topology),
@@ -211,6 +227,7 @@ impl RemoteExperts {
             timeout,
             stats: Mutex::new(DispatchStats::default()),
             metrics: None,
+            balance: BalanceWindow::default(),
         }
     }
 
@@ -330,14 +347,17 @@ impl RemoteExperts {
         Ok(true)
     }
 
-    /// Brings the per-node gauges up to date (called when metrics are scraped).
+    /// Brings the per-node gauges and the per-layer balancedness up to date (called when
+    /// metrics are scraped).
     pub fn refresh_metrics(&self) {
         if let Some(m) = &self.metrics {
-            for n in self.topology.get().links.iter() {
+            let (topo, generation) = self.topology.get_with_generation();
+            for n in topo.links.iter() {
                 m.node_up
                     .with_label_values(&[n.addr()])
                     .set(i64::from(n.is_alive()));
             }
+            m.set_balancedness(&self.balance.balancedness(Instant::now(), generation));
         }
     }
 
@@ -388,13 +408,19 @@ impl RemoteExperts {
         x: &[f32],
         routing: &Routing,
     ) -> Result<Vec<f32>, ExpertError> {
-        let mut topo = self.topology.get();
+        let (mut topo, generation) = self.topology.get_with_generation();
         let mut usable: Vec<bool> = topo.links.iter().map(|l| l.is_alive()).collect();
         let mut failed_addrs: Vec<String> = Vec::new();
         let mut recoveries = 0;
         let mut repairs = 0;
+        // Only the first attempt's plan counts for the load balance (not retries).
+        let mut balance = Some(generation);
         loop {
-            match self.dispatch_once(&topo, layer, x, routing, &usable).await {
+            let count = balance.take();
+            match self
+                .dispatch_once(&topo, layer, x, routing, &usable, count)
+                .await
+            {
                 Ok(out) => return Ok(out),
                 Err(DispatchFailure {
                     too_large: true,
@@ -525,6 +551,8 @@ impl RemoteExperts {
         Ok(patched)
     }
 
+    /// One attempt at a layer on `topo`. With `balance` (the topology's generation), the
+    /// plan is counted in the load-balance window.
     async fn dispatch_once(
         &self,
         topo: &Topology,
@@ -532,6 +560,7 @@ impl RemoteExperts {
         x: &[f32],
         routing: &Routing,
         usable: &[bool],
+        balance: Option<u64>,
     ) -> Result<Vec<f32>, DispatchFailure> {
         let h = self.hidden;
         let gray: Vec<bool> = topo.links.iter().map(|l| l.is_gray()).collect();
@@ -547,6 +576,17 @@ impl RemoteExperts {
                 }
             })?;
         let started = Instant::now();
+        if let Some(generation) = balance
+            && self.metrics.is_some()
+        {
+            self.balance.record(
+                started,
+                generation,
+                &topo.placement,
+                layer,
+                work.iter().map(|w| w.assignments.len() as u64),
+            );
+        }
         let mut bytes_sent = 0u64;
         let calls = work
             .iter()

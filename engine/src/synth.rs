@@ -33,6 +33,37 @@ const CORRECTION_BIAS_BOUND: f32 = 0.05;
 /// Standard deviation of Qwen2-MoE's q/k/v biases.
 const QKV_BIAS_STD: f32 = 0.1;
 
+/// Router skew ([`SynthSpec::router_skew`] > 0): the hidden coordinate that carries the
+/// routers' per-expert offsets. Every token embedding holds [`SKEW_DC`] there; no
+/// attention, MLP or expert reads it (their input columns there are 0) or writes it
+/// (their output rows there are 0), so the residual stream keeps exactly that value at
+/// every depth, and the post-attention norms' weight there is exactly 1. A router row's
+/// entry there is then a per-expert logit offset: `offset_e * SKEW_DC / rms(residual)`.
+/// The offsets follow a per-layer permutation of the ranks and are calibrated (see
+/// `zipf_offsets`) so that top-k routing with the random rows' noise gives rank `r` a
+/// share proportional to `r^-S`; each layer's entries are scaled by the residual's
+/// expected RMS there (see `RESIDUAL_GROWTH`), which grows with depth.
+pub const SKEW_COORD: usize = 0;
+
+/// The value of [`SKEW_COORD`] in every token embedding when routers are skewed.
+const SKEW_DC: f32 = 4.0;
+
+/// Expected variance per coordinate that each sublayer (attention or MLP) adds to the
+/// residual stream of these random models, measured (see tests/synth_skew.rs); the
+/// residual's variance before layer `l`'s experts is about `1 + growth * (2l+1)`.
+/// DeepSeek-V3's (latent attention, shared experts, routed scaling) grows faster.
+const RESIDUAL_GROWTH: f64 = 0.35;
+const RESIDUAL_GROWTH_DEEPSEEK: f64 = 0.75;
+
+/// DeepSeek-V3 with router skew: its routers' random rows give logits of this standard
+/// deviation instead of [`ROUTER_SCALE`], so that its sigmoid scores are not saturated
+/// (saturated scores tie, and the correction bias would pick among them).
+const SKEW_ROUTER_SCALE_DEEPSEEK: f32 = 1.0;
+
+/// DeepSeek-V3 with router skew: the correction bias's half-width, small against the
+/// offsets that make the skew.
+const SKEW_CORRECTION_BIAS_BOUND: f32 = 0.002;
+
 /// Ids 0..3 are the special tokens, then the 256 byte-level symbols.
 const SPECIAL_TOKENS: [&str; 3] = ["<unk>", "<s>", "</s>"];
 pub const MIN_VOCAB: usize = SPECIAL_TOKENS.len() + 256;
@@ -213,6 +244,12 @@ pub struct SynthSpec {
     /// YaRN context extension by this factor (any family): config.json gets a
     /// `rope_scaling` of type yarn, from an original context of `max_position / factor`.
     pub yarn_factor: Option<f64>,
+    /// Zipf exponent of expert popularity (any family): with `S > 0`, in every MoE layer
+    /// the expert of popularity rank `r` gets a share of the routed tokens roughly
+    /// proportional to `r^-S`, and which expert has which rank is a per-layer permutation
+    /// drawn from `seed`. `0` (the default) writes today's uniform routers, byte for byte.
+    /// See [`SKEW_COORD`] for how.
+    pub router_skew: f64,
 }
 
 impl Default for SynthSpec {
@@ -248,6 +285,7 @@ impl Default for SynthSpec {
             n_shared_experts: None,
             routed_scaling_factor: None,
             yarn_factor: None,
+            router_skew: 0.0,
         }
     }
 }
@@ -429,6 +467,21 @@ impl SynthSpec {
         }
         if self.moe_ffn == Some(0) {
             return invalid("moe_ffn", "must be positive");
+        }
+        if !(self.router_skew.is_finite() && self.router_skew >= 0.0) {
+            return invalid(
+                "router_skew",
+                format!(
+                    "({}) must be a finite Zipf exponent of at least 0",
+                    self.router_skew
+                ),
+            );
+        }
+        if self.router_skew > 0.0 && self.hidden < 2 {
+            return invalid(
+                "router_skew",
+                "needs hidden of at least 2: one coordinate carries the routers' offsets",
+            );
         }
         let family = self.family;
         let only = |field: &'static str, families: &str| {
@@ -689,9 +742,30 @@ impl SynthSpec {
     /// random stream.
     fn tensors_of(&self, s: &Shapes) -> Result<Vec<TensorSpec>, SynthError> {
         let h = self.hidden;
+        let skew = (self.router_skew > 0.0).then(|| {
+            std::sync::Arc::new(SkewPlan {
+                exponent: self.router_skew,
+                experts: self.experts,
+                top_k: self.top_k,
+                hidden: h,
+                seed: self.seed,
+                router_std: f64::from(if self.family == Family::DeepseekV3 {
+                    SKEW_ROUTER_SCALE_DEEPSEEK
+                } else {
+                    ROUTER_SCALE
+                }),
+                growth: if self.family == Family::DeepseekV3 {
+                    RESIDUAL_GROWTH_DEEPSEEK
+                } else {
+                    RESIDUAL_GROWTH
+                },
+                offsets: std::sync::OnceLock::new(),
+            })
+        });
         let mut b = Tensors {
             out: Vec::new(),
             dtype: self.dtype,
+            skew: skew.clone(),
         };
         // Unit-variance embeddings keep the residual stream at the scale the
         // projections produce.
@@ -702,6 +776,18 @@ impl SynthSpec {
                 bound: uniform_bound(1.0),
             },
         )?;
+        b.skew_edit(Edit::Column {
+            col: SKEW_COORD,
+            value: SKEW_DC,
+        });
+        let router_skew = |b: &mut Tensors, layer: usize| {
+            if let Some(plan) = &skew {
+                b.skew_edit(Edit::Router {
+                    layer,
+                    plan: plan.clone(),
+                });
+            }
+        };
         for l in 0..self.layers {
             let p = format!("model.layers.{l}");
             b.add(format!("{p}.input_layernorm.weight"), &[h], Init::Norm)?;
@@ -720,30 +806,51 @@ impl SynthSpec {
                 &[h],
                 Init::Norm,
             )?;
+            b.skew_edit(Edit::Column {
+                col: SKEW_COORD,
+                value: 1.0,
+            });
             let dense = s.dense_layers.binary_search(&l).is_ok();
             match self.family {
                 Family::Mixtral => {
                     let moe = format!("{p}.block_sparse_moe");
                     b.add(format!("{moe}.gate.weight"), &[self.experts, h], router(h))?;
+                    router_skew(&mut b, l);
                     let f = self.ffn;
                     for e in 0..self.experts {
                         let ep = format!("{moe}.experts.{e}");
                         b.add(format!("{ep}.w1.weight"), &[f, h], proj(h))?;
+                        b.reads_hidden();
                         b.add(format!("{ep}.w2.weight"), &[h, f], proj(f))?;
+                        b.writes_hidden();
                         b.add(format!("{ep}.w3.weight"), &[f, h], proj(h))?;
+                        b.reads_hidden();
                     }
                 }
                 _ if dense => b.mlp(&format!("{p}.mlp"), h, self.ffn)?,
                 family => {
                     let mlp = format!("{p}.mlp");
-                    b.add(format!("{mlp}.gate.weight"), &[self.experts, h], router(h))?;
+                    let deepseek_skew = family == Family::DeepseekV3 && skew.is_some();
+                    let gate = if deepseek_skew {
+                        Init::Uniform {
+                            bound: uniform_bound(SKEW_ROUTER_SCALE_DEEPSEEK / (h as f32).sqrt()),
+                        }
+                    } else {
+                        router(h)
+                    };
+                    b.add(format!("{mlp}.gate.weight"), &[self.experts, h], gate)?;
+                    router_skew(&mut b, l);
                     if family == Family::DeepseekV3 {
                         // Always f32 in the published checkpoints, whatever the weights' dtype.
                         b.add_as(
                             format!("{mlp}.gate.e_score_correction_bias"),
                             &[self.experts],
                             Init::Uniform {
-                                bound: CORRECTION_BIAS_BOUND,
+                                bound: if deepseek_skew {
+                                    SKEW_CORRECTION_BIAS_BOUND
+                                } else {
+                                    CORRECTION_BIAS_BOUND
+                                },
                             },
                             SynthDType::F32,
                         )?;
@@ -754,6 +861,7 @@ impl SynthSpec {
                     if s.shared_ffn > 0 {
                         b.mlp(&format!("{mlp}.shared_expert"), h, s.shared_ffn)?;
                         b.add(format!("{mlp}.shared_expert_gate.weight"), &[1, h], proj(h))?;
+                        b.reads_hidden();
                     }
                     if let Some(d) = s.deepseek
                         && d.n_shared_experts > 0
@@ -769,6 +877,7 @@ impl SynthSpec {
         }
         b.add("model.norm.weight".into(), &[h], Init::Norm)?;
         b.add("lm_head.weight".into(), &[self.vocab, h], proj(h))?;
+        b.reads_hidden();
         Ok(b.out)
     }
 
@@ -783,11 +892,13 @@ impl SynthSpec {
         };
         for (name, out) in [("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out)] {
             b.add(format!("{p}.{name}.weight"), &[out, h], proj(h))?;
+            b.reads_hidden();
             if bias {
                 b.add(format!("{p}.{name}.bias"), &[out], bias_init)?;
             }
         }
         b.add(format!("{p}.o_proj.weight"), &[h, q_out], proj(q_out))?;
+        b.writes_hidden();
         if qk_norm {
             b.add(format!("{p}.q_norm.weight"), &[hd], Init::Norm)?;
             b.add(format!("{p}.k_norm.weight"), &[hd], Init::Norm)?;
@@ -808,10 +919,14 @@ impl SynthSpec {
         match m.q_lora_rank {
             Some(r) => {
                 b.add(format!("{p}.q_a_proj.weight"), &[r, h], proj(h))?;
+                b.reads_hidden();
                 b.add(format!("{p}.q_a_layernorm.weight"), &[r], Init::Norm)?;
                 b.add(format!("{p}.q_b_proj.weight"), &[q_out, r], proj(r))?;
             }
-            None => b.add(format!("{p}.q_proj.weight"), &[q_out, h], proj(h))?,
+            None => {
+                b.add(format!("{p}.q_proj.weight"), &[q_out, h], proj(h))?;
+                b.reads_hidden();
+            }
         }
         let r = m.kv_lora_rank;
         let latent = r.checked_add(m.qk_rope_head_dim).ok_or_else(overflow)?;
@@ -820,6 +935,7 @@ impl SynthSpec {
             &[latent, h],
             proj(h),
         )?;
+        b.reads_hidden();
         b.add(format!("{p}.kv_a_layernorm.weight"), &[r], Init::Norm)?;
         let kv_b_out = m
             .qk_nope_head_dim
@@ -829,6 +945,7 @@ impl SynthSpec {
         b.add(format!("{p}.kv_b_proj.weight"), &[kv_b_out, r], proj(r))?;
         let o_in = heads.checked_mul(m.v_head_dim).ok_or_else(overflow)?;
         b.add(format!("{p}.o_proj.weight"), &[h, o_in], proj(o_in))?;
+        b.writes_hidden();
         Ok(())
     }
 }
@@ -858,6 +975,8 @@ fn router(hidden: usize) -> Init {
 struct Tensors {
     out: Vec<TensorSpec>,
     dtype: SynthDType,
+    /// Router skew's plan, `None` without skew.
+    skew: Option<std::sync::Arc<SkewPlan>>,
 }
 
 impl Tensors {
@@ -885,8 +1004,36 @@ impl Tensors {
             init,
             dtype,
             bytes,
+            edits: Vec::new(),
         });
         Ok(())
+    }
+
+    /// With router skew, the last tensor added has `edit`.
+    fn skew_edit(&mut self, edit: Edit) {
+        if self.skew.is_some()
+            && let Some(t) = self.out.last_mut()
+        {
+            t.edits.push(edit);
+        }
+    }
+
+    /// With router skew, the last tensor added (`[out, hidden]`) does not read
+    /// [`SKEW_COORD`].
+    fn reads_hidden(&mut self) {
+        self.skew_edit(Edit::Column {
+            col: SKEW_COORD,
+            value: 0.0,
+        });
+    }
+
+    /// With router skew, the last tensor added (`[hidden, in]`) does not write
+    /// [`SKEW_COORD`].
+    fn writes_hidden(&mut self) {
+        self.skew_edit(Edit::Row {
+            row: SKEW_COORD,
+            value: 0.0,
+        });
     }
 
     /// A SwiGLU MLP by the names every family but Mixtral uses.
@@ -896,8 +1043,12 @@ impl Tensors {
             &[ffn, hidden],
             proj(hidden),
         )?;
+        self.reads_hidden();
         self.add(format!("{p}.up_proj.weight"), &[ffn, hidden], proj(hidden))?;
-        self.add(format!("{p}.down_proj.weight"), &[hidden, ffn], proj(ffn))
+        self.reads_hidden();
+        self.add(format!("{p}.down_proj.weight"), &[hidden, ffn], proj(ffn))?;
+        self.writes_hidden();
+        Ok(())
     }
 }
 
@@ -922,6 +1073,167 @@ struct TensorSpec {
     /// The spec's dtype, except for tensors the Hub always stores in f32.
     dtype: SynthDType,
     bytes: u64,
+    /// Values that replace the random ones (router skew only; empty otherwise).
+    edits: Vec<Edit>,
+}
+
+/// Replaces generated values of a tensor seen as `[rows, cols]` (its first dim by the
+/// product of the others; a 1-D tensor is one row).
+#[derive(Clone, Debug)]
+enum Edit {
+    /// Column `col` of every row is `value`.
+    Column { col: usize, value: f32 },
+    /// Every element of row `row` is `value`.
+    Row { row: usize, value: f32 },
+    /// Column [`SKEW_COORD`] of a router (`[experts, hidden]`) gets decoder layer
+    /// `layer`'s per-expert offsets.
+    Router {
+        layer: usize,
+        plan: std::sync::Arc<SkewPlan>,
+    },
+}
+
+/// What the routers of a skewed checkpoint need; the calibration runs once, the first
+/// time a router is generated.
+#[derive(Debug)]
+struct SkewPlan {
+    exponent: f64,
+    experts: usize,
+    top_k: usize,
+    hidden: usize,
+    seed: u64,
+    /// Standard deviation of a router logit's random part per unit RMS-normalised input.
+    router_std: f64,
+    /// Variance per coordinate each sublayer adds to the residual stream.
+    growth: f64,
+    /// Offsets by rank (1 first) in units of the logits' noise, from `zipf_offsets`.
+    offsets: std::sync::OnceLock<Vec<f64>>,
+}
+
+impl SkewPlan {
+    /// Decoder layer `layer`'s router column [`SKEW_COORD`], by expert.
+    fn router_column(&self, layer: usize) -> Vec<f32> {
+        let by_rank = self
+            .offsets
+            .get_or_init(|| zipf_offsets(self.exponent, self.experts, self.top_k));
+        let h = self.hidden as f64;
+        let dc = f64::from(SKEW_DC);
+        // The residual's variance per coordinate off SKEW_COORD before this layer's
+        // experts: the embedding's 1 plus what attention and MLPs added.
+        let var = 1.0 + self.growth * (2 * layer + 1) as f64;
+        let rms = ((dc * dc + (h - 1.0) * var) / h).sqrt();
+        let x_dc = dc / rms;
+        let noise = self.router_std * (1.0 - (x_dc * x_dc / h).min(1.0)).sqrt();
+        let scale = noise / x_dc;
+        let perm = skew_permutation(self.seed, layer, self.experts);
+        let mut column = vec![0.0f32; self.experts];
+        for (rank, &expert) in perm.iter().enumerate() {
+            column[expert] = (by_rank[rank] * scale) as f32;
+        }
+        column
+    }
+}
+
+/// The ChaCha stream of the router skew's random choices, apart from the weights'.
+fn skew_rng(seed: u64, stream: u64, n: u64) -> ChaCha8Rng {
+    let mut key = [0u8; 32];
+    key[..8].copy_from_slice(&seed.to_le_bytes());
+    key[8..16].copy_from_slice(&stream.to_le_bytes());
+    key[16..24].copy_from_slice(&n.to_le_bytes());
+    key[24..].copy_from_slice(b"swskew01");
+    ChaCha8Rng::from_seed(key)
+}
+
+/// Which expert has popularity rank 1, 2, ... in decoder layer `layer`.
+pub fn skew_permutation(seed: u64, layer: usize, experts: usize) -> Vec<usize> {
+    let mut rng = skew_rng(seed, 1, layer as u64);
+    let mut perm: Vec<usize> = (0..experts).collect();
+    for i in (1..experts).rev() {
+        let j = (rng.next_u64() % (i as u64 + 1)) as usize;
+        perm.swap(i, j);
+    }
+    perm
+}
+
+/// Logit offsets by popularity rank, in units of the logits' noise (standard deviation
+/// 1), such that top-`k` routing of `N(0, 1) + offset` picks rank `r` with a share of
+/// all picks proportional to `r^-exponent`: fitted by fixed-point iteration on a fixed
+/// Gaussian sample (the same for every seed). A share above `1 / k` (one pick by every
+/// token) cannot be reached; those offsets stop at a large finite value.
+fn zipf_offsets(exponent: f64, experts: usize, k: usize) -> Vec<f64> {
+    if exponent == 0.0 || k >= experts {
+        return vec![0.0; experts];
+    }
+    let weights: Vec<f64> = (1..=experts).map(|r| (r as f64).powf(-exponent)).collect();
+    let total: f64 = weights.iter().sum();
+    let target: Vec<f64> = weights.iter().map(|w| w / total).collect();
+    let samples = (1usize << 18).div_ceil(experts).clamp(4096, 16384);
+    let noise: Vec<f32> = (0..samples)
+        .into_par_iter()
+        .flat_map_iter(|i| {
+            let mut rng = skew_rng(0, 2, i as u64);
+            let mut row = Vec::with_capacity(experts);
+            while row.len() < experts {
+                // Box-Muller from two 24-bit uniforms in (0, 1].
+                let u1 = ((rng.next_u32() >> 8) as f64 + 1.0) / (1u32 << 24) as f64;
+                let u2 = ((rng.next_u32() >> 8) as f64) / (1u32 << 24) as f64;
+                let r = (-2.0 * u1.ln()).sqrt();
+                let a = std::f64::consts::TAU * u2;
+                row.push((r * a.cos()) as f32);
+                if row.len() < experts {
+                    row.push((r * a.sin()) as f32);
+                }
+            }
+            row
+        })
+        .collect();
+    // The Gumbel-max trick's answer for k = 1, with the Gumbel's spread (pi / sqrt(6)).
+    let gumbel_std = std::f64::consts::PI / 6f64.sqrt();
+    let mut offsets: Vec<f64> = (1..=experts)
+        .map(|r| -exponent * (r as f64).ln() / gumbel_std)
+        .collect();
+    let picks = (samples * k) as f64;
+    for _ in 0..80 {
+        let t: Vec<f32> = offsets.iter().map(|o| *o as f32).collect();
+        let counts = noise
+            .par_chunks(experts)
+            .fold(
+                || (vec![0u32; experts], Vec::with_capacity(experts)),
+                |(mut counts, mut buf): (Vec<u32>, Vec<(f32, u32)>), row| {
+                    buf.clear();
+                    buf.extend(
+                        row.iter()
+                            .zip(&t)
+                            .enumerate()
+                            .map(|(e, (n, o))| (n + o, e as u32)),
+                    );
+                    buf.select_nth_unstable_by(k - 1, |a, b| b.0.total_cmp(&a.0));
+                    for (_, e) in &buf[..k] {
+                        counts[*e as usize] += 1;
+                    }
+                    (counts, buf)
+                },
+            )
+            .map(|(counts, _)| counts)
+            .reduce(
+                || vec![0u32; experts],
+                |mut a, b| {
+                    a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+                    a
+                },
+            );
+        for (r, o) in offsets.iter_mut().enumerate() {
+            let got = (f64::from(counts[r]) / picks).max(0.5 / picks);
+            *o = (*o + 0.7 * (target[r] / got).ln()).clamp(-30.0, 30.0);
+        }
+        let mean = offsets.iter().sum::<f64>() / experts as f64;
+        offsets.iter_mut().for_each(|o| *o -= mean);
+    }
+    // Sampling noise in the tail's few picks must not swap neighbouring ranks.
+    for r in 1..experts {
+        offsets[r] = offsets[r].min(offsets[r - 1] - 1e-3);
+    }
+    offsets
 }
 
 /// A tensor whose values are generated only when the safetensors writer asks for its
@@ -975,6 +1287,24 @@ fn generate(spec: &TensorSpec, index: u64, seed: u64) -> Vec<u8> {
         Init::Uniform { bound } => (bound, 0.0),
         Init::Norm => (NORM_NOISE, 1.0),
     };
+    let cols: usize = spec.shape.iter().skip(1).product::<usize>().max(1);
+    let cols = if spec.shape.len() == 1 {
+        spec.shape[0]
+    } else {
+        cols
+    };
+    // (column or row, value per row or for all) of each edit.
+    let edits: Vec<ResolvedEdit> = spec
+        .edits
+        .iter()
+        .map(|e| match e {
+            Edit::Column { col, value } => ResolvedEdit::Column(*col, vec![*value]),
+            Edit::Row { row, value } => ResolvedEdit::Row(*row, *value),
+            Edit::Router { layer, plan } => {
+                ResolvedEdit::Column(SKEW_COORD, plan.router_column(*layer))
+            }
+        })
+        .collect();
     buf.par_chunks_mut(CHUNK_ELEMS * es)
         .enumerate()
         .for_each(|(ci, chunk)| {
@@ -1004,8 +1334,68 @@ fn generate(spec: &TensorSpec, index: u64, seed: u64) -> Vec<u8> {
                     }
                 }
             }
+            apply_edits(chunk, ci * CHUNK_ELEMS, cols, &edits, dtype);
         });
     buf
+}
+
+/// An [`Edit`] with its values computed: a column (one value for all rows, or one per
+/// row) or a row.
+enum ResolvedEdit {
+    Column(usize, Vec<f32>),
+    Row(usize, f32),
+}
+
+/// Overwrites the elements of `chunk` (elements `start..` of a `[rows, cols]` tensor)
+/// that `edits` replace.
+fn apply_edits(
+    chunk: &mut [u8],
+    start: usize,
+    cols: usize,
+    edits: &[ResolvedEdit],
+    dtype: SynthDType,
+) {
+    if edits.is_empty() {
+        return;
+    }
+    let es = dtype.size_bytes();
+    let end = start + chunk.len() / es;
+    let mut put = |elem: usize, v: f32| {
+        let at = (elem - start) * es;
+        let out = &mut chunk[at..at + es];
+        match dtype {
+            SynthDType::F32 => out.copy_from_slice(&v.to_le_bytes()),
+            SynthDType::Bf16 => out.copy_from_slice(&bf16_bits(v).to_le_bytes()),
+            SynthDType::F16 => out.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+        }
+    };
+    for edit in edits {
+        match edit {
+            ResolvedEdit::Column(col, values) => {
+                if *col >= cols {
+                    continue;
+                }
+                for row in start / cols..end.div_ceil(cols) {
+                    let elem = row * cols + col;
+                    if (start..end).contains(&elem) {
+                        let v = if values.len() == 1 {
+                            values[0]
+                        } else {
+                            values[row]
+                        };
+                        put(elem, v);
+                    }
+                }
+            }
+            ResolvedEdit::Row(row, value) => {
+                let from = (row * cols).max(start);
+                let to = ((row + 1) * cols).min(end);
+                for elem in from..to {
+                    put(elem, *value);
+                }
+            }
+        }
+    }
 }
 
 /// f32 -> bf16 bits, rounding to nearest even; values here are always finite, and this
@@ -2656,6 +3046,80 @@ mod tests {
         let got = all_weights(tmp.path());
         let qb = as_f32(&got["model.layers.0.self_attn.q_proj.bias"].2);
         assert!(qb.iter().all(|b| b.abs() <= uniform_bound(QKV_BIAS_STD)));
+    }
+
+    #[test]
+    fn router_skew_is_validated_and_zero_edits_nothing() {
+        for bad in [-0.1, f64::NAN, f64::INFINITY] {
+            let err = SynthSpec {
+                router_skew: bad,
+                ..tiny(0)
+            }
+            .validate()
+            .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    SynthError::InvalidSpec {
+                        field: "router_skew",
+                        ..
+                    }
+                ),
+                "{bad}: {err}"
+            );
+        }
+        for spec in [tiny(0), qwen2(0), qwen3(0), deepseek(0)] {
+            assert!(spec.tensors().unwrap().iter().all(|t| t.edits.is_empty()));
+            let skewed = SynthSpec {
+                router_skew: 1.0,
+                ..spec
+            };
+            skewed.validate().unwrap();
+            let tensors = skewed.tensors().unwrap();
+            let routers = tensors
+                .iter()
+                .filter(|t| t.edits.iter().any(|e| matches!(e, Edit::Router { .. })))
+                .count();
+            assert_eq!(routers, skewed.moe_layers().unwrap().len());
+        }
+    }
+
+    #[test]
+    fn skewed_checkpoints_keep_the_skew_coordinate_to_the_routers() {
+        let spec = SynthSpec {
+            dtype: SynthDType::F32,
+            router_skew: 1.5,
+            ..qwen2(3)
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        write_checkpoint(&spec, tmp.path()).unwrap();
+        let got = all_weights(tmp.path());
+        let h = spec.hidden;
+        let embed = as_f32(&got["model.embed_tokens.weight"].2);
+        assert!(embed.chunks(h).all(|row| row[SKEW_COORD] == SKEW_DC));
+        let o = as_f32(&got["model.layers.0.self_attn.o_proj.weight"].2);
+        let cols = o.len() / h;
+        assert!(
+            o[SKEW_COORD * cols..(SKEW_COORD + 1) * cols]
+                .iter()
+                .all(|v| *v == 0.0)
+        );
+        let q = as_f32(&got["model.layers.0.self_attn.q_proj.weight"].2);
+        assert!(q.chunks(h).all(|row| row[SKEW_COORD] == 0.0));
+        let gate = as_f32(&got["model.layers.0.mlp.gate.weight"].2);
+        let offsets: Vec<f32> = gate.chunks(h).map(|row| row[SKEW_COORD]).collect();
+        let hot = skew_permutation(spec.seed, 0, spec.experts)[0];
+        assert!(offsets.iter().all(|o| o.is_finite() && *o <= offsets[hot]));
+        assert!(offsets.iter().any(|o| *o < offsets[hot]));
+    }
+
+    #[test]
+    fn zipf_offsets_fall_with_rank() {
+        let o = zipf_offsets(1.2, 16, 2);
+        assert!(o.windows(2).all(|w| w[0] > w[1]), "{o:?}");
+        assert_eq!(zipf_offsets(0.0, 16, 2), vec![0.0; 16]);
+        // Unreachable shares (rank 1 above 1/k of picks) stay finite.
+        assert!(zipf_offsets(6.0, 8, 4).iter().all(|o| o.is_finite()));
     }
 
     #[test]

@@ -106,6 +106,25 @@ pub struct Args {
     /// from an original context of max-position / factor.
     #[arg(long)]
     yarn_factor: Option<f64>,
+    /// Zipf exponent S of expert popularity (any family): in every MoE layer the expert
+    /// of popularity rank r gets a share of the routed tokens roughly proportional to
+    /// r^-S, with a different hottest expert per layer (drawn from --seed). 0 (the
+    /// default) gives uniform routers, the same bytes as without the flag.
+    #[arg(long, default_value_t = 0.0, value_parser = skew_arg)]
+    router_skew: f64,
+}
+
+fn skew_arg(s: &str) -> Result<f64, String> {
+    let v: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("expected a Zipf exponent (a number >= 0), got {s:?}"))?;
+    if !(v.is_finite() && v >= 0.0) {
+        return Err(format!(
+            "the Zipf exponent must be a finite number >= 0 (0: uniform routers), got {s:?}"
+        ));
+    }
+    Ok(v)
 }
 
 /// `--q-lora-rank`: a rank, or `none` (also `0`) for DeepSeek-V2-Lite's plain `q_proj`.
@@ -163,6 +182,7 @@ fn spec(a: &Args) -> Result<SynthSpec> {
         n_shared_experts: a.shared_experts,
         routed_scaling_factor: a.routed_scaling,
         yarn_factor: a.yarn_factor,
+        router_skew: a.router_skew,
     })
 }
 
@@ -310,6 +330,42 @@ mod tests {
             (vec![0, 2], Some(0))
         );
         q.validate().unwrap();
+    }
+
+    #[test]
+    fn router_skew_reaches_the_spec_and_bad_values_are_refused() {
+        assert_eq!(parse(&[]).unwrap().router_skew, 0.0);
+        let s = parse(&["--router-skew", "1.2"]).unwrap();
+        assert_eq!(s.router_skew, 1.2);
+        s.validate().unwrap();
+        let s = parse(&["--family", "deepseek_v3", "--router-skew", "0.8"]).unwrap();
+        assert_eq!((s.family, s.router_skew), (Family::DeepseekV3, 0.8));
+        s.validate().unwrap();
+        // `=` keeps a leading minus from reading as a flag.
+        for bad in ["-1", "-0.5", "nan", "inf", "-inf", "lots"] {
+            let err = parse(&[&format!("--router-skew={bad}")])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} accepted"))
+                .to_string();
+            assert!(
+                err.contains("router-skew") && err.contains(bad),
+                "{bad}: {err}"
+            );
+        }
+        let err = parse(&["--router-skew=-1"]).unwrap_err().to_string();
+        assert!(
+            err.contains("Zipf exponent must be a finite number >= 0"),
+            "{err}"
+        );
+        // The spec refuses them too, whoever builds it.
+        let err = SynthSpec {
+            router_skew: f64::NAN,
+            ..parse(&[]).unwrap()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("router_skew"), "{err}");
     }
 
     #[test]

@@ -1,15 +1,21 @@
 //! Placement planning: which node holds which (layer, expert), as a pure function of the
 //! live nodes, their memory, the current placement and the observed load.
 //!
-//! Goals, in order: every expert on at least one node; each node within its capacity;
-//! at least `min_replicas` copies of every expert where memory allows; one more copy of
-//! each hot expert (routed well above the mean) where memory allows; copies spread
-//! evenly; and as few moves as possible from the current placement, so that a rebalance
-//! loads only what must move (a new node takes its even share, nothing else shuffles).
+//! Two planners. [`plan`] keeps a placement whole as membership changes: every expert on
+//! at least one node, each node within its capacity, `min_replicas` copies where memory
+//! allows, every copy a surviving node holds left where it is, a dead or drained node's
+//! copies re-placed on the emptiest nodes, and a joining node given an even share (and
+//! nothing else moved). [`plan_by_load`] starts over from the measured load
+//! ([`by_load`]): hot experts get more copies and the copies are packed so that each
+//! node computes about the same number of tokens per layer. The leader runs the first
+//! on every cluster change and the second only to rebalance, so load that shifts all the
+//! time does not move weights all the time.
 
 use std::collections::HashMap;
 
 use crate::records::{PlacedNode, PlacementRecord};
+
+pub mod by_load;
 
 /// A node the planner may use.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,36 +45,171 @@ pub struct PlanInput<'a> {
     pub min_replicas: usize,
 }
 
-/// An expert is hot when it receives more than this multiple of the mean load.
-const HOT: f64 = 1.5;
-
-/// The placement for `input`, with `epoch` written into it.
+/// The placement for `input`, with `epoch` written into it. The first placement is
+/// planned by load when a load is known (a `--placement-from` file); after that, the
+/// current placement is kept and repaired.
 pub fn plan(input: &PlanInput<'_>, epoch: u64) -> Result<PlacementRecord, PlanError> {
+    check_capacity(input)?;
+    if input.current.is_none()
+        && input.load.iter().any(|&t| t > 0)
+        && let Some(p) = plan_by_load(input, epoch)?
+    {
+        return Ok(p);
+    }
     let nodes = input.nodes;
     let n = nodes.len();
-    if n == 0 {
+    let experts = input.num_layers * input.num_experts;
+    let current = current_holders(input);
+    let copies = copies_per_expert(input);
+    let total: usize = copies.iter().sum();
+    // A joining node takes an even share of the copies from the others; otherwise
+    // every copy stays where it is, so that a placement planned by load survives
+    // cluster changes that do not concern it.
+    let joined = input.current.is_some_and(|p| {
+        nodes
+            .iter()
+            .any(|c| c.capacity > 0 && !p.contains_node(&c.id))
+    });
+    let target = if joined || input.current.is_none() {
+        even_targets(nodes, total)
+    } else {
+        nodes.iter().map(|c| c.capacity).collect()
+    };
+
+    let mut assigned = vec![0usize; n];
+    let mut holders: Vec<Vec<usize>> = vec![Vec::new(); experts];
+    // Copies that live nodes hold stay (up to each node's share), then every expert
+    // without one gets a copy (always possible: capacity covers the experts), then the
+    // missing extra copies, so replicas never crowd out a primary: first up to
+    // `min_replicas` each, then by the tokens each copy would carry (EPLB's order), so
+    // that when memory is tight the last ones to find no node are those that would have
+    // balanced least.
+    for x in 0..experts {
+        for &h in current[x].iter().take(copies[x]) {
+            if assigned[h] < target[h] {
+                holders[x].push(h);
+                assigned[h] += 1;
+            }
+        }
+    }
+    for x in 0..experts {
+        if holders[x].is_empty()
+            && let Some(pick) = choose(&holders[x], &current[x], &assigned, &target, nodes)
+        {
+            holders[x].push(pick);
+            assigned[pick] += 1;
+        }
+    }
+    let base = input.min_replicas.clamp(1, n);
+    let load = |x: usize| input.load.get(x).copied().unwrap_or(0) as f64;
+    let mut extra: Vec<(usize, usize)> = (0..experts)
+        .flat_map(|x| (1..copies[x]).map(move |k| (x, k)))
+        .collect();
+    extra.sort_by(|&(x, k), &(y, j)| {
+        let per_copy = |x: usize, k: usize| load(x) / (k + 1) as f64;
+        (k >= base)
+            .cmp(&(j >= base))
+            .then(if k < base {
+                k.cmp(&j)
+            } else {
+                std::cmp::Ordering::Equal
+            })
+            .then(per_copy(y, j).total_cmp(&per_copy(x, k)))
+            .then(x.cmp(&y))
+    });
+    for (x, k) in extra {
+        if holders[x].len() > k {
+            continue;
+        }
+        if let Some(pick) = choose(&holders[x], &current[x], &assigned, &target, nodes) {
+            holders[x].push(pick);
+            assigned[pick] += 1;
+        }
+    }
+    Ok(record(input, holders, epoch))
+}
+
+/// The placement [`by_load`] makes from `input.load` (the current placement plays no
+/// part: an unchanged load gives an unchanged plan), or `None` when some layer's slots
+/// cannot hold `min_replicas` copies of each of its experts (capacities too uneven
+/// across layers: [`plan`] places by memory alone then).
+pub fn plan_by_load(
+    input: &PlanInput<'_>,
+    epoch: u64,
+) -> Result<Option<PlacementRecord>, PlanError> {
+    check_capacity(input)?;
+    let (layers, per_layer) = (input.num_layers, input.num_experts);
+    let mut holders: Vec<Vec<usize>> = Vec::with_capacity(layers * per_layer);
+    for l in 0..layers {
+        let range = l * per_layer..(l + 1) * per_layer;
+        let load: Vec<u64> = range
+            .map(|x| input.load.get(x).copied().unwrap_or(0))
+            .collect();
+        let slots = by_load::layer_slots(input.nodes, layers, l);
+        let Some(layer) = by_load::place_layer(&load, &slots, input.min_replicas) else {
+            return Ok(None);
+        };
+        holders.extend(layer);
+    }
+    Ok(Some(record(input, holders, epoch)))
+}
+
+/// Per layer, how evenly `p` spreads `load` (tokens per `layer * num_experts + expert`)
+/// over the nodes holding that layer's experts: mean over max of their tokens, with an
+/// expert's tokens split evenly over its copies as dispatch does. `None` for a layer
+/// without load.
+pub fn balancedness(p: &PlacementRecord, load: &[u64]) -> Vec<Option<f64>> {
+    let e = p.num_experts;
+    (0..p.num_layers)
+        .map(|l| {
+            let holders: Vec<Vec<usize>> = p.holders[l * e..(l + 1) * e]
+                .iter()
+                .map(|h| h.iter().map(|&k| k as usize).collect())
+                .collect();
+            let layer_load: Vec<u64> = (l * e..(l + 1) * e)
+                .map(|x| load.get(x).copied().unwrap_or(0))
+                .collect();
+            let per_node = by_load::node_loads(&layer_load, &holders, p.nodes.len());
+            let mut used = vec![false; p.nodes.len()];
+            for &k in holders.iter().flatten() {
+                used[k] = true;
+            }
+            by_load::balancedness(&per_node, &used)
+        })
+        .collect()
+}
+
+/// The mean of [`balancedness`] over the layers with load.
+pub fn mean_balancedness(p: &PlacementRecord, load: &[u64]) -> Option<f64> {
+    let known: Vec<f64> = balancedness(p, load).into_iter().flatten().collect();
+    (!known.is_empty()).then(|| known.iter().sum::<f64>() / known.len() as f64)
+}
+
+fn check_capacity(input: &PlanInput<'_>) -> Result<(), PlanError> {
+    if input.nodes.is_empty() {
         return Err(PlanError::NoNodes);
     }
     let experts = input.num_layers * input.num_experts;
-    let have: usize = nodes.iter().map(|c| c.capacity).sum();
+    let have: usize = input.nodes.iter().map(|c| c.capacity).sum();
     if have < experts {
         return Err(PlanError::NoCapacity {
             need: experts,
             have,
         });
     }
+    Ok(())
+}
 
-    let (copies, order) = copies_per_expert(input, have - experts);
-    let total: usize = copies.iter().sum();
-    let target = even_targets(nodes, total);
-
-    // Current holders of each expert, as indices into `nodes` (dead nodes drop out).
-    let index_of: HashMap<&str, usize> = nodes
+/// Current holders of each expert, as indices into `input.nodes` (dead nodes drop out).
+fn current_holders(input: &PlanInput<'_>) -> Vec<Vec<usize>> {
+    let experts = input.num_layers * input.num_experts;
+    let index_of: HashMap<&str, usize> = input
+        .nodes
         .iter()
         .enumerate()
         .map(|(i, c)| (c.id.as_str(), i))
         .collect();
-    let current: Vec<Vec<usize>> = match input.current {
+    match input.current {
         Some(p) if p.holders.len() == experts && p.num_experts == input.num_experts => p
             .holders
             .iter()
@@ -80,35 +221,25 @@ pub fn plan(input: &PlanInput<'_>, epoch: u64) -> Result<PlacementRecord, PlanEr
             })
             .collect(),
         _ => vec![Vec::new(); experts],
-    };
-
-    let mut assigned = vec![0usize; n];
-    let mut holders: Vec<Vec<usize>> = vec![Vec::new(); experts];
-    // First one copy of everything (always possible: capacity covers the experts), then
-    // the extra copies, so replicas never crowd out a primary.
-    // Replicas go hottest first: when memory is tight, the last ones may find no node.
-    let by_index: Vec<usize> = (0..experts).collect();
-    for round in 0..copies.iter().copied().max().unwrap_or(1) {
-        let sequence = if round == 0 { &by_index } else { &order };
-        for &x in sequence {
-            if copies[x] <= round {
-                continue;
-            }
-            if let Some(pick) = choose(&holders[x], &current[x], &assigned, &target, nodes) {
-                holders[x].push(pick);
-                assigned[pick] += 1;
-            }
-        }
     }
+}
 
-    // Only nodes that hold something appear in the record.
-    let mut used: Vec<usize> = (0..n).filter(|&i| assigned[i] > 0).collect();
+/// The record for `holders` (indices into `input.nodes`): only nodes that hold
+/// something appear, sorted by id.
+fn record(input: &PlanInput<'_>, holders: Vec<Vec<usize>>, epoch: u64) -> PlacementRecord {
+    let nodes = input.nodes;
+    let n = nodes.len();
+    let mut held = vec![false; n];
+    for &i in holders.iter().flatten() {
+        held[i] = true;
+    }
+    let mut used: Vec<usize> = (0..n).filter(|&i| held[i]).collect();
     used.sort_by(|&a, &b| nodes[a].id.cmp(&nodes[b].id));
     let mut slot = vec![u32::MAX; n];
     for (k, &i) in used.iter().enumerate() {
         slot[i] = k as u32;
     }
-    Ok(PlacementRecord {
+    PlacementRecord {
         epoch,
         num_layers: input.num_layers,
         num_experts: input.num_experts,
@@ -127,40 +258,21 @@ pub fn plan(input: &PlanInput<'_>, epoch: u64) -> Result<PlacementRecord, PlanEr
                 h
             })
             .collect(),
-    })
+    }
 }
 
-/// How many copies each expert gets, given `spare` slots beyond one copy each, and the
-/// experts hottest first.
-fn copies_per_expert(input: &PlanInput<'_>, mut spare: usize) -> (Vec<usize>, Vec<usize>) {
+/// How many copies each expert gets: as many as the current placement gives it (a
+/// rebalance may have given a hot one more), at least `min_replicas`, at most one per
+/// node.
+fn copies_per_expert(input: &PlanInput<'_>) -> Vec<usize> {
     let experts = input.num_layers * input.num_experts;
     let n = input.nodes.len();
-    let load = |x: usize| input.load.get(x).copied().unwrap_or(0);
-    // Hottest first, so that when memory runs short the replicas go where they help.
-    let mut order: Vec<usize> = (0..experts).collect();
-    order.sort_by_key(|&x| (std::cmp::Reverse(load(x)), x));
-    let mut copies = vec![1usize; experts];
-    let want = input.min_replicas.clamp(1, n);
-    for _ in 1..want {
-        for &x in &order {
-            if spare == 0 {
-                return (copies, order);
-            }
-            copies[x] += 1;
-            spare -= 1;
-        }
-    }
-    let mean = (0..experts).map(load).sum::<u64>() as f64 / experts.max(1) as f64;
-    for &x in &order {
-        if spare == 0 || mean == 0.0 || (load(x) as f64) <= HOT * mean {
-            break;
-        }
-        if copies[x] < n {
-            copies[x] += 1;
-            spare -= 1;
-        }
-    }
-    (copies, order)
+    let base = input.min_replicas.clamp(1, n);
+    let now = |x: usize| match input.current {
+        Some(p) if p.holders.len() == experts => p.holders[x].len(),
+        _ => 0,
+    };
+    (0..experts).map(|x| base.max(now(x)).min(n)).collect()
 }
 
 /// Per-node share of `total` copies: as even as capacities allow (water-filling).
@@ -288,26 +400,20 @@ mod tests {
     }
 
     #[test]
-    fn replicas_and_hot_experts_use_spare_memory_only() {
+    fn replicas_use_spare_memory_only_and_a_rebalances_copies_survive() {
         let nodes = cands(&[40, 40, 40]);
-        let mut load = vec![10u64; 32];
-        load[5] = 100;
         let mut inp = input(&nodes, None);
-        inp.load = &load;
         let p = plan(&inp, 1).unwrap();
-        assert_eq!(p.holders[5].len(), 2, "hot expert replicated");
         assert!(
-            p.holders
-                .iter()
-                .enumerate()
-                .all(|(x, h)| x == 5 || h.len() == 1)
+            p.holders.iter().all(|h| h.len() == 1),
+            "no load: one copy each"
         );
         inp.min_replicas = 2;
         let p = plan(&inp, 1).unwrap();
-        // 64 copies for everyone, then one more for the hot one: 65 <= 120.
-        assert_eq!(p.holders[5].len(), 3);
-        assert!(p.holders.iter().all(|h| h.len() >= 2));
+        assert!(p.holders.iter().all(|h| h.len() == 2));
         // Not enough memory for two copies of everything: the hottest get theirs first.
+        let mut load = vec![10u64; 32];
+        load[5] = 100;
         let tight = cands(&[12, 12, 12]);
         let mut inp = input(&tight, None);
         inp.load = &load;
@@ -316,6 +422,23 @@ mod tests {
         assert_eq!(p.holders[5].len(), 2);
         assert!(p.holders.iter().all(|h| !h.is_empty()));
         assert!(p.holders.iter().map(Vec::len).sum::<usize>() <= 36);
+
+        // A hot expert's extra copies (from a rebalance) outlive a node's death, as
+        // long as memory allows: its lost copy is placed again elsewhere.
+        let four = cands(&[16, 16, 16, 16]);
+        let mut inp = input(&four, None);
+        inp.load = &load;
+        let by_load = plan_by_load(&inp, 1).unwrap().unwrap();
+        let hot_copies = by_load.holders[5].len();
+        assert!(hot_copies >= 3, "{hot_copies}");
+        let three = cands(&[16, 16, 16]);
+        let after = plan(&input(&three, Some(&by_load)), 2).unwrap();
+        assert_eq!(after.holders[5].len(), hot_copies.min(3));
+        assert!(!after.contains_node("n3"));
+        // Nothing a survivor held moved.
+        let kept = pairs(&by_load).intersection(&pairs(&after)).count();
+        let survivors = pairs(&by_load).iter().filter(|(_, id)| id != "n3").count();
+        assert_eq!(kept, survivors);
     }
 
     #[test]
