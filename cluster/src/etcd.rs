@@ -8,6 +8,7 @@ use serde::Serialize;
 use tracing::warn;
 
 use crate::keys::Keys;
+use crate::rebalance::{RebalanceRequest, RebalanceStatus};
 use crate::records::{LeaderRecord, LoadReport, NodeRecord, PlacementRecord};
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +78,9 @@ pub struct Snapshot {
     pub drains: BTreeSet<String>,
     pub loads: Vec<LoadReport>,
     pub leader: Option<String>,
+    /// The last `ctl rebalance` request, and the leader's last answer to one.
+    pub rebalance_request: Option<RebalanceRequest>,
+    pub rebalance_status: Option<RebalanceStatus>,
 }
 
 impl Snapshot {
@@ -114,6 +118,7 @@ pub async fn read_snapshot(
         keys.placement(),
         keys.leader(),
     );
+    let (rebalance, rebalance_status) = (keys.rebalance(), keys.rebalance_status());
     for kv in resp.kvs() {
         let Ok(key) = kv.key_str() else { continue };
         let value = kv.value();
@@ -146,6 +151,12 @@ pub async fn read_snapshot(
             && let Ok(r) = serde_json::from_slice::<LeaderRecord>(value)
         {
             snap.leader = Some(r.id);
+        } else if key == rebalance {
+            snap.rebalance_request = serde_json::from_slice(value)
+                .map_err(|e| warn!(key, "ignoring a rebalance request that does not parse: {e}"))
+                .ok();
+        } else if key == rebalance_status {
+            snap.rebalance_status = serde_json::from_slice(value).ok();
         }
     }
     Ok(snap)

@@ -6,6 +6,8 @@
 //! /switchyard/<cluster>/leader                 the elected coordinator, on its lease
 //! /switchyard/<cluster>/drain/<node-id>        an operator asked this node to leave
 //! /switchyard/<cluster>/load/<coordinator-id>  routed-token counts, on the coordinator's lease
+//! /switchyard/<cluster>/rebalance              an operator asked for a rebalance (`ctl rebalance`)
+//! /switchyard/<cluster>/rebalance-status       the leader's answer: adopted, moving, done
 //! ```
 
 /// Every key of one cluster.
@@ -63,6 +65,14 @@ impl Keys {
 
     pub fn load(&self, coordinator: &str) -> String {
         format!("{}load/{coordinator}", self.root)
+    }
+
+    pub fn rebalance(&self) -> String {
+        format!("{}rebalance", self.root)
+    }
+
+    pub fn rebalance_status(&self) -> String {
+        format!("{}rebalance-status", self.root)
     }
 }
 

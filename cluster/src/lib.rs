@@ -7,6 +7,7 @@ pub mod keys;
 pub mod leader;
 pub mod ops;
 pub mod planner;
+pub mod rebalance;
 pub mod records;
 pub mod session;
 pub mod watch;

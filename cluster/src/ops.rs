@@ -4,6 +4,7 @@ use std::time::{Duration, Instant};
 
 use crate::etcd::{ClusterConfig, ClusterError, Snapshot, read_snapshot};
 use crate::keys::check_id;
+use crate::rebalance::{RebalanceRequest, RebalanceStatus};
 
 /// Marks `node` for draining: the leader moves its experts away and publishes a
 /// placement without it, then the node leaves. Waits up to `timeout` for that placement
@@ -68,4 +69,39 @@ pub async fn undrain(cfg: &ClusterConfig, node: &str) -> Result<(), ClusterError
 pub async fn status(cfg: &ClusterConfig) -> Result<Snapshot, ClusterError> {
     let mut client = cfg.connect().await?;
     read_snapshot(&mut client, cfg).await
+}
+
+/// Asks the leader to rebalance by the load measured now, and waits up to `timeout` for
+/// its answer: unchanged (not better), or the move's end (done, or stopped part way).
+pub async fn rebalance(
+    cfg: &ClusterConfig,
+    timeout: Duration,
+) -> Result<RebalanceStatus, ClusterError> {
+    let mut client = cfg.connect().await?;
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let id = format!("{}-{nanos}", std::process::id());
+    let body = serde_json::to_string(&RebalanceRequest { id: id.clone() })
+        .map_err(|e| ClusterError::Config(e.to_string()))?;
+    client
+        .put(cfg.keys.rebalance(), body, None)
+        .await
+        .map_err(|e| cfg.error(e))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let snap = read_snapshot(&mut client, cfg).await?;
+        if let Some(s) = snap.rebalance_status.filter(|s| s.id == id)
+            && s.state.is_final()
+        {
+            return Ok(s);
+        }
+        if Instant::now() >= deadline {
+            return Err(ClusterError::Timeout(format!(
+                "no rebalance answer within {timeout:?}: is a coordinator (the leader: {}) running?",
+                snap.leader.as_deref().unwrap_or("none elected")
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }

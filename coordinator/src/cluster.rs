@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use futures::future::BoxFuture;
 use switchyard_cluster::leader::{self, LeaderConfig, NodeControl};
+use switchyard_cluster::rebalance::RebalancePolicy;
 use switchyard_cluster::{ClusterConfig, LoadReport, PlacementRecord, Session, View, follow};
 use switchyard_proto::tls::Tls;
 use switchyard_proto::{ExpertServiceClient, MAX_MESSAGE_BYTES};
@@ -25,6 +26,8 @@ pub struct ClusterMode {
     pub lease_ttl: Duration,
     /// Copies of every expert the leader places where memory allows.
     pub min_replicas: usize,
+    /// When the leader rebalances by load without being asked.
+    pub rebalance: RebalancePolicy,
     /// How long start-up waits for a placement (nodes registered and loaded).
     pub startup_timeout: Duration,
 }
@@ -112,6 +115,7 @@ pub async fn join(
             min_replicas: mode.min_replicas,
             tick: Duration::from_millis(250),
             load_interval: Duration::from_secs(10),
+            rebalance: mode.rebalance.clone(),
             unload_grace: Duration::from_secs(2),
         },
         Arc::clone(&session),

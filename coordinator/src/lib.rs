@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod output;
 pub mod overlap;
 pub mod placement;
+pub mod placement_by_load;
 pub mod remote;
 pub mod request;
 pub mod scheduler;

@@ -52,6 +52,11 @@ pub enum ExpertsAt {
     Nodes {
         addrs: Vec<String>,
         replicas: usize,
+        /// Place by this load file instead of round-robin (`--placement-from`), with
+        /// this many experts of every layer per node (`--expert-slots`; default: half
+        /// as many again as `replicas` copies need).
+        placement_from: Option<PathBuf>,
+        expert_slots: Option<usize>,
         wire: WireFormat,
         timeout: Duration,
         /// Mutual TLS to the nodes; `None` is plaintext.
@@ -178,6 +183,8 @@ impl Coordinator {
                     ExpertsAt::Nodes {
                         addrs,
                         replicas,
+                        placement_from,
+                        expert_slots,
                         wire,
                         timeout,
                         tls,
@@ -186,12 +193,27 @@ impl Coordinator {
                     },
                     _,
                 ) => {
-                    let placement = Placement::round_robin(
-                        mc.expert_layers(),
-                        mc.num_experts,
-                        addrs.len(),
-                        *replicas,
-                    )?;
+                    let (layers, experts) = (mc.expert_layers(), mc.num_experts);
+                    let placement = match placement_from {
+                        None => Placement::round_robin(layers, experts, addrs.len(), *replicas)?,
+                        Some(path) => {
+                            let load = crate::placement_by_load::read_load(path, layers, experts)
+                                .map_err(CoordinatorError::Config)?;
+                            let needed =
+                                (experts * (*replicas).max(1)).div_ceil(addrs.len().max(1));
+                            let slots = expert_slots.unwrap_or(needed + needed.div_ceil(2));
+                            let p = crate::placement_by_load::plan(
+                                &load,
+                                layers,
+                                experts,
+                                addrs.len(),
+                                slots,
+                                *replicas,
+                            )?;
+                            info!(file = %path.display(), slots, "experts placed by load");
+                            p
+                        }
+                    };
                     let links =
                         RemoteExperts::connect_static(addrs, &placement, tls.as_ref(), *keepalive)
                             .await?;

@@ -6,7 +6,7 @@ use switchyard_coordinator::cluster::ClusterMode;
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
 
 use super::device::DeviceArgs;
-use super::serve_args::{ClusterArgs, ServeArgs, TlsArgs, print_ready};
+use super::serve_args::{ClusterArgs, RebalanceArgs, ServeArgs, TlsArgs, print_ready};
 use super::shutdown_signal;
 
 #[derive(clap::Args)]
@@ -17,6 +17,15 @@ pub struct Args {
     /// Expert nodes, `HOST:PORT,...`; every expert of every layer is placed on them.
     #[arg(long, value_delimiter = ',')]
     nodes: Vec<String>,
+    /// With --nodes: place experts by the load in this file (a coordinator's `/metrics`
+    /// scrape, or JSON `{"tokens": [[per expert] per layer]}`) instead of round-robin:
+    /// hot experts get more copies, each node about the same tokens per layer.
+    #[arg(long, requires = "nodes", value_name = "FILE")]
+    placement_from: Option<PathBuf>,
+    /// With --placement-from: experts of every layer each node holds [default: half as
+    /// many again as --replicas copies need].
+    #[arg(long, requires = "placement_from", value_name = "N")]
+    expert_slots: Option<usize>,
     /// Run the experts in this process instead of on nodes.
     #[arg(long, conflicts_with_all = ["nodes", "etcd"])]
     in_process: bool,
@@ -31,6 +40,8 @@ pub struct Args {
     /// Expert nodes come and go through etcd; the elected coordinator places experts.
     #[command(flatten)]
     cluster: ClusterArgs,
+    #[command(flatten)]
+    rebalance: RebalanceArgs,
     #[command(flatten)]
     serve: ServeArgs,
     #[command(flatten)]
@@ -59,6 +70,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                     .unwrap_or_else(|| format!("{}-{}", super::hostname(), std::process::id())),
                 lease_ttl: a.cluster.lease_ttl(),
                 min_replicas: a.serve.replicas,
+                rebalance: a.rebalance.policy()?,
                 startup_timeout: std::time::Duration::from_secs(a.startup_timeout_s),
             },
             wire: a.serve.wire_dtype,
@@ -70,9 +82,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
     } else if a.nodes.is_empty() {
         bail!("give --nodes HOST:PORT,..., --etcd URL or --in-process");
     } else {
+        if a.expert_slots == Some(0) {
+            bail!("--expert-slots must be at least 1");
+        }
         ExpertsAt::Nodes {
             addrs: a.nodes.clone(),
             replicas: a.serve.replicas,
+            placement_from: a.placement_from.clone(),
+            expert_slots: a.expert_slots,
             wire: a.serve.wire_dtype,
             timeout: a.serve.expert_timeout(),
             keepalive: a.serve.keepalive()?,

@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use switchyard_cluster::{ClusterConfig, Snapshot, ops};
+use switchyard_cluster::rebalance::{RebalanceState, RebalanceStatus};
+use switchyard_cluster::{ClusterConfig, Snapshot, balancedness, ops};
 
 use super::serve_args::ClusterArgs;
 
@@ -35,6 +36,12 @@ enum Action {
     },
     /// Withdraw a drain request (a node that restarts withdraws its own).
     Undrain { node: String },
+    /// Re-place experts by the load measured now (hot experts get more copies, each
+    /// node about the same tokens per layer), make-before-break; waits for the end.
+    Rebalance {
+        #[arg(long, default_value_t = 300)]
+        timeout_s: u64,
+    },
 }
 
 pub fn run(a: Args) -> Result<ExitCode> {
@@ -46,7 +53,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(async {
+    let code = runtime.block_on(async {
         match a.action {
             Action::Status { json } => {
                 let snap = ops::status(&cfg).await?;
@@ -65,10 +72,17 @@ pub fn run(a: Args) -> Result<ExitCode> {
                 ops::undrain(&cfg, &node).await?;
                 println!("drain mark of {node} removed");
             }
+            Action::Rebalance { timeout_s } => {
+                let s = ops::rebalance(&cfg, Duration::from_secs(timeout_s)).await?;
+                println!("rebalance {}", rebalance_line(&s));
+                if s.state == RebalanceState::Stopped {
+                    return Ok(ExitCode::FAILURE);
+                }
+            }
         }
-        anyhow::Ok(())
+        anyhow::Ok(ExitCode::SUCCESS)
     })?;
-    Ok(ExitCode::SUCCESS)
+    Ok(code)
 }
 
 /// The human-readable status.
@@ -126,12 +140,39 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
     }
     if let Some(p) = &s.placement {
         let load = s.total_load(p.num_layers * p.num_experts);
+        let per_layer = balancedness(p, &load);
+        let known: Vec<(usize, f64)> = per_layer
+            .iter()
+            .enumerate()
+            .filter_map(|(l, b)| b.map(|b| (l, b)))
+            .collect();
+        if !known.is_empty() {
+            let mean = known.iter().map(|(_, b)| b).sum::<f64>() / known.len() as f64;
+            let mut worst = known.clone();
+            worst.sort_by(|a, b| a.1.total_cmp(&b.1).then(a.0.cmp(&b.0)));
+            let worst: Vec<String> = worst
+                .iter()
+                .take(3)
+                .map(|(l, b)| format!("layer {l} {b:.3}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "\nbalancedness (mean / max tokens per node, last window): mean {mean:.3}; worst {}",
+                worst.join(", ")
+            );
+        }
+        if let Some(r) = &s.rebalance_status {
+            let _ = writeln!(out, "last rebalance ({}): {}", r.id, rebalance_line(r));
+        }
         let _ = writeln!(
             out,
             "\nplacement (expert: nodes [tokens routed, last window])"
         );
         for l in 0..p.num_layers {
             let _ = write!(out, "layer {l:>3}:");
+            if let Some(b) = per_layer[l] {
+                let _ = write!(out, " [{b:.2}]");
+            }
             let layer_load = &load[l * p.num_experts..(l + 1) * p.num_experts];
             if p.num_experts <= WIDE_LAYER {
                 for (e, tokens) in layer_load.iter().enumerate() {
@@ -152,6 +193,23 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
         let _ = writeln!(out, "\nno placement published yet");
     }
     out
+}
+
+/// "Done: mean balancedness 0.76 -> 0.95, placement epoch 7 (detail)".
+fn rebalance_line(s: &RebalanceStatus) -> String {
+    let fmt = |b: Option<f64>| b.map_or("-".to_owned(), |b| format!("{b:.3}"));
+    let detail = if s.detail.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", s.detail)
+    };
+    format!(
+        "{:?}: mean balancedness {} -> {}, placement epoch {}{detail}",
+        s.state,
+        fmt(s.before),
+        fmt(s.after),
+        s.epoch
+    )
 }
 
 /// Layers with more experts than this get one summary line each instead of one entry per

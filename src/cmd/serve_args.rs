@@ -80,6 +80,43 @@ impl ClusterArgs {
     }
 }
 
+/// When the elected coordinator moves experts by load without being asked
+/// (`ctl rebalance` asks at any time).
+#[derive(clap::Args, Clone, Debug)]
+pub struct RebalanceArgs {
+    /// Look at the expert load this often and rebalance when it pays (cluster mode)
+    /// [default: off: only `ctl rebalance`].
+    #[arg(long, value_name = "SECONDS")]
+    pub rebalance_interval_s: Option<u64>,
+    /// Rebalance by itself only while the mean balancedness (mean over max tokens per
+    /// node, per layer) is below this.
+    #[arg(long, default_value_t = 0.9, value_name = "FRACTION")]
+    pub rebalance_below: f64,
+    /// ... and the new plan raises it by more than this.
+    #[arg(long, default_value_t = 0.05, value_name = "FRACTION")]
+    pub rebalance_min_gain: f64,
+}
+
+impl RebalanceArgs {
+    pub fn policy(&self) -> anyhow::Result<switchyard_cluster::rebalance::RebalancePolicy> {
+        let fraction = |name: &str, v: f64| {
+            if (0.0..=1.0).contains(&v) {
+                Ok(v)
+            } else {
+                Err(anyhow::anyhow!("--{name} must be between 0 and 1, got {v}"))
+            }
+        };
+        if self.rebalance_interval_s == Some(0) {
+            anyhow::bail!("--rebalance-interval-s must be at least 1 (leave it out for off)");
+        }
+        Ok(switchyard_cluster::rebalance::RebalancePolicy {
+            interval: self.rebalance_interval_s.map(Duration::from_secs),
+            below: fraction("rebalance-below", self.rebalance_below)?,
+            min_gain: fraction("rebalance-min-gain", self.rebalance_min_gain)?,
+        })
+    }
+}
+
 #[derive(clap::Args, Clone, Debug)]
 pub struct ServeArgs {
     /// Address the HTTP API binds to.

@@ -17,7 +17,7 @@ use switchyard_proto::tls::{TlsFiles, write_dev_certs};
 use tracing::{info, warn};
 
 use super::device::DeviceArgs;
-use super::serve_args::{ServeArgs, print_ready};
+use super::serve_args::{RebalanceArgs, ServeArgs, print_ready};
 use super::shutdown_signal;
 
 #[derive(clap::Args)]
@@ -57,6 +57,12 @@ pub struct Args {
     /// The emulated links' rate cap per direction, Gbit/s [default: uncapped].
     #[arg(long, requires = "link_delay_us")]
     link_rate_gbps: Option<f64>,
+    /// Cluster mode: experts each node may hold (`expert-node --max-experts`), to see
+    /// placement under memory limits [default: all of them].
+    #[arg(long, requires = "etcd", value_name = "N")]
+    node_max_experts: Option<usize>,
+    #[command(flatten)]
+    rebalance: RebalanceArgs,
     #[command(flatten)]
     serve: ServeArgs,
     #[command(flatten)]
@@ -209,7 +215,14 @@ pub fn run(a: Args) -> Result<ExitCode> {
             a.cluster.clone(),
             "--lease-ttl-s".into(),
             a.lease_ttl_s.to_string(),
-        ],
+        ]
+        .into_iter()
+        .chain(
+            a.node_max_experts
+                .into_iter()
+                .flat_map(|n| ["--max-experts".to_owned(), n.to_string()]),
+        )
+        .collect(),
         None => Vec::new(),
     };
     let mut addrs = Vec::new();
@@ -269,6 +282,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
                     coordinator_id: format!("up-{}", std::process::id()),
                     lease_ttl: Duration::from_secs(a.lease_ttl_s.max(1)),
                     min_replicas: a.serve.replicas,
+                    rebalance: a.rebalance.policy()?,
                     startup_timeout: timeout.saturating_sub(started.elapsed()),
                 },
                 wire: a.serve.wire_dtype,
@@ -281,6 +295,8 @@ pub fn run(a: Args) -> Result<ExitCode> {
             ExpertsAt::Nodes {
                 addrs: addrs.clone(),
                 replicas: a.serve.replicas,
+                placement_from: None,
+                expert_slots: None,
                 wire: a.serve.wire_dtype,
                 timeout: a.serve.expert_timeout(),
                 keepalive: a.serve.keepalive()?,

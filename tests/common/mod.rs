@@ -6,6 +6,7 @@
 pub mod delay_proxy;
 pub mod etcd;
 pub mod http;
+pub mod load;
 pub mod netns;
 
 use std::io::{BufRead, BufReader};

@@ -18,9 +18,13 @@ use tracing::{debug, info, warn};
 
 use crate::etcd::{ClusterConfig, ClusterError, Snapshot};
 use crate::planner::{Candidate, PlanError, PlanInput, plan};
+use crate::rebalance::RebalancePolicy;
+
+mod moves;
 use crate::records::{LeaderRecord, MAX_EPOCH, PlacementRecord};
 use crate::session::Session;
 use crate::watch::View;
+use moves::Move;
 
 /// How the leader reaches expert nodes (gRPC lives in the coordinator).
 pub trait NodeControl: Send + Sync {
@@ -49,9 +53,11 @@ pub struct LeaderConfig {
     pub min_replicas: usize,
     /// How often placement is reconsidered (and sooner on any cluster change).
     pub tick: Duration,
-    /// How often the load figures used for hot-expert replicas are refreshed: load moves
-    /// all the time, placements should not.
+    /// How often the load figures that order replicas when memory is short are
+    /// refreshed: load moves all the time, placements should not.
     pub load_interval: Duration,
+    /// When to rebalance by load without being asked (`ctl rebalance` asks).
+    pub rebalance: RebalancePolicy,
     /// Wait after a publication before unloading what moved, so coordinators still on
     /// the previous placement finish their in-flight layers.
     pub unload_grace: Duration,
@@ -73,6 +79,9 @@ pub async fn run(
         last_error: None,
         was_leader: false,
         published: 0,
+        moving: None,
+        last_auto: Instant::now(),
+        load_error: None,
     };
     let mut client: Option<Client> = None;
     loop {
@@ -91,17 +100,14 @@ pub async fn run(
             client = cfg.connect().await.ok();
         }
         let Some(c) = client.as_mut() else { continue };
-        match round(
-            &cfg,
-            &leader,
-            c,
+        let cx = Round {
+            cfg: &cfg,
+            leader: &leader,
             lease,
-            &current.snapshot,
-            &mut state,
-            &*control,
-        )
-        .await
-        {
+            snap: &current.snapshot,
+            control: &*control,
+        };
+        match round(&cx, c, &mut state).await {
             Ok(()) => {}
             Err(e) => {
                 debug!("leader round failed: {e}");
@@ -120,6 +126,12 @@ struct LeaderState {
     was_leader: bool,
     /// The highest epoch this coordinator has published.
     published: u64,
+    /// A rebalance under way.
+    moving: Option<Move>,
+    /// When the automatic rebalance last looked at the load.
+    last_auto: Instant,
+    /// Why the last load a node was asked for failed.
+    load_error: Option<String>,
 }
 
 /// The epoch of the next publication: above the published record's, above any epoch a
@@ -140,19 +152,34 @@ fn next_epoch(snap: &Snapshot, published: u64) -> Option<u64> {
 /// short enough that a node that was merely slow comes back soon.
 const FAILED_NODE_PAUSE: Duration = Duration::from_secs(5);
 
-async fn round(
-    cfg: &ClusterConfig,
-    leader: &LeaderConfig,
-    client: &mut Client,
+/// What one round of the leader works with (the etcd client and the leader's state
+/// travel beside it: they are borrowed mutably).
+struct Round<'a> {
+    cfg: &'a ClusterConfig,
+    leader: &'a LeaderConfig,
     lease: i64,
-    snap: &Snapshot,
+    snap: &'a Snapshot,
+    control: &'a dyn NodeControl,
+}
+
+async fn round(
+    cx: &Round<'_>,
+    client: &mut Client,
     st: &mut LeaderState,
-    control: &dyn NodeControl,
 ) -> Result<(), ClusterError> {
+    let Round {
+        cfg,
+        leader,
+        lease,
+        snap,
+        ..
+    } = *cx;
     if !campaign(cfg, client, &leader.id, lease).await? {
         if st.was_leader {
             info!(id = %leader.id, "no longer the placement leader");
             st.was_leader = false;
+            // A move is the leader's: whoever leads next plans its own.
+            st.moving = None;
         }
         return Ok(());
     }
@@ -194,6 +221,16 @@ async fn round(
         .placement
         .as_ref()
         .filter(|p| p.fits(leader.num_layers, leader.num_experts).is_ok());
+    if let Some(cur) = current {
+        let mut members: Vec<String> = candidates.iter().map(|c| c.id.clone()).collect();
+        members.sort();
+        if st.moving.is_none() {
+            moves::start(cx, client, st, &candidates, &members, cur).await?;
+        }
+        if st.moving.is_some() && !moves::step(cx, client, st, &members, cur, epoch).await? {
+            return Ok(());
+        }
+    }
     let input = PlanInput {
         num_layers: leader.num_layers,
         num_experts: leader.num_experts,
@@ -225,8 +262,36 @@ async fn round(
         return Ok(());
     }
 
-    // Every node loads its whole share (idempotent: it reads only what it lacks) before
-    // anyone is told to use it.
+    if apply(cx, client, st, &desired, true).await? {
+        info!(
+            epoch,
+            nodes = desired.nodes.len(),
+            copies = desired.holders.iter().map(Vec::len).sum::<usize>(),
+            "placement published"
+        );
+    }
+    Ok(())
+}
+
+/// Has every node load its share of `desired` (idempotent: it reads only what it
+/// lacks) before anyone is told to use it, publishes it, and unloads what moved after
+/// the grace period. False when it was not published. A node that fails to load is
+/// left out of placements for a while when `mark_failed`.
+async fn apply(
+    cx: &Round<'_>,
+    client: &mut Client,
+    st: &mut LeaderState,
+    desired: &PlacementRecord,
+    mark_failed: bool,
+) -> Result<bool, ClusterError> {
+    let Round {
+        cfg,
+        leader,
+        lease,
+        snap,
+        control,
+    } = *cx;
+    let epoch = desired.epoch;
     let loads = desired.nodes.iter().map(|n| {
         let fut = control.load(&n.addr, desired.experts_of(&n.id), epoch);
         let id = n.id.clone();
@@ -235,13 +300,16 @@ async fn round(
     let mut all_loaded = true;
     for (id, result) in join_all(loads).await {
         if let Err(e) = result {
-            warn!(node = %id, epoch, "node failed to load its share, placing without it: {e}");
-            st.failed.insert(id, Instant::now());
+            warn!(node = %id, epoch, "node failed to load its share: {e}");
+            st.load_error = Some(format!("{id} could not load its share: {e}"));
+            if mark_failed {
+                st.failed.insert(id, Instant::now());
+            }
             all_loaded = false;
         }
     }
     if !all_loaded {
-        return Ok(());
+        return Ok(false);
     }
     if !publish(
         cfg,
@@ -249,7 +317,7 @@ async fn round(
         &leader.id,
         lease,
         snap.placement_revision,
-        &desired,
+        desired,
     )
     .await?
     {
@@ -257,17 +325,11 @@ async fn round(
             epoch,
             "placement changed under us or leadership lost: not published"
         );
-        return Ok(());
+        return Ok(false);
     }
     st.published = st.published.max(epoch);
-    info!(
-        epoch,
-        nodes = desired.nodes.len(),
-        copies = desired.holders.iter().map(Vec::len).sum::<usize>(),
-        "placement published"
-    );
-    schedule_unloads(snap, &desired, leader.unload_grace, control);
-    Ok(())
+    schedule_unloads(snap, desired, leader.unload_grace, control);
+    Ok(true)
 }
 
 /// Takes the leader key if it is free; true when it is ours.
