@@ -26,6 +26,9 @@ pub struct Metrics {
     pub routed_tokens: IntCounterVec,
     pub dispatch_seconds: HistogramVec,
     pub dispatch_bytes: IntCounterVec,
+    /// Microseconds each node reported computing its share of layers: with nodes on
+    /// their own hardware, the busiest node's total is what the step waits for.
+    pub node_compute: IntCounterVec,
     pub node_up: IntGaugeVec,
     /// Cluster mode: the placement epoch followed, and layers saved by recovery loads.
     pub placement_epoch: IntGauge,
@@ -162,6 +165,11 @@ impl Metrics {
                 "dispatch_bytes_total",
                 "Activation bytes to and from each node",
                 &["node", "direction"],
+            )?,
+            node_compute: counter_vec(
+                "node_compute_microseconds_total",
+                "Time each node reported computing its experts' share of layers",
+                &["node"],
             )?,
             node_up,
             placement_epoch: gauge(

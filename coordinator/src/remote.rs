@@ -654,6 +654,11 @@ impl RemoteExperts {
             };
             add_rows(&mut out, h, &work[node].tokens, &y);
             max_compute = max_compute.max(compute_micros);
+            if let Some(m) = &self.metrics {
+                m.node_compute
+                    .with_label_values(&[link.addr()])
+                    .inc_by(compute_micros);
+            }
         }
         if let Some(e) = first_error {
             return Err(DispatchFailure {

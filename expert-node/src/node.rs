@@ -293,16 +293,28 @@ impl ExpertNode {
                 Arc::clone(&self.store),
             );
             let to_load = missing.clone();
-            // Reading weights and taking the write lock (which waits for running forward
-            // passes) both block.
-            spawn_blocking(move || -> Result<(), NodeError> {
+            let read = move || -> Result<Vec<_>, NodeError> {
                 let mut loaded = Vec::with_capacity(to_load.len());
                 for &(layer, expert) in &to_load {
                     loaded.push((layer, expert, load_expert(&ckpt, &config, layer, expert)?));
                 }
+                Ok(loaded)
+            };
+            // A placement's loads (a rebalance, a join) happen while the node serves and
+            // nobody waits for them: they read at the lowest CPU priority. A recovery
+            // load (epoch 0) is on a step's critical path: it reads at full speed.
+            let loaded = if epoch == 0 {
+                spawn_blocking(read)
+                    .await
+                    .map_err(|e| NodeError::Internal(format!("loading experts failed: {e}")))??
+            } else {
+                in_the_background(read).await??
+            };
+            // Taking the write lock waits for running forward passes: on a blocking
+            // thread at normal priority, so that it is never held by a starved one.
+            spawn_blocking(move || {
                 let mut store = store.write().unwrap_or_else(PoisonError::into_inner);
-                store.insert_many(loaded)?;
-                Ok(())
+                store.insert_many(loaded)
             })
             .await
             .map_err(|e| NodeError::Internal(format!("loading experts failed: {e}")))??;
@@ -436,5 +448,52 @@ mod tests {
         cfg.model_dir = cfg.model_dir.join("no-such-dir");
         let err = ExpertNode::open(cfg).err().unwrap();
         assert!(err.to_string().contains("no-such-dir"), "{err}");
+    }
+}
+
+/// Runs `work` on a thread of its own at the lowest CPU priority (nice 19 on Linux), so
+/// that it takes only the time serving leaves.
+async fn in_the_background<T: Send + 'static>(
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, NodeError> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("expert-load".into())
+        .spawn(move || {
+            lowest_priority();
+            let _ = tx.send(work());
+        })
+        .map_err(|e| NodeError::Internal(format!("starting a loading thread: {e}")))?;
+    rx.await
+        .map_err(|_| NodeError::Internal("the loading thread stopped".into()))
+}
+
+/// Lowers the calling thread's CPU priority (Linux schedules threads one by one, so this
+/// leaves the rest of the process alone).
+fn lowest_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: gettid and setpriority take and return plain integers and touch no memory.
+    unsafe {
+        let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+        libc::setpriority(libc::PRIO_PROCESS, tid, 19);
+    }
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod priority_tests {
+    fn nice_of_this_thread() -> i32 {
+        // SAFETY: plain integer system calls.
+        unsafe {
+            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
+            libc::getpriority(libc::PRIO_PROCESS, tid)
+        }
+    }
+
+    #[tokio::test]
+    async fn background_work_runs_at_the_lowest_priority_and_leaves_the_caller_alone() {
+        let before = nice_of_this_thread();
+        let inside = super::in_the_background(nice_of_this_thread).await.unwrap();
+        assert_eq!(inside, 19);
+        assert_eq!(nice_of_this_thread(), before);
     }
 }
