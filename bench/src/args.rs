@@ -39,7 +39,8 @@ pub struct Args {
     /// `random`, or the path of a ShareGPT-format JSON file.
     #[arg(long, default_value = "random")]
     pub dataset: String,
-    /// vLLM's spelling of --dataset: `random` or `sharegpt` (with --dataset-path).
+    /// vLLM's spelling of --dataset: `random`, `sharegpt` (with --dataset-path) or
+    /// `prefix_repetition` (prompts sharing a few prefixes: prefix caching's workload).
     #[arg(long)]
     pub dataset_name: Option<String>,
     /// vLLM's spelling of --dataset PATH.
@@ -54,6 +55,18 @@ pub struct Args {
     /// Spread of random input and output lengths around their means.
     #[arg(long, default_value_t = 0.0)]
     pub random_range_ratio: f64,
+    /// prefix_repetition: tokens of each shared prefix.
+    #[arg(long, default_value_t = 256)]
+    pub prefix_repetition_prefix_len: usize,
+    /// prefix_repetition: tokens after the prefix, random per request.
+    #[arg(long, default_value_t = 256)]
+    pub prefix_repetition_suffix_len: usize,
+    /// prefix_repetition: distinct prefixes, the requests spread evenly over them.
+    #[arg(long, default_value_t = 10)]
+    pub prefix_repetition_num_prefixes: usize,
+    /// prefix_repetition: output tokens (max_tokens) of every request.
+    #[arg(long, default_value_t = 128)]
+    pub prefix_repetition_output_len: usize,
     /// Output tokens of every ShareGPT request [default: the reply's length in the file].
     #[arg(long)]
     pub sharegpt_output_len: Option<usize>,
@@ -237,6 +250,7 @@ pub enum Endpoint {
 pub enum Source {
     Random,
     ShareGpt(PathBuf),
+    PrefixRepetition,
 }
 
 impl Args {
@@ -277,8 +291,18 @@ impl Args {
                 })
             }
             (Some(name), None) if name == "random" => Ok(Source::Random),
+            (Some(name), None) if name == "prefix_repetition" => {
+                if self.prefix_repetition_num_prefixes == 0
+                    || self.prefix_repetition_prefix_len + self.prefix_repetition_suffix_len == 0
+                {
+                    return Err(Error::Config(
+                        "prefix_repetition needs at least one prefix and a non-empty prompt".into(),
+                    ));
+                }
+                Ok(Source::PrefixRepetition)
+            }
             (Some(name), _) => Err(Error::Config(format!(
-                "--dataset-name {name}: only random and sharegpt are supported"
+                "--dataset-name {name}: only random, sharegpt and prefix_repetition are supported"
             ))),
             (None, Some(path)) => Ok(Source::ShareGpt(path.clone())),
             (None, None) if self.dataset == "random" => Ok(Source::Random),

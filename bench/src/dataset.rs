@@ -87,6 +87,60 @@ pub fn random(
         .collect()
 }
 
+/// vLLM's `prefix_repetition` dataset: a few random prefixes, every request one of them
+/// (evenly, in shuffled order) and a random suffix.
+#[derive(Debug, Clone, Copy)]
+pub struct Repetition {
+    pub prefix_len: usize,
+    pub suffix_len: usize,
+    pub num_prefixes: usize,
+    pub output_len: usize,
+}
+
+/// `n` requests of [`Repetition`]; completions get token ids, chat that many words.
+pub fn prefix_repetition(
+    rng: &mut impl Rng,
+    n: usize,
+    r: Repetition,
+    vocab: u32,
+    chat: bool,
+) -> Vec<SampleRequest> {
+    let mut draw = |len: usize| -> Vec<u32> {
+        (0..len)
+            .map(|_| {
+                if chat {
+                    rng.random_range(0..WORDS.len() as u32)
+                } else {
+                    rng.random_range(FIRST_RANDOM_TOKEN..vocab)
+                }
+            })
+            .collect()
+    };
+    let prefixes: Vec<Vec<u32>> = (0..r.num_prefixes.max(1))
+        .map(|_| draw(r.prefix_len))
+        .collect();
+    let mut requests: Vec<SampleRequest> = (0..n)
+        .map(|i| {
+            let mut ids = prefixes[i % prefixes.len()].clone();
+            ids.extend(draw(r.suffix_len));
+            let prompt = if chat {
+                let words: Vec<&str> = ids.iter().map(|&w| WORDS[w as usize]).collect();
+                Prompt::Text(words.join(" "))
+            } else {
+                Prompt::Tokens(ids)
+            };
+            SampleRequest {
+                prompt,
+                prompt_len: r.prefix_len + r.suffix_len,
+                output_len: r.output_len,
+                probe: false,
+            }
+        })
+        .collect();
+    requests.shuffle(rng);
+    requests
+}
+
 /// Tokens in a text, estimated without a tokenizer (about four characters a token for
 /// English with BPE vocabularies).
 pub fn estimate_tokens(text: &str) -> usize {
@@ -184,6 +238,32 @@ mod tests {
     use super::*;
     use rand::SeedableRng;
     use rand_chacha::ChaCha8Rng;
+
+    #[test]
+    fn prefix_repetition_spreads_requests_evenly_over_shared_prefixes() {
+        let mut rng = ChaCha8Rng::seed_from_u64(1);
+        let r = Repetition {
+            prefix_len: 16,
+            suffix_len: 4,
+            num_prefixes: 3,
+            output_len: 7,
+        };
+        let reqs = prefix_repetition(&mut rng, 12, r, 1000, false);
+        let mut by_prefix: std::collections::HashMap<Vec<u32>, usize> = Default::default();
+        for q in &reqs {
+            let Prompt::Tokens(ids) = &q.prompt else {
+                panic!("token prompts for completions")
+            };
+            assert_eq!(ids.len(), 20);
+            assert_eq!(q.output_len, 7);
+            assert!(ids.iter().all(|&t| (FIRST_RANDOM_TOKEN..1000).contains(&t)));
+            *by_prefix.entry(ids[..16].to_vec()).or_default() += 1;
+        }
+        assert_eq!(by_prefix.len(), 3);
+        assert!(by_prefix.values().all(|&c| c == 4), "{by_prefix:?}");
+        let chat = prefix_repetition(&mut rng, 2, r, 1000, true);
+        assert!(matches!(&chat[0].prompt, Prompt::Text(t) if t.split(' ').count() == 20));
+    }
 
     #[test]
     fn random_lengths_stay_in_range() {

@@ -93,6 +93,18 @@ pub async fn run(args: &Args, out: &mut dyn Write) -> Result<Outcome, Error> {
         Source::ShareGpt(path) => {
             dataset::sharegpt(&mut rng, &path, args.num_prompts, args.sharegpt_output_len)?
         }
+        Source::PrefixRepetition => dataset::prefix_repetition(
+            &mut rng,
+            args.num_prompts,
+            dataset::Repetition {
+                prefix_len: args.prefix_repetition_prefix_len,
+                suffix_len: args.prefix_repetition_suffix_len,
+                num_prefixes: args.prefix_repetition_num_prefixes,
+                output_len: args.prefix_repetition_output_len,
+            },
+            args.tokenizer_vocab,
+            endpoint == Endpoint::Chat,
+        ),
     };
     dataset::add_probes(&mut rng, &mut requests, args.probe_fraction);
     let offsets = arrivals::offsets(&mut rng, requests.len(), args.request_rate, args.burstiness);

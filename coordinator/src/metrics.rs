@@ -21,6 +21,11 @@ pub struct Metrics {
     pub waiting: IntGauge,
     pub kv_total_blocks: IntGauge,
     pub kv_used_blocks: IntGauge,
+    /// Prefix caching: blocks holding a cached prompt prefix, and prompt tokens looked
+    /// up and found (their prefill skipped).
+    pub kv_cached_blocks: IntGauge,
+    pub prefix_queries: IntCounter,
+    pub prefix_hits: IntCounter,
     pub batch_tokens: Histogram,
     pub batch_sequences: Histogram,
     pub routed_tokens: IntCounterVec,
@@ -139,6 +144,18 @@ impl Metrics {
             waiting: gauge("waiting_requests", "Requests waiting for admission")?,
             kv_total_blocks: gauge("kv_cache_blocks_total", "KV-cache blocks")?,
             kv_used_blocks: gauge("kv_cache_blocks_used", "KV-cache blocks held by sequences")?,
+            kv_cached_blocks: gauge(
+                "kv_cache_blocks_cached",
+                "KV-cache blocks holding a cached prompt prefix, in use or kept for reuse",
+            )?,
+            prefix_queries: counter(
+                "prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache",
+            )?,
+            prefix_hits: counter(
+                "prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache (their prefill skipped)",
+            )?,
             expert_wait: histogram(
                 "expert_wait_seconds",
                 "Time the forward pass waited for one MoE layer's routed experts",

@@ -42,6 +42,9 @@ pub struct SchedulerConfig {
     /// away while another attends (`None`: auto, two where measured faster: `overlap`).
     /// Only steps of up to 32 tokens are split: that changes no bit of any result.
     pub micro_batches: Option<usize>,
+    /// Reuse the KV blocks of prompt prefixes computed before (`--no-prefix-caching`
+    /// turns it off).
+    pub prefix_caching: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -53,6 +56,7 @@ impl Default for SchedulerConfig {
             kv_block_size: 16,
             kv_cache_bytes: 256 << 20,
             micro_batches: None,
+            prefix_caching: true,
         }
     }
 }
@@ -64,6 +68,8 @@ pub struct SchedulerStats {
     pub waiting: AtomicUsize,
     pub kv_total_blocks: AtomicUsize,
     pub kv_free_blocks: AtomicUsize,
+    /// Blocks holding a cached prompt prefix (in use or kept for later prompts).
+    pub kv_cached_blocks: AtomicUsize,
     pub steps: AtomicU64,
     pub last_batch_tokens: AtomicUsize,
 }
@@ -205,7 +211,8 @@ pub fn spawn(
     config: SchedulerConfig,
     metrics: Arc<Metrics>,
 ) -> Result<SchedulerHandle, SpawnError> {
-    let kv = model.new_kv_cache(config.kv_block_size, config.kv_cache_bytes)?;
+    let mut kv = model.new_kv_cache(config.kv_block_size, config.kv_cache_bytes)?;
+    kv.set_prefix_caching(config.prefix_caching);
     let (tx, rx) = mpsc::channel();
     let (failed, failure) = tokio::sync::watch::channel(None);
     let stats = Arc::new(SchedulerStats::default());
@@ -293,7 +300,11 @@ impl Scheduler {
         self.stats
             .kv_free_blocks
             .store(self.kv.free_blocks(), Ordering::Relaxed);
+        self.stats
+            .kv_cached_blocks
+            .store(self.kv.cached_blocks(), Ordering::Relaxed);
         let m = &self.metrics;
+        m.kv_cached_blocks.set(self.kv.cached_blocks() as i64);
         m.running.set(self.running.len() as i64);
         m.waiting
             .set(self.stats.waiting.load(Ordering::Relaxed) as i64);
@@ -335,7 +346,17 @@ impl Scheduler {
             self.stats.waiting.fetch_sub(1, Ordering::SeqCst);
             self.metrics.prompt_tokens.inc_by(req.prompt.len() as u64);
             let mut cache = SeqCache::new();
-            if let Err(e) = self.kv.reserve(&mut cache, len) {
+            // A prompt whose logprobs are asked for computes every position.
+            let hit = if self.config.prefix_caching && req.prompt_logprobs.is_none() {
+                self.metrics.prefix_queries.inc_by(req.prompt.len() as u64);
+                let hit = self.kv.reuse_prefix(&mut cache, &req.prompt);
+                self.metrics.prefix_hits.inc_by(hit as u64);
+                hit
+            } else {
+                0
+            };
+            if let Err(e) = self.kv.reserve(&mut cache, len - hit) {
+                self.kv.release(&mut cache);
                 let _ = req
                     .events
                     .send(Event::Error(GenerateError::Internal(e.to_string())));
@@ -360,7 +381,7 @@ impl Scheduler {
                 .with_stop_ids(&enders);
             self.running.push(Sequence {
                 prompt: req.prompt,
-                fed: 0,
+                fed: hit,
                 next_input: None,
                 generated: 0,
                 max_tokens: req.max_tokens,
@@ -515,6 +536,9 @@ impl Scheduler {
             s.fed += fed_now;
             if s.prefilling() {
                 return None; // a middle chunk of the prompt: no token to sample yet
+            }
+            if self.config.prefix_caching {
+                self.kv.remember_prefix(&s.cache, &s.prompt);
             }
             if s.prompt_logprobs.is_some() {
                 let _ = s

@@ -191,6 +191,37 @@ impl KvCache {
             KvCache::Cuda(c) => c.release(seq),
         }
     }
+
+    /// Blocks of the pool's bookkeeping: [`PagedKvCache`] on the CPU, its block book on
+    /// a GPU (the blocks live in device memory; which holds what is the same).
+    fn book(&mut self) -> &mut PagedKvCache {
+        match self {
+            KvCache::Cpu(c) => c,
+            KvCache::Cuda(c) => c.book_mut(),
+        }
+    }
+
+    /// See [`PagedKvCache::reuse_prefix`].
+    pub fn reuse_prefix(&mut self, seq: &mut SeqCache, tokens: &[u32]) -> usize {
+        self.book().reuse_prefix(seq, tokens)
+    }
+
+    /// See [`PagedKvCache::remember_prefix`].
+    pub fn remember_prefix(&mut self, seq: &SeqCache, tokens: &[u32]) {
+        self.book().remember_prefix(seq, tokens)
+    }
+
+    /// See [`PagedKvCache::set_prefix_caching`].
+    pub fn set_prefix_caching(&mut self, on: bool) {
+        self.book().set_prefix_caching(on)
+    }
+
+    pub fn cached_blocks(&self) -> usize {
+        match self {
+            KvCache::Cpu(c) => c.cached_blocks(),
+            KvCache::Cuda(c) => c.cached_blocks(),
+        }
+    }
 }
 
 #[cfg(test)]

@@ -1,6 +1,10 @@
 //! A paged KV cache: keys and values of every sequence live in fixed-size blocks drawn
 //! from one preallocated pool, so memory is bounded and accounted per block (as in
-//! vLLM's PagedAttention), and a finished sequence returns its blocks at once.
+//! vLLM's PagedAttention), and a finished sequence returns its blocks at once. Full
+//! blocks of prompts stay cached for later prompts with the same prefix
+//! ([`crate::block_pool`]).
+
+use crate::block_pool::BlockPool;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KvCacheError {
@@ -50,7 +54,7 @@ pub struct PagedKvCache {
     /// Per layer, `num_blocks * block_size * kv_dim` values.
     keys: Vec<Vec<f32>>,
     values: Vec<Vec<f32>>,
-    free: Vec<u32>,
+    pool: BlockPool,
 }
 
 impl PagedKvCache {
@@ -79,8 +83,7 @@ impl PagedKvCache {
             values: (0..num_layers)
                 .map(|_| vec![0.0; slots * value_dim])
                 .collect(),
-            // Popped from the back: hand out low block ids first.
-            free: (0..num_blocks as u32).rev().collect(),
+            pool: BlockPool::new(num_blocks, true),
         }
     }
 
@@ -113,8 +116,49 @@ impl PagedKvCache {
         self.num_blocks
     }
 
+    /// Blocks a sequence can take: free ones and cached ones no sequence uses.
     pub fn free_blocks(&self) -> usize {
-        self.free.len()
+        self.pool.available()
+    }
+
+    /// Blocks holding a cached prompt prefix (used by a sequence or not).
+    pub fn cached_blocks(&self) -> usize {
+        self.pool.cached_blocks()
+    }
+
+    /// Prefix caching on (the default) or off (cached blocks are dropped).
+    pub fn set_prefix_caching(&mut self, on: bool) {
+        self.pool.set_caching(on);
+    }
+
+    /// Gives `seq` (empty) the cached blocks of the longest cached prefix of `tokens`, in
+    /// whole blocks and leaving at least one token to compute (its logits are needed);
+    /// returns the positions they hold, which `seq` now has.
+    pub fn reuse_prefix(&mut self, seq: &mut SeqCache, tokens: &[u32]) -> usize {
+        debug_assert!(seq.blocks.is_empty() && seq.len == 0);
+        let bs = self.block_size;
+        let mut parent = 0;
+        for block in tokens[..tokens.len().saturating_sub(1)].chunks_exact(bs) {
+            match self.pool.reuse(parent, block) {
+                Some((b, key)) => {
+                    seq.blocks.push(b);
+                    parent = key;
+                }
+                None => break,
+            }
+        }
+        seq.len = seq.blocks.len() * bs;
+        seq.len
+    }
+
+    /// Caches the full blocks `seq` has written, which hold `tokens` from position 0.
+    pub fn remember_prefix(&mut self, seq: &SeqCache, tokens: &[u32]) {
+        let bs = self.block_size;
+        let written = seq.len.min(tokens.len());
+        let mut parent = 0;
+        for (block, &b) in tokens[..written].chunks_exact(bs).zip(&seq.blocks) {
+            parent = self.pool.remember(b, parent, block);
+        }
     }
 
     /// Blocks a sequence of `len` positions occupies.
@@ -127,14 +171,14 @@ impl PagedKvCache {
         let needed = self
             .blocks_for(seq.len + extra)
             .saturating_sub(seq.blocks.len());
-        if needed > self.free.len() {
+        if needed > self.pool.available() {
             return Err(KvCacheError::OutOfBlocks {
                 needed,
-                free: self.free.len(),
+                free: self.pool.available(),
             });
         }
         for _ in 0..needed {
-            if let Some(b) = self.free.pop() {
+            if let Some(b) = self.pool.take() {
                 seq.blocks.push(b);
             }
         }
@@ -143,7 +187,9 @@ impl PagedKvCache {
 
     /// Returns every block of `seq` to the pool.
     pub fn release(&mut self, seq: &mut SeqCache) {
-        self.free.append(&mut seq.blocks);
+        for b in seq.blocks.drain(..) {
+            self.pool.put(b);
+        }
         seq.len = 0;
     }
 
@@ -215,6 +261,47 @@ mod tests {
         assert_eq!(kv.free_blocks(), 3);
         kv.reserve(&mut b, 8).unwrap();
         assert_eq!(kv.free_blocks(), 1);
+    }
+
+    #[test]
+    fn a_prompt_reuses_the_cached_blocks_of_its_prefix_and_computes_the_rest() {
+        let mut kv = PagedKvCache::new(1, 1, 2, 8);
+        let prompt = [5, 6, 7, 8, 9];
+        let mut a = SeqCache::new();
+        assert_eq!(kv.reuse_prefix(&mut a, &prompt), 0, "nothing cached yet");
+        kv.reserve(&mut a, prompt.len()).unwrap();
+        for (p, &t) in prompt.iter().enumerate() {
+            kv.write(0, &a, p, &[t as f32], &[0.0]);
+        }
+        kv.advance(&mut a, prompt.len());
+        kv.remember_prefix(&a, &prompt);
+        assert_eq!(
+            kv.cached_blocks(),
+            2,
+            "two full blocks; the fifth token's is not"
+        );
+        // The same prompt: both full blocks, the fifth token left to compute.
+        let mut b = SeqCache::new();
+        assert_eq!(kv.reuse_prefix(&mut b, &prompt), 4);
+        assert_eq!(b.blocks(), &a.blocks()[..2]);
+        let mut k = [0.0; 4];
+        kv.gather(0, &b, 4, &mut k, &mut [0.0; 4]);
+        assert_eq!(k, [5.0, 6.0, 7.0, 8.0]);
+        // A prompt of exactly two blocks keeps its last block to compute.
+        let mut c = SeqCache::new();
+        assert_eq!(kv.reuse_prefix(&mut c, &prompt[..4]), 2);
+        // Another second block: only the first is shared.
+        let mut d = SeqCache::new();
+        assert_eq!(kv.reuse_prefix(&mut d, &[5, 6, 1, 1, 1]), 2);
+        // Shared blocks are freed only by their last user; cached ones stay available.
+        for s in [&mut a, &mut b, &mut c, &mut d] {
+            kv.release(s);
+        }
+        assert_eq!(kv.free_blocks(), 8);
+        assert_eq!(kv.cached_blocks(), 2);
+        kv.set_prefix_caching(false);
+        assert_eq!(kv.cached_blocks(), 0);
+        assert_eq!(kv.reuse_prefix(&mut SeqCache::new(), &prompt), 0);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! forward pass that every other backend is checked against.
 
 pub mod attention;
+pub mod block_pool;
 pub mod checkpoint;
 pub mod config;
 pub mod cuda;

@@ -144,6 +144,10 @@ pub struct ServeArgs {
     /// any result.
     #[arg(long, default_value = "auto")]
     pub micro_batches: String,
+    /// Compute every prompt from its first token: no KV blocks of earlier prompts with
+    /// the same prefix are reused.
+    #[arg(long)]
+    pub no_prefix_caching: bool,
     /// Sequences decoding at once.
     #[arg(long, default_value_t = 64)]
     pub max_running: usize,
@@ -245,6 +249,7 @@ impl ServeArgs {
         };
         Ok(SchedulerConfig {
             micro_batches,
+            prefix_caching: !self.no_prefix_caching,
             max_batch_tokens: self.max_batch_tokens,
             max_running: self.max_running,
             max_waiting: self.max_waiting,

@@ -158,6 +158,7 @@ async fn health(State(s): State<AppState>) -> Response {
                 "waiting": st.waiting.load(Relaxed),
                 "kv_total_blocks": st.kv_total_blocks.load(Relaxed),
                 "kv_free_blocks": st.kv_free_blocks.load(Relaxed),
+                "kv_cached_blocks": st.kv_cached_blocks.load(Relaxed),
                 "steps": st.steps.load(Relaxed),
             }))
             .into_response()

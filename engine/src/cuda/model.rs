@@ -273,6 +273,16 @@ impl CudaKvCache {
     pub fn release(&mut self, seq: &mut SeqCache) {
         self.book.release(seq);
     }
+
+    /// Which block holds what, prefix caching included: the host-side bookkeeping of
+    /// the device's blocks.
+    pub fn book_mut(&mut self) -> &mut PagedKvCache {
+        &mut self.book
+    }
+
+    pub fn cached_blocks(&self) -> usize {
+        self.book.cached_blocks()
+    }
 }
 
 struct LayerWeights {
