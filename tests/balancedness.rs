@@ -127,6 +127,20 @@ fn three_nodes_match_the_routed_tokens_and_the_placement() {
         routed.len(),
         "one series per MoE layer:\n{metrics}"
     );
+    // Every node answers one row per row it was sent, in the same wire format: the
+    // bytes each way agree per node.
+    let bytes = samples(&metrics, "switchyard_dispatch_bytes_total");
+    for addr in &addrs {
+        let way = |dir: &str| {
+            bytes
+                .iter()
+                .find(|(labels, _)| labels.contains(addr.as_str()) && labels.contains(dir))
+                .map(|(_, v)| *v)
+                .unwrap_or_else(|| panic!("no {dir} bytes for {addr}:\n{metrics}"))
+        };
+        assert!(way("\"sent\"") > 0.0);
+        assert_eq!(way("\"sent\""), way("\"received\""), "{addr}");
+    }
     eprintln!("balancedness per layer: {b:?}");
     if started.elapsed() >= WINDOW_AT_LEAST {
         // Early tokens may have left the window: only the range can be checked.

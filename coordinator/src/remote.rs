@@ -595,6 +595,11 @@ impl RemoteExperts {
             .map(|(node, w)| {
                 let req = self.request(layer, w, x);
                 bytes_sent += req.activations.len() as u64;
+                if let Some(m) = &self.metrics {
+                    m.dispatch_bytes
+                        .with_label_values(&[topo.links[node].addr(), "sent"])
+                        .inc_by(req.activations.len() as u64);
+                }
                 let hedge_after = self
                     .hedging
                     .after(topo.links[node].latency_p99(w.tokens.len()));
