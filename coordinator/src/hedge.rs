@@ -80,6 +80,43 @@ impl LatencyWindow {
     }
 }
 
+/// A node is slow on the wire in a layer when its answer's time outside compute (the
+/// link, both ways, and its queue) exceeds the median of the other nodes' in that layer
+/// by this factor...
+const OUTLIER_FACTOR: u32 = 4;
+/// ...plus this much (a shared machine's scheduling jitter is a few milliseconds).
+const OUTLIER_MARGIN: Duration = Duration::from_millis(2);
+/// Layers in a row a node must be such an outlier before planning avoids it: one
+/// descheduled process is not a slow link, a slow link is slow every time.
+pub const OUTLIER_STREAK: u32 = 3;
+
+/// Which of one layer's answers, `(node, time outside compute)`, were outliers: far later
+/// than the others' median. Hedging catches a node late by k x its *own* p99; this
+/// catches one that is consistently slower than its peers (a slow link under the hedge
+/// floor: its own p99 rises with it, so it would never be hedged), whose replicas could
+/// answer sooner. Needs two other answers to compare against.
+pub fn wire_outliers(answers: &[(usize, Duration)]) -> Vec<usize> {
+    if answers.len() < 3 {
+        return Vec::new();
+    }
+    answers
+        .iter()
+        .enumerate()
+        .filter(|&(i, &(_, wire))| {
+            let mut others: Vec<Duration> = answers
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, &(_, w))| w)
+                .collect();
+            others.sort_unstable();
+            let median = others[others.len() / 2];
+            wire > median * OUTLIER_FACTOR + OUTLIER_MARGIN
+        })
+        .map(|(_, &(node, _))| node)
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -118,5 +155,26 @@ mod tests {
         assert_eq!(h.after(Some(MS * 10)), Some(MS * 40));
         let off = Hedging { factor: 0.0, ..h };
         assert_eq!(off.after(Some(MS)), None);
+    }
+
+    #[test]
+    fn an_outlier_is_far_slower_than_the_median_of_the_others() {
+        let us = Duration::from_micros(1);
+        // Jitter within 4x + 2 ms of the others is no outlier.
+        assert!(wire_outliers(&[(0, 300 * us), (1, 500 * us), (2, 3 * MS)]).is_empty());
+        // 8 ms against 0.3-0.5 ms is.
+        assert_eq!(
+            wire_outliers(&[(0, 300 * us), (1, 500 * us), (2, 400 * us), (3, 8 * MS)]),
+            vec![3]
+        );
+        // The others' median decides what normal is: two slow of three flag nothing,
+        // two slow of four (each one's others mostly fast) flag both.
+        assert!(wire_outliers(&[(0, 9 * MS), (1, 8 * MS), (2, 300 * us)]).is_empty());
+        assert_eq!(
+            wire_outliers(&[(0, 9 * MS), (1, 8 * MS), (2, 300 * us), (3, 400 * us)]),
+            vec![0, 1]
+        );
+        // Two answers say nothing about which one is odd.
+        assert!(wire_outliers(&[(0, 300 * us), (1, 50 * MS)]).is_empty());
     }
 }

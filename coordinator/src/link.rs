@@ -3,7 +3,7 @@
 //! reconnects), what the node was found to lack, and its recent answer times.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{instrument, warn};
 
-use crate::hedge::LatencyWindow;
+use crate::hedge::{LatencyWindow, OUTLIER_STREAK};
 use crate::remote::RemoteError;
 
 type Pending = Arc<Mutex<HashMap<u64, oneshot::Sender<ForwardResponse>>>>;
@@ -35,8 +35,11 @@ pub struct NodeLink {
     missing: Mutex<Vec<(usize, usize)>>,
     /// Recent answer times, for hedging.
     latency: Mutex<LatencyWindow>,
-    /// Until when planning avoids this node (a hedge beat it).
+    /// Until when planning avoids this node (a hedge beat it, or it was far slower than
+    /// its peers on the wire several layers in a row).
     gray_until: Mutex<Option<Instant>>,
+    /// Layers in a row this node was such an outlier.
+    slow_streak: AtomicU32,
 }
 
 /// How long a node a hedge beat is avoided before it is tried again.
@@ -124,6 +127,7 @@ impl NodeLink {
             missing: Mutex::default(),
             latency: Mutex::default(),
             gray_until: Mutex::default(),
+            slow_streak: AtomicU32::new(0),
         })
     }
 
@@ -138,6 +142,7 @@ impl NodeLink {
             missing: Mutex::default(),
             latency: Mutex::default(),
             gray_until: Mutex::default(),
+            slow_streak: AtomicU32::new(0),
         }
     }
 
@@ -309,6 +314,22 @@ impl NodeLink {
         if let Ok(mut g) = self.gray_until.lock() {
             *g = Some(Instant::now() + GRAY_FOR);
         }
+    }
+
+    /// Notes whether this node's answer to a layer was a wire outlier
+    /// ([`crate::hedge::wire_outliers`]); after [`OUTLIER_STREAK`] in a row it is marked
+    /// gray, and true is returned.
+    pub(crate) fn note_wire_outlier(&self, outlier: bool) -> bool {
+        if !outlier {
+            self.slow_streak.store(0, Ordering::Relaxed);
+            return false;
+        }
+        if self.slow_streak.fetch_add(1, Ordering::Relaxed) + 1 < OUTLIER_STREAK {
+            return false;
+        }
+        self.slow_streak.store(0, Ordering::Relaxed);
+        self.mark_gray();
+        true
     }
 
     pub(crate) fn latency_p99(&self, tokens: usize) -> Option<Duration> {

@@ -42,6 +42,8 @@ pub struct Metrics {
     /// replicas answered first.
     pub hedges: IntCounterVec,
     pub hedge_wins: IntCounterVec,
+    /// Times a node was avoided for being far slower than its peers on the wire.
+    pub slow_links: IntCounterVec,
     /// How long the forward pass waited for one MoE layer's routed experts (the wire and
     /// the nodes, or the in-process store): the coordinator's idle time per layer.
     pub expert_wait: Histogram,
@@ -205,6 +207,11 @@ impl Metrics {
             hedge_wins: counter_vec(
                 "dispatch_hedge_wins_total",
                 "Hedged layers the replicas answered before the late node",
+                &["node"],
+            )?,
+            slow_links: counter_vec(
+                "dispatch_slow_link_total",
+                "Times a node answered far later than the other nodes of a layer (time outside compute, several layers in a row) and was avoided for a second",
                 &["node"],
             )?,
             expert_balancedness,

@@ -15,7 +15,7 @@ use tracing::{instrument, warn};
 
 use crate::balance::BalanceWindow;
 use crate::dispatch::{NodeWork, plan_avoiding, replan_away};
-use crate::hedge::Hedging;
+use crate::hedge::{Hedging, wire_outliers};
 pub use crate::link::{Keepalive, NodeLink, wait_healthy};
 pub(crate) use crate::link::{endpoint, experts_request};
 use crate::metrics::Metrics;
@@ -621,6 +621,8 @@ impl RemoteExperts {
         let mut not_held = Vec::new();
         let mut too_large = false;
         let mut first_error = None;
+        // (node, answer time outside compute) of every node that answered itself.
+        let mut wire = Vec::new();
         for (node, served, elapsed) in answers {
             let link = &topo.links[node];
             let answer = match served {
@@ -659,10 +661,23 @@ impl RemoteExperts {
             };
             add_rows(&mut out, h, &work[node].tokens, &y);
             max_compute = max_compute.max(compute_micros);
+            wire.push((
+                node,
+                elapsed.saturating_sub(Duration::from_micros(compute_micros)),
+            ));
             if let Some(m) = &self.metrics {
                 m.node_compute
                     .with_label_values(&[link.addr()])
                     .inc_by(compute_micros);
+            }
+        }
+        let outliers = wire_outliers(&wire);
+        for (node, _) in wire {
+            let link = &topo.links[node];
+            if link.note_wire_outlier(outliers.contains(&node))
+                && let Some(m) = &self.metrics
+            {
+                m.slow_links.with_label_values(&[link.addr()]).inc();
             }
         }
         if let Some(e) = first_error {
