@@ -20,13 +20,18 @@ impl DelayProxy {
     /// Listens on a free loopback port and forwards every connection to `upstream`,
     /// with no delay until [`DelayProxy::set_delay`].
     pub fn start(upstream: &str) -> DelayProxy {
+        DelayProxy::start_on("127.0.0.1", upstream)
+    }
+
+    /// [`DelayProxy::start`], listening on a free port of `ip`.
+    pub fn start_on(ip: &str, upstream: &str) -> DelayProxy {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .expect("a runtime for the proxy");
         let listener = runtime
-            .block_on(TcpListener::bind("127.0.0.1:0"))
+            .block_on(TcpListener::bind((ip, 0)))
             .expect("binding the proxy");
         let addr = listener.local_addr().expect("proxy address").to_string();
         let delay_us = Arc::new(AtomicU64::new(0));
@@ -69,7 +74,10 @@ async fn pump(
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     let writer = tokio::spawn(async move {
         while let Some((at, bytes)) = rx.recv().await {
-            tokio::time::sleep_until(at).await;
+            // tokio's timer rounds up to whole milliseconds: no sleep at all for no delay.
+            if at > Instant::now() {
+                tokio::time::sleep_until(at).await;
+            }
             if to.write_all(&bytes).await.is_err() {
                 return;
             }

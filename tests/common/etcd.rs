@@ -86,7 +86,7 @@ impl Etcd {
 }
 
 /// Debian installs etcd 3.4 as /usr/bin/etcd.
-fn etcd_binary() -> String {
+pub fn etcd_binary() -> String {
     for candidate in ["/usr/bin/etcd", "/usr/local/bin/etcd"] {
         if std::path::Path::new(candidate).exists() {
             return candidate.into();

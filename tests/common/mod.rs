@@ -5,6 +5,7 @@
 
 pub mod delay_proxy;
 pub mod etcd;
+pub mod fabric;
 pub mod http;
 pub mod load;
 pub mod netns;
