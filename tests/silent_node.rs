@@ -254,7 +254,7 @@ fn a_slow_node_is_hedged_on_replicas() {
 #[test]
 fn a_cut_link_without_replicas_costs_the_recovery_load_only() {
     // Keepalive (1.5 s) plus loading a third of the tiny model's experts.
-    cut_in_cluster_mode(&[], Duration::from_secs(3));
+    cut_in_cluster_mode(1, &[], Duration::from_secs(3));
 }
 
 /// The same with the keepalive out of the way (pings every minute): what ends the wait
@@ -263,6 +263,7 @@ fn a_cut_link_without_replicas_costs_the_recovery_load_only() {
 #[test]
 fn a_placement_without_a_silent_node_abandons_its_work_in_flight() {
     cut_in_cluster_mode(
+        2,
         &[
             "--expert-ping-interval-ms",
             "60000",
@@ -276,8 +277,9 @@ fn a_placement_without_a_silent_node_abandons_its_work_in_flight() {
 /// A 3-node cluster with node n2 in a network namespace, its link cut under load until
 /// the leader has placed without it: no request may wait more than `slack` longer than in
 /// the steady state, and none fails.
-fn cut_in_cluster_mode(coordinator_args: &[&str], slack: Duration) {
-    let host = NetHost::create(1);
+/// `tag` names the test's namespace: distinct per test, since tests run in parallel.
+fn cut_in_cluster_mode(tag: u8, coordinator_args: &[&str], slack: Duration) {
+    let host = NetHost::create(tag);
     let etcd = Etcd::start_also_on(Some(&host.outer_ip));
     let url = etcd.url();
     let _n0 = cluster_node(&url, "n0", &[]);
