@@ -21,10 +21,12 @@ use crate::planner::{Candidate, PlanError, PlanInput, plan};
 use crate::rebalance::RebalancePolicy;
 
 mod moves;
+mod rejoins;
 use crate::records::{LeaderRecord, MAX_EPOCH, PlacementRecord};
 use crate::session::Session;
 use crate::watch::View;
 use moves::Move;
+use rejoins::Rejoins;
 
 /// How the leader reaches expert nodes (gRPC lives in the coordinator).
 pub trait NodeControl: Send + Sync {
@@ -82,6 +84,7 @@ pub async fn run(
         moving: None,
         last_auto: Instant::now(),
         load_error: None,
+        rejoins: Rejoins::default(),
     };
     let mut client: Option<Client> = None;
     loop {
@@ -132,6 +135,8 @@ struct LeaderState {
     last_auto: Instant,
     /// Why the last load a node was asked for failed.
     load_error: Option<String>,
+    /// Nodes back soon after losing their lease, held out of new placements a while.
+    rejoins: Rejoins,
 }
 
 /// The epoch of the next publication: above the published record's, above any epoch a
@@ -174,6 +179,8 @@ async fn round(
         snap,
         ..
     } = *cx;
+    st.rejoins
+        .observe(snap.nodes.keys().map(String::as_str), Instant::now());
     if !campaign(cfg, client, &leader.id, lease).await? {
         if st.was_leader {
             info!(id = %leader.id, "no longer the placement leader");
@@ -196,11 +203,14 @@ async fn round(
         st.load_at = Some(Instant::now());
     }
     st.failed.retain(|_, t| t.elapsed() < FAILED_NODE_PAUSE);
+    // A held node keeps what the placement already gives it; it gets nothing new.
+    let placed = |id: &str| snap.placement.as_ref().is_some_and(|p| p.contains_node(id));
     let candidates: Vec<Candidate> = snap
         .nodes
         .values()
         .filter(|n| n.num_layers == leader.num_layers && n.num_experts == leader.num_experts)
         .filter(|n| !snap.drains.contains(&n.id) && !st.failed.contains_key(&n.id))
+        .filter(|n| !st.rejoins.held(&n.id) || placed(&n.id))
         .map(|n| Candidate {
             id: n.id.clone(),
             addr: n.addr.clone(),
