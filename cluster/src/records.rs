@@ -176,6 +176,10 @@ pub struct LoadReport {
     pub window_ms: u64,
     /// Per `layer * num_experts + expert`.
     pub tokens: Vec<u64>,
+    /// Addresses of the placed nodes this coordinator cannot reach now (its link is
+    /// down: keepalive lost, connection refused). Absent from older reports.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub unreachable: Vec<String>,
 }
 
 /// The elected coordinator.

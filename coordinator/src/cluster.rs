@@ -224,11 +224,13 @@ pub fn follow_placements(remote: Arc<RemoteExperts>, mut view: watch::Receiver<V
 }
 
 /// Every `every`, writes the tokens routed per expert since the last report under this
-/// coordinator's load key (on its lease), for the leader's hot-expert replicas.
+/// coordinator's load key (on its lease), for the leader's hot-expert replicas, and the
+/// placed nodes it cannot reach (the leader re-places those no coordinator reaches).
 pub fn report_load(
     session: Arc<Session>,
     mode: &ClusterMode,
     metrics: Arc<Metrics>,
+    remote: Arc<RemoteExperts>,
     num_layers: usize,
     num_experts: usize,
     every: Duration,
@@ -256,6 +258,13 @@ pub fn report_load(
                     .iter()
                     .zip(&last)
                     .map(|(n, l)| n.saturating_sub(*l))
+                    .collect(),
+                unreachable: remote
+                    .topology()
+                    .links
+                    .iter()
+                    .filter(|l| !l.is_alive())
+                    .map(|l| l.addr().to_owned())
                     .collect(),
             };
             last = now;

@@ -165,6 +165,7 @@ impl Coordinator {
                         handle.session.clone(),
                         mode,
                         metrics.clone(),
+                        remote.clone(),
                         mc.expert_layers(),
                         mc.num_experts,
                         Duration::from_secs(2),

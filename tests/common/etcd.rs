@@ -40,6 +40,18 @@ impl Etcd {
             client_port: free_port(),
             peer_port: free_port(),
         };
+        // A port found free can be taken by another test before etcd binds it: new ones.
+        for _ in 0..3 {
+            match etcd.try_restart() {
+                Ok(()) => return etcd,
+                Err(log) if log.contains("address already in use") => {
+                    etcd.proc = None;
+                    etcd.client_port = free_port();
+                    etcd.peer_port = free_port();
+                }
+                Err(log) => panic!("etcd did not become healthy: {log}"),
+            }
+        }
         etcd.restart();
         etcd
     }
@@ -50,6 +62,13 @@ impl Etcd {
 
     /// Starts it (again, on the same data and ports) and waits until it answers /health.
     pub fn restart(&mut self) {
+        if let Err(log) = self.try_restart() {
+            panic!("etcd did not become healthy: {log}");
+        }
+    }
+
+    /// [`Etcd::restart`]; its log when it does not become healthy.
+    fn try_restart(&mut self) -> Result<(), String> {
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let mut clients = self.url();
         if let Some(ip) = &self.also_on {
@@ -65,18 +84,18 @@ impl Etcd {
             .args(["--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("test={peer}")])
             .args(["--log-level", "warn"]);
-        self.proc = Some(Proc::spawn("etcd", cmd));
+        let mut proc = Proc::spawn("etcd", cmd);
         let client = Client::new(&self.url());
         let healthy = poll(Duration::from_secs(20), || {
-            client
-                .get("/health")
-                .is_ok_and(|r| r.status == 200 && r.text().contains("true"))
+            proc.exited()
+                || client
+                    .get("/health")
+                    .is_ok_and(|r| r.status == 200 && r.text().contains("true"))
         });
-        assert!(
-            healthy,
-            "etcd did not become healthy: {}",
-            self.proc.as_ref().map(Proc::log_tail).unwrap_or_default()
-        );
+        let ok = healthy && !proc.exited();
+        let log = proc.log_tail();
+        self.proc = Some(proc);
+        if ok { Ok(()) } else { Err(log) }
     }
 
     /// Stops it (SIGTERM, as an operator would) and waits for it to exit.

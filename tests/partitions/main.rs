@@ -157,7 +157,8 @@ fn node_cut_from_etcd_only() {
 }
 
 /// Scenario 2: the coordinators cannot reach the node, etcd still sees it alive. Its
-/// experts' other copies serve; nothing waits on it.
+/// experts' other copies serve, nothing waits on it, and since every coordinator reports
+/// it unreachable the leader places its copies on the other nodes.
 #[test]
 fn node_cut_from_coordinators_only() {
     scenario(
@@ -172,11 +173,27 @@ fn node_cut_from_coordinators_only() {
             }
             assert!(w.fabric.connects(n1, &w.etcd_host.ip, ETCD_PORT));
             still_serving(w, t, "n1 was cut from the coordinators");
-            std::thread::sleep(3 * LEASE_TTL);
+            // Both coordinators report it unreachable: the leader places its copies on
+            // the others although etcd sees it alive.
+            let cut = Instant::now();
+            let mut why = String::new();
+            let moved = poll(RECOVERY_LIMIT, || match w.placed_on(&["n0", "n2", "n3"]) {
+                Ok(()) => true,
+                Err(e) => {
+                    why = e;
+                    false
+                }
+            });
+            assert!(moved, "n1's copies never moved: {why}\n{}", w.logs());
+            let moved_after = cut.elapsed();
             still_serving(w, t, "n1 stayed cut from the coordinators");
             w.fabric.heal();
             Measured {
                 recovery: w.wait_converged(&w.node_ids(), RECOVERY_LIMIT),
+                note: format!(
+                    "its copies placed on the others {:.1} s after the cut",
+                    moved_after.as_secs_f64()
+                ),
                 ..Measured::default()
             }
         },

@@ -263,26 +263,47 @@ impl World {
         if !s["leader"].is_string() {
             return Err("no leader".into());
         }
+        self.check_placement(&s, &want, skip)
+    }
+
+    /// Whether the published placement uses only `nodes`, gives every expert
+    /// [`REPLICAS`] copies on them, and both coordinators serve with it.
+    pub fn placed_on(&self, nodes: &[&str]) -> Result<(), String> {
+        let s = self.status()?;
+        let on: BTreeSet<&str> = nodes.iter().copied().collect();
+        let epoch = self.check_placement(&s, &on, None)?;
+        match placed_ids(&s["placement"])?
+            .into_iter()
+            .find(|id| !on.contains(id))
+        {
+            Some(other) => Err(format!("epoch {epoch} still places {other}")),
+            None => Ok(()),
+        }
+    }
+
+    /// The placement in ctl status `s` gives every expert [`REPLICAS`] copies on nodes of
+    /// `on`, and every coordinator but `skip` serves with its epoch; returns the epoch.
+    fn check_placement(
+        &self,
+        s: &Value,
+        on: &BTreeSet<&str>,
+        skip: Option<usize>,
+    ) -> Result<u64, String> {
         let p = &s["placement"];
         let epoch = p["epoch"].as_u64().ok_or("no placement")?;
-        let placed: Vec<&str> = p["nodes"]
-            .as_array()
-            .ok_or("placement without nodes")?
-            .iter()
-            .map(|n| n["id"].as_str().unwrap_or(""))
-            .collect();
+        let placed = placed_ids(p)?;
         let holders = p["holders"].as_array().ok_or("placement without holders")?;
         for (i, h) in holders.iter().enumerate() {
-            let on: BTreeSet<&str> = h
+            let copies: BTreeSet<&str> = h
                 .as_array()
                 .ok_or("holders entry is not a list")?
                 .iter()
                 .filter_map(|x| placed.get(x.as_u64()? as usize).copied())
-                .filter(|id| want.contains(id))
+                .filter(|id| on.contains(id))
                 .collect();
-            if on.len() < REPLICAS {
+            if copies.len() < REPLICAS {
                 return Err(format!(
-                    "expert slot {i} has copies on live nodes {on:?} only (epoch {epoch})"
+                    "expert slot {i} has copies on {copies:?} only (epoch {epoch})"
                 ));
             }
         }
@@ -387,4 +408,14 @@ impl Drop for World {
             }
         }
     }
+}
+
+/// Node ids of a placement in ctl status's JSON, in holder-index order.
+fn placed_ids(p: &Value) -> Result<Vec<&str>, String> {
+    Ok(p["nodes"]
+        .as_array()
+        .ok_or("placement without nodes")?
+        .iter()
+        .map(|n| n["id"].as_str().unwrap_or(""))
+        .collect())
 }

@@ -22,11 +22,13 @@ use crate::rebalance::RebalancePolicy;
 
 mod moves;
 mod rejoins;
+mod unreachable;
 use crate::records::{LeaderRecord, MAX_EPOCH, PlacementRecord};
 use crate::session::Session;
 use crate::watch::View;
 use moves::Move;
 use rejoins::Rejoins;
+use unreachable::unreachable_nodes;
 
 /// How the leader reaches expert nodes (gRPC lives in the coordinator).
 pub trait NodeControl: Send + Sync {
@@ -85,6 +87,8 @@ pub async fn run(
         last_auto: Instant::now(),
         load_error: None,
         rejoins: Rejoins::default(),
+        cut_since: HashMap::new(),
+        cut_off: Default::default(),
     };
     let mut client: Option<Client> = None;
     loop {
@@ -137,6 +141,10 @@ struct LeaderState {
     load_error: Option<String>,
     /// Nodes back soon after losing their lease, held out of new placements a while.
     rejoins: Rejoins,
+    /// Registered nodes no coordinator reaches, and since when.
+    cut_since: HashMap<String, Instant>,
+    /// Those cut off for [`CUT_OFF_AFTER`], left out of placements.
+    cut_off: std::collections::BTreeSet<String>,
 }
 
 /// The epoch of the next publication: above the published record's, above any epoch a
@@ -152,6 +160,11 @@ fn next_epoch(snap: &Snapshot, published: u64) -> Option<u64> {
         .fold(published, u64::max);
     highest.checked_add(1).filter(|&e| e <= MAX_EPOCH)
 }
+
+/// How long every coordinator must report a registered node unreachable before its
+/// copies are placed elsewhere: longer than a load report's period (2 s), so a node
+/// placed a moment ago, not connected yet, is not taken for a cut one.
+const CUT_OFF_AFTER: Duration = Duration::from_secs(3);
 
 /// Leaving a node out after a failed load: long enough not to retry it every tick,
 /// short enough that a node that was merely slow comes back soon.
@@ -205,12 +218,31 @@ async fn round(
     st.failed.retain(|_, t| t.elapsed() < FAILED_NODE_PAUSE);
     // A held node keeps what the placement already gives it; it gets nothing new.
     let placed = |id: &str| snap.placement.as_ref().is_some_and(|p| p.contains_node(id));
+    // Only a node cut off for a while: a node placed a moment ago is not connected yet.
+    let cut_now = unreachable_nodes(snap);
+    st.cut_since.retain(|id, _| cut_now.contains(id));
+    for id in cut_now {
+        st.cut_since.entry(id).or_insert_with(Instant::now);
+    }
+    let cut_off: std::collections::BTreeSet<String> = st
+        .cut_since
+        .iter()
+        .filter(|(_, since)| since.elapsed() >= CUT_OFF_AFTER)
+        .map(|(id, _)| id.clone())
+        .collect();
+    if cut_off != st.cut_off {
+        if !cut_off.is_empty() {
+            warn!(nodes = ?cut_off, "no coordinator reaches these nodes: placing their copies elsewhere");
+        }
+        st.cut_off = cut_off;
+    }
     let candidates: Vec<Candidate> = snap
         .nodes
         .values()
         .filter(|n| n.num_layers == leader.num_layers && n.num_experts == leader.num_experts)
         .filter(|n| !snap.drains.contains(&n.id) && !st.failed.contains_key(&n.id))
         .filter(|n| !st.rejoins.held(&n.id) || placed(&n.id))
+        .filter(|n| !st.cut_off.contains(&n.id))
         .map(|n| Candidate {
             id: n.id.clone(),
             addr: n.addr.clone(),
@@ -435,7 +467,7 @@ mod tests {
     use super::*;
     use crate::records::{NodeRecord, PlacedNode};
 
-    fn node(id: &str, epoch: u64) -> NodeRecord {
+    pub(super) fn node(id: &str, epoch: u64) -> NodeRecord {
         NodeRecord {
             id: id.into(),
             addr: format!("{id}:1"),
