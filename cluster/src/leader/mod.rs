@@ -7,7 +7,7 @@
 //! newer placement; the nodes refuse unloads from older epochs, so it cannot undo one
 //! either (etcd locks alone are not safe as mutual exclusion: the epoch is the fence).
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,7 +144,7 @@ struct LeaderState {
     /// Registered nodes no coordinator reaches, and since when.
     cut_since: HashMap<String, Instant>,
     /// Those cut off for [`CUT_OFF_AFTER`], left out of placements.
-    cut_off: std::collections::BTreeSet<String>,
+    cut_off: BTreeSet<String>,
 }
 
 /// The epoch of the next publication: above the published record's, above any epoch a
@@ -215,40 +215,7 @@ async fn round(
         st.load = snap.total_load(experts);
         st.load_at = Some(Instant::now());
     }
-    st.failed.retain(|_, t| t.elapsed() < FAILED_NODE_PAUSE);
-    // A held node keeps what the placement already gives it; it gets nothing new.
-    let placed = |id: &str| snap.placement.as_ref().is_some_and(|p| p.contains_node(id));
-    // Only a node cut off for a while: a node placed a moment ago is not connected yet.
-    let cut_now = unreachable_nodes(snap);
-    st.cut_since.retain(|id, _| cut_now.contains(id));
-    for id in cut_now {
-        st.cut_since.entry(id).or_insert_with(Instant::now);
-    }
-    let cut_off: std::collections::BTreeSet<String> = st
-        .cut_since
-        .iter()
-        .filter(|(_, since)| since.elapsed() >= CUT_OFF_AFTER)
-        .map(|(id, _)| id.clone())
-        .collect();
-    if cut_off != st.cut_off {
-        if !cut_off.is_empty() {
-            warn!(nodes = ?cut_off, "no coordinator reaches these nodes: placing their copies elsewhere");
-        }
-        st.cut_off = cut_off;
-    }
-    let candidates: Vec<Candidate> = snap
-        .nodes
-        .values()
-        .filter(|n| n.num_layers == leader.num_layers && n.num_experts == leader.num_experts)
-        .filter(|n| !snap.drains.contains(&n.id) && !st.failed.contains_key(&n.id))
-        .filter(|n| !st.rejoins.held(&n.id) || placed(&n.id))
-        .filter(|n| !st.cut_off.contains(&n.id))
-        .map(|n| Candidate {
-            id: n.id.clone(),
-            addr: n.addr.clone(),
-            capacity: n.capacity,
-        })
-        .collect();
+    let candidates = candidates(snap, leader, st);
     let Some(epoch) = next_epoch(snap, st.published) else {
         let text = format!("placement epochs are exhausted (above {MAX_EPOCH}): reset the cluster");
         if st.last_error.as_deref() != Some(&text) {
@@ -313,6 +280,48 @@ async fn round(
         );
     }
     Ok(())
+}
+
+/// The nodes a placement may use now: registered for this model, not draining, not
+/// left out after a failed load, not held back after a flap (unless already placed), and
+/// not cut off from every coordinator for [`CUT_OFF_AFTER`].
+fn candidates(snap: &Snapshot, leader: &LeaderConfig, st: &mut LeaderState) -> Vec<Candidate> {
+    st.failed.retain(|_, t| t.elapsed() < FAILED_NODE_PAUSE);
+    // A held node keeps what the placement already gives it; it gets nothing new.
+    let placed = |id: &str| snap.placement.as_ref().is_some_and(|p| p.contains_node(id));
+    // Only a node cut off for a while: a node placed a moment ago is not connected yet.
+    let cut_now = unreachable_nodes(snap);
+    st.cut_since.retain(|id, _| cut_now.contains(id));
+    for id in cut_now {
+        st.cut_since.entry(id).or_insert_with(Instant::now);
+    }
+    let cut_off: BTreeSet<String> = st
+        .cut_since
+        .iter()
+        .filter(|(_, since)| since.elapsed() >= CUT_OFF_AFTER)
+        .map(|(id, _)| id.clone())
+        .collect();
+    if cut_off != st.cut_off {
+        if !cut_off.is_empty() {
+            warn!(
+                nodes = ?cut_off,
+                "no coordinator reaches these nodes: placing their copies elsewhere"
+            );
+        }
+        st.cut_off = cut_off;
+    }
+    snap.nodes
+        .values()
+        .filter(|n| n.num_layers == leader.num_layers && n.num_experts == leader.num_experts)
+        .filter(|n| !snap.drains.contains(&n.id) && !st.failed.contains_key(&n.id))
+        .filter(|n| !st.rejoins.held(&n.id) || placed(&n.id))
+        .filter(|n| !st.cut_off.contains(&n.id))
+        .map(|n| Candidate {
+            id: n.id.clone(),
+            addr: n.addr.clone(),
+            capacity: n.capacity,
+        })
+        .collect()
 }
 
 /// Has every node load its share of `desired` (idempotent: it reads only what it
