@@ -99,21 +99,22 @@ pub fn wire_outliers(answers: &[(usize, Duration)]) -> Vec<usize> {
     if answers.len() < 3 {
         return Vec::new();
     }
+    // One sort per layer: the upper median of the others is the whole list's element
+    // at `mid` when the answer itself sits above it, else the next one.
+    let mut sorted: Vec<Duration> = answers.iter().map(|&(_, w)| w).collect();
+    sorted.sort_unstable();
+    let mid = (answers.len() - 1) / 2;
     answers
         .iter()
-        .enumerate()
-        .filter(|&(i, &(_, wire))| {
-            let mut others: Vec<Duration> = answers
-                .iter()
-                .enumerate()
-                .filter(|&(j, _)| j != i)
-                .map(|(_, &(_, w))| w)
-                .collect();
-            others.sort_unstable();
-            let median = others[others.len() / 2];
+        .filter(|&&(_, wire)| {
+            let median = if wire > sorted[mid] {
+                sorted[mid]
+            } else {
+                sorted[mid + 1]
+            };
             wire > median * OUTLIER_FACTOR + OUTLIER_MARGIN
         })
-        .map(|(_, &(node, _))| node)
+        .map(|&(node, _)| node)
         .collect()
 }
 
