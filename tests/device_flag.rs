@@ -74,6 +74,20 @@ fn device_cuda_without_a_gpu_fails_at_start_with_the_reason() {
             );
         }
     }
+    // verify's experts alone on the GPU (the check of GPU experts under a CPU dense path).
+    let out = Command::new(exe())
+        .args(["verify", "--model", model, "--experts-device", "cuda"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "verify --experts-device cuda: {stderr}"
+    );
+    assert!(
+        stderr.contains("--experts-device cuda:0: cannot use this device"),
+        "{stderr}"
+    );
     let out = Command::new(exe())
         .args(["expert-node", "--model", model, "--device", "tpu"])
         .output()

@@ -310,6 +310,149 @@ extern "C" __global__ void __launch_bounds__(THREADS)
     }
 }
 
+// ---------------------------------------------------------------------------------------
+// Skinny path (v2): batches where no expert has more than SK_ROWS rows (decode: T = 1..8
+// at top-2 of 8). The mma.sync tiles above are 64 rows tall; at one or two rows per expert
+// they spend their time on a B pipeline sized for compute, and moved weights at 54% of the
+// copy bandwidth on an H200 (T = 1: 0.325 ms for 0.167 ms of bytes). Here one warp owns
+// one output column and streams its weight row(s) with 16-byte non-coherent loads, U
+// chunks per lane in flight, dots every row of the expert on CUDA cores (f32), then
+// reduces across the warp. Same contract as the tiled kernels: the same Tile list (one
+// tile per expert, since SK_ROWS <= BM), act [n][F'] bf16 and yp [n][H'] f32 (no split-K),
+// so moe_combine is unchanged.
+#define SK_ROWS 8        // most rows of one expert on this path (host: SKINNY_MAX_ROWS)
+#define SK_WARPS 8       // warps (output columns) per block
+
+__device__ __forceinline__ uint4 ld_stream16(const void* p) {
+    uint4 v;
+    asm("ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+
+// acc += dot of 8 bf16 weights (w) and 8 bf16 activations (a).
+__device__ __forceinline__ float dot8(float acc, uint4 w, uint4 a) {
+    const u32 wv[4] = {w.x, w.y, w.z, w.w};
+    const u32 av[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        acc = fmaf(__uint_as_float(wv[i] << 16), __uint_as_float(av[i] << 16), acc);
+        acc = fmaf(__uint_as_float(wv[i] & 0xffff0000u), __uint_as_float(av[i] & 0xffff0000u), acc);
+    }
+    return acc;
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
+}
+
+// grid: (tiles, ceil(F / SK_WARPS)); block: SK_WARPS * 32. Warp w of block (b, y) computes
+// column n = y * SK_WARPS + w of act for the rows of tile b: gate row n and up row F + n.
+extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
+    moe_gate_up_skinny(const bf16_t* __restrict__ x, const bf16_t* __restrict__ wgu, const int* __restrict__ sorted_tok,
+                       const Tile* __restrict__ tiles, bf16_t* __restrict__ act, int H, int F) {
+    constexpr int U = 4;
+    const Tile tile = tiles[blockIdx.x];
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.y * SK_WARPS + (threadIdx.x >> 5);
+    if (n >= F) return;  // the whole warp: n is uniform across it
+    const int nrows = min(tile.row_end - tile.row0, SK_ROWS);
+    const bf16_t* wg = wgu + ((size_t)tile.expert * (size_t)(2 * F) + (size_t)n) * (size_t)H;
+    const bf16_t* wu = wg + (size_t)F * (size_t)H;
+    const bf16_t* xr[SK_ROWS];
+#pragma unroll
+    for (int r = 0; r < SK_ROWS; ++r) xr[r] = x + (size_t)sorted_tok[tile.row0 + min(r, nrows - 1)] * (size_t)H;
+    float g[SK_ROWS], u[SK_ROWS];
+#pragma unroll
+    for (int r = 0; r < SK_ROWS; ++r) g[r] = u[r] = 0.0f;
+
+    const int chunks = H / 8;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+        uint4 wgc[U], wuc[U];
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            const int c = c0 + 32 * j;
+            if (c < chunks) {
+                wgc[j] = ld_stream16(wg + 8 * c);
+                wuc[j] = ld_stream16(wu + 8 * c);
+            }
+        }
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            const int c = c0 + 32 * j;
+            if (c >= chunks) break;
+#pragma unroll
+            for (int r = 0; r < SK_ROWS; ++r) {
+                if (r < nrows) {
+                    const uint4 a = *reinterpret_cast<const uint4*>(xr[r] + 8 * c);
+                    g[r] = dot8(g[r], wgc[j], a);
+                    u[r] = dot8(u[r], wuc[j], a);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < SK_ROWS; ++r) {
+        if (r < nrows) {
+            const float gs = warp_sum(g[r]);
+            const float us = warp_sum(u[r]);
+            if (lane == 0) {
+                const float v = gs / (1.0f + expf(-gs)) * us;
+                act[(size_t)(tile.row0 + r) * (size_t)F + n] = (bf16_t)f32_to_bf16_bits(v);
+            }
+        }
+    }
+}
+
+// grid: (tiles, ceil(H / SK_WARPS)); block: SK_WARPS * 32. Warp w of block (b, y) computes
+// column n = y * SK_WARPS + w of yp for the rows of tile b: down row n, times the row's
+// routing weight.
+extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
+    moe_down_skinny(const bf16_t* __restrict__ act, const bf16_t* __restrict__ wd, const float* __restrict__ sorted_w,
+                    const Tile* __restrict__ tiles, float* __restrict__ yp, int F, int H) {
+    constexpr int U = 8;
+    const Tile tile = tiles[blockIdx.x];
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.y * SK_WARPS + (threadIdx.x >> 5);
+    if (n >= H) return;
+    const int nrows = min(tile.row_end - tile.row0, SK_ROWS);
+    const bf16_t* w = wd + ((size_t)tile.expert * (size_t)H + (size_t)n) * (size_t)F;
+    float acc[SK_ROWS];
+#pragma unroll
+    for (int r = 0; r < SK_ROWS; ++r) acc[r] = 0.0f;
+
+    const int chunks = F / 8;
+    for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
+        uint4 wc[U];
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            const int c = c0 + 32 * j;
+            if (c < chunks) wc[j] = ld_stream16(w + 8 * c);
+        }
+#pragma unroll
+        for (int j = 0; j < U; ++j) {
+            const int c = c0 + 32 * j;
+            if (c >= chunks) break;
+#pragma unroll
+            for (int r = 0; r < SK_ROWS; ++r) {
+                if (r < nrows) {
+                    const uint4 a =
+                        *reinterpret_cast<const uint4*>(act + (size_t)(tile.row0 + r) * (size_t)F + 8 * c);
+                    acc[r] = dot8(acc[r], wc[j], a);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < SK_ROWS; ++r) {
+        if (r < nrows) {
+            const float s = warp_sum(acc[r]);
+            if (lane == 0) yp[(size_t)(tile.row0 + r) * (size_t)H + n] = sorted_w[tile.row0 + r] * s;
+        }
+    }
+}
+
 // grid: (T); block: 256. out[t] = sum over t's assignments j (tok_off[t] .. tok_off[t+1], in
 // the order given) and slices z of yp[z][tok_rows[j]]. A token with no assignment gets zeros.
 extern "C" __global__ void __launch_bounds__(256)

@@ -11,7 +11,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 use switchyard_engine::Assignment;
-use switchyard_engine::cuda::{CudaBackend, CudaExperts};
+use switchyard_engine::cuda::{CudaBackend, CudaExperts, SKINNY_MAX_ROWS};
 
 /// Tolerance on the relative error (bf16 inputs, weights and intermediate activations).
 const MAX_REL_ERR: f64 = 2e-2;
@@ -147,72 +147,92 @@ fn run_case(backend: &Arc<CudaBackend>, case: &Case, seed: u64) {
         let xf: Vec<f32> = x.iter().map(|b| bf16::from_bits(*b).to_f32()).collect();
         let work = random_work(&mut rng, tokens, &case.routable, case.k);
         let want = reference(&experts, &x, h, f, tokens, &work);
-        gpu.poison().unwrap();
-        let got = gpu.forward_layer(layer, &xf, tokens, &work).unwrap();
-        assert_eq!(got.len(), tokens * h);
-        let unwritten = got.iter().filter(|v| !v.is_finite()).count();
-        let (mut num, mut den) = (0f64, 0f64);
-        for (g, w) in got.iter().zip(&want) {
-            num += (f64::from(*g) - w).powi(2);
-            den += w * w;
-        }
-        let rel = (num / den.max(f64::MIN_POSITIVE)).sqrt();
-        // The same inputs again must give the same bits (a moving result is a race).
-        gpu.poison().unwrap();
-        let again = gpu.forward_layer(layer, &xf, tokens, &work).unwrap();
-        let stable = got
-            .iter()
-            .zip(&again)
-            .all(|(a, b)| a.to_bits() == b.to_bits());
-        let ok = unwritten == 0 && rel < MAX_REL_ERR && rel > 0.0 && stable;
-        // Row tiles of 64 per expert, as the plan makes them: the down projection's split-K
-        // slice count follows from them.
+        // Rows of the busiest expert: the skinny kernels take the batch when it has at
+        // most SKINNY_MAX_ROWS; both paths are checked wherever both can run.
         let mut per_expert = std::collections::HashMap::new();
         for a in &work {
             *per_expert.entry(a.expert).or_insert(0usize) += 1;
         }
-        let tiles: usize = per_expert.values().map(|r| r.div_ceil(64)).sum();
-        let splits = gpu.split_k(tiles);
-        println!(
-            "| {:<14} | H {:>5} | F {:>5} | E {:>2}/{:<2} | k {} | T {:>5} | rows {:>5} | split-K {} | rel err {:.2e} | nan {:>3} | stable {:>5} | {} |",
-            case.name,
-            h,
-            f,
-            case.held.len(),
-            case.model_experts,
-            case.k,
-            tokens,
-            work.len(),
-            splits,
-            rel,
-            unwritten,
-            stable,
-            if ok { "ok" } else { "FAIL" }
-        );
-        assert_eq!(
-            unwritten, 0,
-            "{}: T={tokens}: unwritten (NaN) outputs",
-            case.name
-        );
-        assert!(
-            rel < MAX_REL_ERR,
-            "{}: T={tokens}: relative error {rel:.3e}",
-            case.name
-        );
-        assert!(
-            stable,
-            "{}: T={tokens}: results differ between identical runs",
-            case.name
-        );
-        if case.name == "mixtral-8x7b" && tokens == 1 {
-            // Decode's shape: few tiles, so the down projection is split over K (what a
-            // node serving one token does; the other cases' small FFNs never split).
-            assert!(splits > 1, "T=1 at Mixtral shapes ran without split-K");
+        let busiest = per_expert.values().copied().max().unwrap_or(0);
+        for skinny_rows in [0, SKINNY_MAX_ROWS] {
+            gpu.set_skinny_rows(skinny_rows);
+            let path = if gpu.takes_skinny(busiest) {
+                "skinny"
+            } else if skinny_rows > 0 {
+                continue; // the tiled path again: already checked
+            } else {
+                "tiled"
+            };
+            gpu.poison().unwrap();
+            let got = gpu.forward_layer(layer, &xf, tokens, &work).unwrap();
+            assert_eq!(got.len(), tokens * h);
+            let unwritten = got.iter().filter(|v| !v.is_finite()).count();
+            let (mut num, mut den) = (0f64, 0f64);
+            for (g, w) in got.iter().zip(&want) {
+                num += (f64::from(*g) - w).powi(2);
+                den += w * w;
+            }
+            let rel = (num / den.max(f64::MIN_POSITIVE)).sqrt();
+            // The same inputs again must give the same bits (a moving result is a race).
+            gpu.poison().unwrap();
+            let again = gpu.forward_layer(layer, &xf, tokens, &work).unwrap();
+            let stable = got
+                .iter()
+                .zip(&again)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            let ok = unwritten == 0 && rel < MAX_REL_ERR && rel > 0.0 && stable;
+            // Row tiles of 64 per expert, as the plan makes them: the tiled down
+            // projection's split-K slice count follows from them.
+            let tiles: usize = per_expert.values().map(|r| r.div_ceil(64)).sum();
+            let splits = if path == "skinny" {
+                1
+            } else {
+                gpu.split_k(tiles)
+            };
+            println!(
+                "| {:<14} | H {:>5} | F {:>5} | E {:>2}/{:<2} | k {} | T {:>5} | rows {:>5} | {path:<6} | split-K {} | rel err {:.2e} | nan {:>3} | stable {:>5} | {} |",
+                case.name,
+                h,
+                f,
+                case.held.len(),
+                case.model_experts,
+                case.k,
+                tokens,
+                work.len(),
+                splits,
+                rel,
+                unwritten,
+                stable,
+                if ok { "ok" } else { "FAIL" }
+            );
+            assert_eq!(
+                unwritten, 0,
+                "{}: T={tokens} {path}: unwritten (NaN) outputs",
+                case.name
+            );
+            assert!(
+                rel < MAX_REL_ERR,
+                "{}: T={tokens} {path}: relative error {rel:.3e}",
+                case.name
+            );
+            assert!(
+                stable,
+                "{}: T={tokens} {path}: results differ between identical runs",
+                case.name
+            );
+            if case.name == "mixtral-8x7b" && tokens == 1 && path == "tiled" {
+                // Decode's shape: few tiles, so the tiled down projection is split over K.
+                assert!(splits > 1, "T=1 at Mixtral shapes ran without split-K");
+            }
+            if tokens <= 3 {
+                // One to three tokens are at most 3 * k rows (k <= 3 here): decode's shape.
+                assert!(gpu.takes_skinny(busiest) || skinny_rows == 0);
+            }
         }
     }
 }
 
-const TOKENS: &[usize] = &[1, 3, 17, 64, 511, 4096];
+const TOKENS: &[usize] = &[1, 3, 8, 17, 64, 511, 4096];
 
 #[test]
 #[ignore = "needs a CUDA GPU"]
@@ -278,7 +298,7 @@ fn experts_match_f64_reference_at_many_shapes() {
             held: vec![0, 3],
             routable: vec![0, 3],
             k: 2,
-            tokens: vec![1, 3, 17],
+            tokens: vec![1, 3, 8, 17],
         },
     ];
     for (i, c) in cases.iter().enumerate() {

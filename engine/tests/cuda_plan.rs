@@ -34,6 +34,16 @@ fn check(tokens: usize, experts: usize, work: &[(u32, u32, f32)]) {
         }
     }
     assert_eq!(plan.expert_off[experts] as usize, work.len());
+    // The busiest expert's rows, which pick the skinny kernels (at most SK_ROWS rows per
+    // expert, each in a tile of its own).
+    let busiest = groups.iter().map(Vec::len).max().unwrap_or(0);
+    assert_eq!(plan.max_expert_rows(), busiest);
+    if busiest <= 8 {
+        assert_eq!(
+            plan.tiles.len(),
+            groups.iter().filter(|g| !g.is_empty()).count()
+        );
+    }
 
     // Each token's rows: exactly its assignments, in the order given.
     for t in 0..tokens {

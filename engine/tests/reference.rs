@@ -146,15 +146,12 @@ fn bf16_experts_meet_the_top1_bar_on_both_fixtures() {
             r.max_logit_rel_err,
             r.min_router_agreement
         );
-        // Measured with this emulation: mixtral-tiny 99.65%, mixtral-tiny-bf16 98.62%. The
-        // second misses the 99% bar at bf16 precision whatever the kernels do, so
-        // `verify --device cuda` is expected to report FAIL there: a finding about the bar
-        // on this fixture, pinned here so that a change in either number is noticed.
-        if name == "mixtral-tiny" {
-            assert!(r.passed, "{name}: {r:#?}");
-        } else {
-            assert!(r.top1_agreement >= 0.98, "{name}: {r:#?}");
-        }
+        // Measured with this emulation: mixtral-tiny 99.65%, mixtral-tiny-bf16 98.62%: the
+        // second misses the 99% at bf16 precision whatever the kernels do, as the
+        // H200 later did on both fixtures (98.62%, 98.79%), hence the bar of 97% beside
+        // complete agreement at decided positions.
+        assert!(r.passed, "{name}: {r:#?}");
+        assert!(r.top1_agreement >= 0.98, "{name}: {r:#?}");
         // Every flip is at a near-tie of the f32 reference (its top two within 1% of the
         // largest |logit|: 8-9% of these fixtures' prompt positions): where the reference is
         // decided, bf16 agrees everywhere (826/826 and 824/824 measured).

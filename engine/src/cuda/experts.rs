@@ -26,6 +26,11 @@ use crate::router::Routing;
 const TILE_N: usize = 64;
 const TILE_K: usize = 32;
 const THREADS: u32 = 128;
+/// Batches whose busiest expert has at most this many rows run the skinny kernels
+/// (`SK_ROWS` in moe.cu; one warp per output column, weights streamed once): decode.
+pub const SKINNY_MAX_ROWS: usize = 8;
+/// Warps (output columns) per block of the skinny kernels (`SK_WARPS` in moe.cu).
+const SKINNY_WARPS: usize = 8;
 /// At most this many split-K slices for the down projection.
 const MAX_SPLITS: usize = 8;
 /// Each split-K slice gets at least this many K tiles.
@@ -92,11 +97,35 @@ struct Workspace {
     host_plan: Vec<i32>,
 }
 
+/// What a launch sequence needs to know of a planned batch.
+#[derive(Debug, Clone, Copy)]
+struct BatchShape {
+    tokens: usize,
+    rows: usize,
+    tiles: usize,
+    max_expert_rows: usize,
+    layout: PlanLayout,
+}
+
+impl BatchShape {
+    fn of(plan: &Plan) -> Self {
+        BatchShape {
+            tokens: plan.tokens,
+            rows: plan.rows(),
+            tiles: plan.tiles.len(),
+            max_expert_rows: plan.max_expert_rows(),
+            layout: plan.layout(),
+        }
+    }
+}
+
 /// A batch already on the device (activations and plan), for timing the layer alone.
 pub struct DeviceBatch {
     pub tokens: usize,
     pub rows: usize,
     pub tiles: usize,
+    /// Rows of its busiest expert.
+    pub max_expert_rows: usize,
     /// The model expert ids of the layer it was planned for, in packing order: its plan
     /// holds local indices into exactly that packing.
     packing: Vec<u32>,
@@ -116,6 +145,8 @@ pub struct CudaExperts {
     f_pad: usize,
     layers: Vec<Option<LayerWeights>>,
     ws: Mutex<Workspace>,
+    /// Batches with at most this many rows per expert take the skinny kernels (0: never).
+    skinny_rows: usize,
 }
 
 impl CudaExperts {
@@ -158,6 +189,7 @@ impl CudaExperts {
             f_pad,
             layers: (0..num_layers).map(|_| None).collect(),
             ws: Mutex::new(ws),
+            skinny_rows: SKINNY_MAX_ROWS,
         })
     }
 
@@ -567,6 +599,17 @@ impl CudaExperts {
         }
     }
 
+    /// Up to how many rows per expert a batch takes the skinny kernels: 0 turns them off
+    /// (tests and the benchmark compare both paths); capped at [`SKINNY_MAX_ROWS`].
+    pub fn set_skinny_rows(&mut self, rows: usize) {
+        self.skinny_rows = rows.min(SKINNY_MAX_ROWS);
+    }
+
+    /// Whether a batch whose busiest expert has `rows` rows takes the skinny kernels.
+    pub fn takes_skinny(&self, rows: usize) -> bool {
+        rows > 0 && rows <= self.skinny_rows
+    }
+
     /// Checks a unit of work against the model and the experts held, computing nothing.
     pub fn validate(
         &self,
@@ -658,7 +701,7 @@ impl CudaExperts {
                 lw,
                 &ws.x,
                 &ws.plan,
-                (tokens, plan.rows(), plan.tiles.len(), plan.layout()),
+                BatchShape::of(&plan),
                 &mut ws.act,
                 &mut ws.yp,
                 &mut ws.out,
@@ -696,6 +739,7 @@ impl CudaExperts {
             tokens,
             rows: plan.rows(),
             tiles: plan.tiles.len(),
+            max_expert_rows: plan.max_expert_rows(),
             packing,
             layout: plan.layout(),
             x: s.clone_htod(&host_x).map_err(|e| unavailable(e.into()))?,
@@ -730,7 +774,13 @@ impl CudaExperts {
             lw,
             &batch.x,
             &batch.plan,
-            (batch.tokens, batch.rows, batch.tiles, batch.layout),
+            BatchShape {
+                tokens: batch.tokens,
+                rows: batch.rows,
+                tiles: batch.tiles,
+                max_expert_rows: batch.max_expert_rows,
+                layout: batch.layout,
+            },
             &mut ws.act,
             &mut ws.yp,
             &mut ws.out,
@@ -783,18 +833,26 @@ impl CudaExperts {
         (nkt.div_ceil(per).max(1), per.max(1))
     }
 
-    /// The fixed launch sequence of one layer.
+    /// The fixed launch sequence of one layer: gate/up, down, combine, with the skinny
+    /// pair for the first two when the batch fits them.
     #[allow(clippy::too_many_arguments)]
     fn enqueue(
         &self,
         lw: &LayerWeights,
         x: &CudaSlice<u16>,
         plan: &CudaSlice<i32>,
-        (tokens, rows, tiles, layout): (usize, usize, usize, PlanLayout),
+        shape: BatchShape,
         act: &mut CudaSlice<u16>,
         yp: &mut CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
     ) -> Result<(), CudaError> {
+        let BatchShape {
+            tokens,
+            rows,
+            tiles,
+            max_expert_rows,
+            layout,
+        } = shape;
         if tokens == 0 {
             return Ok(());
         }
@@ -803,7 +861,12 @@ impl CudaExperts {
         let h_pad = to_i32(self.h_pad, "hidden")?;
         let f_pad = to_i32(self.f_pad, "ffn")?;
         let hidden = to_i32(self.hidden, "hidden")?;
-        let (splits, kt_per_split) = self.down_splits(tiles);
+        let skinny = self.takes_skinny(max_expert_rows);
+        let (splits, kt_per_split) = if skinny {
+            (1, 0)
+        } else {
+            self.down_splits(tiles)
+        };
         if splits * rows * self.h_pad > yp.len() {
             return Err(CudaError::Shape(format!(
                 "split-K workspace holds {} values, {splits} x {rows} x {} needed",
@@ -824,16 +887,44 @@ impl CudaExperts {
             let sorted_tok = view(layout.sorted_tok, rows)?;
             let sorted_w = view(layout.sorted_w, rows)?;
             let tile_view = view(layout.tiles, 4 * tiles)?;
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    to_u32(tiles, "tiles")?,
-                    to_u32(self.f_pad.div_ceil(TILE_N), "ffn tiles")?,
-                    1,
-                ),
-                block_dim: (THREADS, 1, 1),
+            let tiles = to_u32(tiles, "tiles")?;
+            // Both pairs take the same buffers; the skinny one has a warp per output column
+            // and no split-K, the tiled one 128-wide column tiles and split-K over grid.z.
+            let (gate_up, down, gu_grid, down_grid, threads) = if skinny {
+                (
+                    &k.gate_up_skinny,
+                    &k.down_skinny,
+                    (
+                        tiles,
+                        to_u32(self.f_pad.div_ceil(SKINNY_WARPS), "ffn columns")?,
+                        1,
+                    ),
+                    (
+                        tiles,
+                        to_u32(self.h_pad.div_ceil(SKINNY_WARPS), "hidden columns")?,
+                        1,
+                    ),
+                    to_u32(32 * SKINNY_WARPS, "threads")?,
+                )
+            } else {
+                (
+                    &k.gate_up,
+                    &k.down,
+                    (tiles, to_u32(self.f_pad.div_ceil(TILE_N), "ffn tiles")?, 1),
+                    (
+                        tiles,
+                        to_u32(self.h_pad.div_ceil(2 * TILE_N), "hidden tiles")?,
+                        to_u32(splits, "splits")?,
+                    ),
+                    THREADS,
+                )
+            };
+            let cfg = |grid_dim| LaunchConfig {
+                grid_dim,
+                block_dim: (threads, 1, 1),
                 shared_mem_bytes: 0,
             };
-            let mut b = stream.launch_builder(&k.gate_up);
+            let mut b = stream.launch_builder(gate_up);
             b.arg(x)
                 .arg(&lw.wgu)
                 .arg(&sorted_tok)
@@ -841,32 +932,27 @@ impl CudaExperts {
                 .arg(&mut *act)
                 .arg(&h_pad)
                 .arg(&f_pad);
-            // SAFETY: argument types and buffer sizes follow moe_gate_up's contract in
-            // kernels/moe.cu: x [tokens][H'], wgu [E][2F'][H'], act [rows][F'] (rows <= act).
-            unsafe { b.launch(cfg) }?;
+            // SAFETY: argument types and buffer sizes follow the contract of moe_gate_up and
+            // moe_gate_up_skinny in kernels/moe.cu: x [tokens][H'], wgu [E][2F'][H'],
+            // act [rows][F'] (rows <= act); the skinny kernel only with at most SK_ROWS
+            // rows per tile (takes_skinny).
+            unsafe { b.launch(cfg(gu_grid)) }?;
 
-            let cfg = LaunchConfig {
-                grid_dim: (
-                    to_u32(tiles, "tiles")?,
-                    to_u32(self.h_pad.div_ceil(2 * TILE_N), "hidden tiles")?,
-                    to_u32(splits, "splits")?,
-                ),
-                block_dim: (THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let mut b = stream.launch_builder(&k.down);
+            let mut b = stream.launch_builder(down);
             b.arg(&*act)
                 .arg(&lw.wd)
                 .arg(&sorted_w)
                 .arg(&tile_view)
                 .arg(&mut *yp)
                 .arg(&f_pad)
-                .arg(&h_pad)
-                .arg(&kt_i)
-                .arg(&split_stride);
-            // SAFETY: moe_down's contract: act [rows][F'], wd [E][H'][F'],
-            // yp [splits][rows][H'] with splits * rows * H' <= yp.len() (down_splits).
-            unsafe { b.launch(cfg) }?;
+                .arg(&h_pad);
+            if !skinny {
+                b.arg(&kt_i).arg(&split_stride);
+            }
+            // SAFETY: moe_down's / moe_down_skinny's contract: act [rows][F'],
+            // wd [E][H'][F'], yp [splits][rows][H'] with splits * rows * H' <= yp.len()
+            // (down_splits; one slice for the skinny kernel).
+            unsafe { b.launch(cfg(down_grid)) }?;
         }
         let cfg = LaunchConfig {
             grid_dim: (to_u32(tokens, "tokens")?, 1, 1),

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
 
 pub use dense::{DenseKernels, PagedDecode};
-pub use experts::{CudaExperts, DeviceBatch, LoadError};
+pub use experts::{CudaExperts, DeviceBatch, LoadError, SKINNY_MAX_ROWS};
 pub use model::{CudaKvCache, CudaModel, CudaModelError, PlanChunk, StepPlan};
 pub use plan::{Plan, PlanError, Tile};
 
@@ -151,6 +151,9 @@ pub struct MoeKernels {
     pub module: Arc<CudaModule>,
     pub gate_up: CudaFunction,
     pub down: CudaFunction,
+    /// The decode-shaped pair: at most `SK_ROWS` rows per expert (`experts.rs`).
+    pub gate_up_skinny: CudaFunction,
+    pub down_skinny: CudaFunction,
     pub combine: CudaFunction,
     pub fill_u32: CudaFunction,
 }
@@ -191,6 +194,8 @@ impl CudaBackend {
         let moe = MoeKernels {
             gate_up: module.load_function("moe_gate_up")?,
             down: module.load_function("moe_down")?,
+            gate_up_skinny: module.load_function("moe_gate_up_skinny")?,
+            down_skinny: module.load_function("moe_down_skinny")?,
             combine: module.load_function("moe_combine")?,
             fill_u32: module.load_function("fill_u32")?,
             module,

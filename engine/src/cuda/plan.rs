@@ -167,6 +167,16 @@ impl Plan {
         self.sorted_tok.len()
     }
 
+    /// The most rows any one expert has (0 for an empty batch): whether the batch fits the
+    /// skinny kernels.
+    pub fn max_expert_rows(&self) -> usize {
+        self.expert_off
+            .windows(2)
+            .map(|w| (w[1] - w[0]) as usize)
+            .max()
+            .unwrap_or(0)
+    }
+
     pub fn layout(&self) -> PlanLayout {
         PlanLayout::new(self.rows(), self.tokens, self.tiles.len())
     }

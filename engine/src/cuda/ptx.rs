@@ -21,7 +21,14 @@ pub struct KernelSource {
 pub const MOE: KernelSource = KernelSource {
     name: "moe",
     src: include_str!("../../kernels/moe.cu"),
-    functions: &["moe_gate_up", "moe_down", "moe_combine", "fill_u32"],
+    functions: &[
+        "moe_gate_up",
+        "moe_down",
+        "moe_gate_up_skinny",
+        "moe_down_skinny",
+        "moe_combine",
+        "fill_u32",
+    ],
 };
 
 /// The dense-path kernels (host side: `dense.rs`).
