@@ -343,6 +343,7 @@ async fn apply(
         control,
     } = *cx;
     let epoch = desired.epoch;
+    make_room(snap, desired, control).await;
     let loads = desired.nodes.iter().map(|n| {
         let fut = control.load(&n.addr, desired.experts_of(&n.id), epoch);
         let id = n.id.clone();
@@ -428,6 +429,46 @@ async fn publish(
         ])
         .and_then([TxnOp::put(cfg.keys.placement(), body, None)]);
     Ok(client.txn(txn).await.map_err(|e| cfg.error(e))?.succeeded())
+}
+
+/// Before loading `desired`: a node whose memory budget cannot take its new share on top
+/// of what it holds first drops what neither `desired` nor the published placement gives
+/// it. Those are copies a rebalance moved away whose delayed unload has not run yet, or
+/// that a newer epoch made stale on the node, and copies loaded for a placement that was
+/// never published (a load elsewhere failed). Without this a node death inside the grace
+/// period finds the survivors full, and every replacement placement fails to load.
+/// What the published placement uses stays: coordinators are serving from it.
+async fn make_room(snap: &Snapshot, desired: &PlacementRecord, control: &dyn NodeControl) {
+    let published = snap.placement.as_ref();
+    let frees = desired.nodes.iter().filter_map(|n| {
+        let rec = snap.nodes.get(&n.id)?;
+        let want = desired.experts_of(&n.id);
+        let missing = want.iter().filter(|x| !rec.held.contains(x)).count();
+        if rec.held.len() + missing <= rec.capacity {
+            return None;
+        }
+        let serving = published.map_or_else(Vec::new, |p| p.experts_of(&n.id));
+        let extra: Vec<(usize, usize)> = rec
+            .held
+            .iter()
+            .copied()
+            .filter(|x| !want.contains(x) && !serving.contains(x))
+            .collect();
+        if extra.is_empty() {
+            return None;
+        }
+        let (id, count) = (n.id.clone(), extra.len());
+        let fut = control.unload(&n.addr, extra, desired.epoch);
+        Some(async move {
+            match fut.await {
+                Ok(()) => {
+                    debug!(node = %id, count, "dropped copies no placement uses to make room")
+                }
+                Err(e) => warn!(node = %id, "could not drop copies no placement uses: {e}"),
+            }
+        })
+    });
+    join_all(frees).await;
 }
 
 /// After the grace period, has every live node drop what the new placement does not
@@ -522,5 +563,82 @@ mod tests {
         assert_eq!(next_epoch(&snap, 7), Some(8));
         snap.nodes.insert("c".into(), node("c", MAX_EPOCH));
         assert_eq!(next_epoch(&snap, 0), None);
+    }
+
+    /// Records unload calls; loads are never made by `make_room`.
+    #[derive(Default)]
+    struct Recorder(std::sync::Mutex<Vec<(String, Vec<(usize, usize)>, u64)>>);
+
+    impl NodeControl for Recorder {
+        fn load(
+            &self,
+            _: &str,
+            _: Vec<(usize, usize)>,
+            _: u64,
+        ) -> BoxFuture<'static, Result<(), String>> {
+            Box::pin(async { Err("make_room must not load".to_string()) })
+        }
+        fn unload(
+            &self,
+            addr: &str,
+            experts: Vec<(usize, usize)>,
+            epoch: u64,
+        ) -> BoxFuture<'static, Result<(), String>> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((addr.to_string(), experts, epoch));
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    /// One layer of 4 experts on nodes a and b; `holders[e]` lists node indices.
+    fn four(epoch: u64, holders: [&[u32]; 4]) -> PlacementRecord {
+        PlacementRecord {
+            epoch,
+            num_layers: 1,
+            num_experts: 4,
+            nodes: ["a", "b"]
+                .iter()
+                .map(|id| PlacedNode {
+                    id: (*id).into(),
+                    addr: format!("{id}:1"),
+                })
+                .collect(),
+            holders: holders.iter().map(|h| h.to_vec()).collect(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_node_drops_only_what_no_placement_uses_before_loading() {
+        let mut snap = Snapshot::default();
+        // Published: a serves experts 0 and 1, b serves 2 and 3.
+        snap.placement = Some(four(5, [&[0], &[0], &[1], &[1]]));
+        // a holds 0, 1 and a stale copy of 3 (a rebalance moved it; its unload has not run):
+        // full at capacity 3. b holds 2 and 3 with room to spare.
+        let mut a = node("a", 5);
+        a.num_experts = 4;
+        a.capacity = 3;
+        a.held = vec![(0, 0), (0, 1), (0, 3)];
+        let mut b = node("b", 5);
+        b.num_experts = 4;
+        b.capacity = 4;
+        b.held = vec![(0, 2), (0, 3)];
+        snap.nodes.insert("a".into(), a);
+        snap.nodes.insert("b".into(), b);
+        // Desired: a also takes expert 2 (b's only copy is to be doubled).
+        let desired = four(6, [&[0], &[0], &[0, 1], &[1]]);
+        let control = Recorder::default();
+        make_room(&snap, &desired, &control).await;
+        let calls = control.0.lock().unwrap().clone();
+        // a drops the stale copy of 3 (neither placement gives it to a), at the new epoch;
+        // never 0 or 1, which the published placement serves from. b is not full.
+        assert_eq!(calls, vec![("a:1".to_string(), vec![(0, 3)], 6)]);
+
+        // With room for the new share, nothing is dropped, stale or not.
+        snap.nodes.get_mut("a").unwrap().capacity = 4;
+        let control = Recorder::default();
+        make_room(&snap, &desired, &control).await;
+        assert!(control.0.lock().unwrap().is_empty());
     }
 }
