@@ -565,9 +565,12 @@ mod tests {
         assert_eq!(next_epoch(&snap, 0), None);
     }
 
+    /// One unload call: address, experts, epoch.
+    type Unload = (String, Vec<(usize, usize)>, u64);
+
     /// Records unload calls; loads are never made by `make_room`.
     #[derive(Default)]
-    struct Recorder(std::sync::Mutex<Vec<(String, Vec<(usize, usize)>, u64)>>);
+    struct Recorder(std::sync::Mutex<Vec<Unload>>);
 
     impl NodeControl for Recorder {
         fn load(
@@ -611,9 +614,11 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_node_drops_only_what_no_placement_uses_before_loading() {
-        let mut snap = Snapshot::default();
         // Published: a serves experts 0 and 1, b serves 2 and 3.
-        snap.placement = Some(four(5, [&[0], &[0], &[1], &[1]]));
+        let mut snap = Snapshot {
+            placement: Some(four(5, [&[0], &[0], &[1], &[1]])),
+            ..Snapshot::default()
+        };
         // a holds 0, 1 and a stale copy of 3 (a rebalance moved it; its unload has not run):
         // full at capacity 3. b holds 2 and 3 with room to spare.
         let mut a = node("a", 5);
