@@ -131,6 +131,11 @@ impl ExpertFfn {
         self.down.in_dim
     }
 
+    /// Bytes its weights take in memory.
+    pub fn bytes(&self) -> u64 {
+        (self.gate_up.weight.bytes() + self.down.weight.bytes()) as u64
+    }
+
     /// `[rows, H] -> [rows, H]`.
     pub fn forward(&self, x: &[f32], rows: usize) -> Vec<f32> {
         let f = self.ffn_dim();
@@ -249,9 +254,10 @@ pub fn load_expert(
             ckpt.load_slice(&down, &[e, h, f], expert)?,
         ),
     };
+    // bf16 in memory when the checkpoint's values are bf16 (no result changes).
     Ok(ExpertFfn {
-        gate_up: Linear::new(gate_up, 2 * f, h),
-        down: Linear::new(down, h, f),
+        gate_up: Linear::compact(gate_up, 2 * f, h),
+        down: Linear::compact(down, h, f),
     })
 }
 

@@ -5,7 +5,9 @@
 use crate::checkpoint::Checkpoint;
 use crate::config::ModelConfig;
 use crate::cuda::{CudaBackend, CudaError, CudaExperts, Device, LoadError};
-use crate::experts::{Assignment, ExpertError, ExpertFfn, ExpertSelection, ExpertStore, Experts};
+use crate::experts::{
+    Assignment, ExpertError, ExpertFfn, ExpertSelection, ExpertStore, Experts, load_expert,
+};
 use crate::router::Routing;
 
 /// Token rows the GPU workspaces are first sized for; they grow on a larger batch.
@@ -75,13 +77,18 @@ impl LocalExperts {
         }
     }
 
-    /// Memory one expert's weights take on this device: f32 on the CPU, padded bf16 on
-    /// a GPU.
-    pub fn bytes_per_expert(&self, cfg: &ModelConfig) -> u64 {
+    /// Memory one expert's weights take on this device: on the CPU what a held expert
+    /// takes (bf16 when the checkpoint is, else f32; with none held, one is read from the
+    /// checkpoint to see), padded bf16 on a GPU.
+    pub fn bytes_per_expert(&self, cfg: &ModelConfig, ckpt: &Checkpoint) -> u64 {
         match self {
-            LocalExperts::Cpu(_) => {
-                3 * cfg.hidden_size as u64 * cfg.moe_intermediate_size as u64 * 4
-            }
+            LocalExperts::Cpu(s) => s
+                .held()
+                .first()
+                .and_then(|&(l, e)| s.get(l, e))
+                .map(ExpertFfn::bytes)
+                .or_else(|| load_expert(ckpt, cfg, 0, 0).ok().map(|f| f.bytes()))
+                .unwrap_or(3 * cfg.hidden_size as u64 * cfg.moe_intermediate_size as u64 * 4),
             LocalExperts::Cuda(c) => c.bytes_per_expert(),
         }
     }
@@ -230,7 +237,7 @@ mod tests {
             Err(ExpertError::NotHeld { .. })
         ));
         assert_eq!(
-            x.bytes_per_expert(&cfg),
+            x.bytes_per_expert(&cfg, &ckpt),
             3 * (h * cfg.moe_intermediate_size * 4) as u64
         );
     }

@@ -91,7 +91,7 @@ impl ExpertNode {
             .unwrap_or_else(|| cfg.model_dir.display().to_string());
         let held = store.held().into_iter().collect();
         let device = store.device();
-        let bytes_per_expert = store.bytes_per_expert(&config);
+        let bytes_per_expert = store.bytes_per_expert(&config, &checkpoint);
         let metrics = NodeMetrics::new(config.expert_layers(), config.num_experts)
             .map_err(|e| NodeError::Internal(format!("metrics: {e}")))?;
         tracing::info!(

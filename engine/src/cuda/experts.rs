@@ -448,8 +448,8 @@ impl CudaExperts {
         self.set_expert_bf16(
             layer,
             local,
-            &bf16_bits(&ffn.gate_up.weight),
-            &bf16_bits(&ffn.down.weight),
+            &ffn.gate_up.weight.to_bf16_bits(),
+            &ffn.down.weight.to_bf16_bits(),
         )
     }
 

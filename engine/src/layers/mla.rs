@@ -24,7 +24,7 @@ use crate::attention::{AttentionShape, KvRows, causal_attention};
 use crate::checkpoint::{Checkpoint, WeightError};
 use crate::config::{AttentionKind, MlaDims, ModelConfig};
 use crate::kv_cache::PagedKvCache;
-use crate::ops::{Linear, matmul_strided, rms_norm};
+use crate::ops::{Linear, Weights, matmul_strided, rms_norm};
 
 /// transformers' `DeepseekV3RMSNorm` default: the latent norms do not use the config's eps.
 const LATENT_NORM_EPS: f32 = 1e-6;
@@ -94,7 +94,7 @@ impl Mla {
         };
         let (h, heads) = (cfg.hidden_size, cfg.num_heads);
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear, WeightError> {
-            Ok(Linear::new(
+            Ok(Linear::compact(
                 ckpt.load(&format!("{p}.{name}.weight"), &[out, inp])?,
                 out,
                 inp,
@@ -115,11 +115,16 @@ impl Mla {
             query,
             kv_a: linear("kv_a_proj_with_mqa", dims.latent_dim(), h)?,
             kv_a_norm: ckpt.load(&format!("{p}.kv_a_layernorm.weight"), &[r])?,
-            kv_b: linear(
-                "kv_b_proj",
-                heads * (dims.qk_nope_head_dim + dims.v_head_dim),
-                r,
-            )?,
+            // Held as f32 whatever the checkpoint: the absorbed path reads its per-head
+            // slices directly (`head_weights`).
+            kv_b: {
+                let out = heads * (dims.qk_nope_head_dim + dims.v_head_dim);
+                Linear::new(
+                    ckpt.load(&format!("{p}.kv_b_proj.weight"), &[out, r])?,
+                    out,
+                    r,
+                )
+            },
             o: Projection::load(
                 ckpt,
                 &format!("{p}.o_proj"),
@@ -204,7 +209,10 @@ impl Mla {
             self.dims.v_head_dim,
         );
         let base = h * (nope + dv) * r;
-        let w = &self.kv_b.weight;
+        let w = match &self.kv_b.weight {
+            Weights::F32(w) => w.as_slice(),
+            Weights::Bf16(_) => unreachable!("kv_b is loaded as f32 (Mla::load)"),
+        };
         (
             &w[base..base + nope * r],
             &w[base + nope * r..base + (nope + dv) * r],
@@ -392,10 +400,11 @@ mod tests {
     }
 
     fn mat(w: &Linear, x: &[f64]) -> Vec<f64> {
+        let values = w.weight.to_f32();
         (0..w.out_dim)
             .map(|o| {
                 (0..w.in_dim)
-                    .map(|i| w.weight[o * w.in_dim + i] as f64 * x[i])
+                    .map(|i| values[o * w.in_dim + i] as f64 * x[i])
                     .sum()
             })
             .collect()

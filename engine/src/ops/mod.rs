@@ -1,18 +1,39 @@
-//! The f32 CPU kernels of the forward pass. Matrix products go through the `gemm` crate
-//! (blocked, AVX-512 microkernels, rayon threads); the rest is elementwise.
+//! The CPU kernels of the forward pass, f32 arithmetic over f32 or bf16 weights
+//! ([`Weights`]). Matrix products go through the `gemm` crate (blocked, AVX-512
+//! microkernels, rayon threads), or through [`skinny_matmul_wt`] when they have few rows;
+//! the rest is elementwise.
 
 use gemm::{Parallelism, gemm};
+use half::bf16;
 
-/// A PyTorch `nn.Linear` weight without bias: row-major `[out_dim, in_dim]`.
+mod skinny;
+mod weights;
+pub use skinny::{SKINNY_MAX_ROWS, skinny_matmul_wt};
+pub use weights::{WeightElem, WeightFormat, Weights};
+
+/// A PyTorch `nn.Linear` weight without bias: row-major `[out_dim, in_dim]`, held as f32
+/// or as bf16 ([`Weights`]).
 #[derive(Debug, Clone)]
 pub struct Linear {
-    pub weight: Vec<f32>,
+    pub weight: Weights,
     pub out_dim: usize,
     pub in_dim: usize,
 }
 
 impl Linear {
+    /// f32 weights.
     pub fn new(weight: Vec<f32>, out_dim: usize, in_dim: usize) -> Self {
+        Self::from_weights(Weights::F32(weight), out_dim, in_dim)
+    }
+
+    /// Weights as read from a checkpoint: kept as bf16 when every value is one (a bf16
+    /// checkpoint), which changes no result and halves their memory and the bytes a
+    /// decode step reads.
+    pub fn compact(weight: Vec<f32>, out_dim: usize, in_dim: usize) -> Self {
+        Self::from_weights(Weights::compact(weight), out_dim, in_dim)
+    }
+
+    pub fn from_weights(weight: Weights, out_dim: usize, in_dim: usize) -> Self {
         assert_eq!(weight.len(), out_dim * in_dim, "Linear weight length");
         Linear {
             weight,
@@ -29,15 +50,11 @@ impl Linear {
     }
 
     pub fn forward_into(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        matmul_wt(
-            x,
-            rows,
-            self.in_dim,
-            &self.weight,
-            self.out_dim,
-            y,
-            threads(),
-        );
+        let (k, n) = (self.in_dim, self.out_dim);
+        match &self.weight {
+            Weights::F32(w) => matmul_wt(x, rows, k, w, n, y, threads()),
+            Weights::Bf16(w) => matmul_wt_bf16(x, rows, k, w, n, y),
+        }
     }
 }
 
@@ -46,10 +63,6 @@ impl Linear {
 fn threads() -> Parallelism {
     Parallelism::Rayon(0)
 }
-
-/// Up to this many rows of `x`, [`matmul_wt`] streams the weights through
-/// [`skinny_matmul_wt`] instead of packing them for gemm.
-pub const SKINNY_MAX_ROWS: usize = 32;
 
 /// `y[m, n] = x[m, k] · w[n, k]^T`, all row-major and contiguous. Weights stay in the
 /// layout PyTorch writes them; the transpose is only a choice of strides.
@@ -62,27 +75,54 @@ pub fn matmul_wt(
     y: &mut [f32],
     par: Parallelism,
 ) {
-    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        y[..m * n].fill(0.0);
+    if handled_as_edge(x, m, k, w.len(), n, y) {
         return;
     }
     if m <= SKINNY_MAX_ROWS {
         skinny_matmul_wt(x, m, k, w, n, y, !matches!(par, Parallelism::None));
         return;
     }
+    gemm_wt_columns(x, m, k, w, n, y, n, par);
+}
+
+/// Checks the shapes, and does the products with nothing to multiply (an empty output, or
+/// `k = 0`: zeros); true when nothing is left to do.
+fn handled_as_edge(x: &[f32], m: usize, k: usize, w_len: usize, n: usize, y: &mut [f32]) -> bool {
+    assert!(x.len() >= m * k && w_len >= n * k && y.len() >= m * n);
+    if m == 0 || n == 0 {
+        return true;
+    }
+    if k == 0 {
+        y[..m * n].fill(0.0);
+        return true;
+    }
+    false
+}
+
+/// `y[:, 0..r] = x · w^T` through gemm, `w` `[r, k]`, where `y`'s rows are `y_rs` apart (a
+/// block of columns of a wider output).
+#[allow(clippy::too_many_arguments)]
+fn gemm_wt_columns(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[f32],
+    r: usize,
+    y: &mut [f32],
+    y_rs: usize,
+    par: Parallelism,
+) {
+    assert!(m > 0 && r > 0 && r <= y_rs && x.len() >= m * k && w.len() >= r * k);
+    assert!(y.len() >= (m - 1) * y_rs + r);
     // SAFETY: the asserts above bound every index gemm computes from these strides.
     unsafe {
         gemm(
             m,
-            n,
+            r,
             k,
             y.as_mut_ptr(),
             1,
-            n as isize,
+            y_rs as isize,
             false,
             x.as_ptr(),
             1,
@@ -100,181 +140,32 @@ pub fn matmul_wt(
     }
 }
 
-/// Columns of `y` per parallel task in [`skinny_matmul_wt`].
-const SKINNY_COLS_PER_TASK: usize = 64;
-const LANES: usize = 16;
+/// Weight rows widened per gemm call on the bf16 path: 4 MB of f32 at k = 4096, so the
+/// widened block stays in L2/L3 while gemm packs it.
+const BF16_GEMM_ROWS: usize = 256;
 
-/// `y = x · w^T` for a few rows of `x` (decode batches, small expert groups). Memory-bound:
-/// each weight row is read from memory once and, while it sits in L1, dotted with every
-/// row of `x`. gemm would first copy (pack) the whole weight matrix, which costs more than
-/// the product itself at this shape.
-pub fn skinny_matmul_wt(
-    x: &[f32],
-    m: usize,
-    k: usize,
-    w: &[f32],
-    n: usize,
-    y: &mut [f32],
-    parallel: bool,
-) {
-    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
-    let task = |cols: std::ops::Range<usize>| -> Vec<f32> {
-        // Output for these columns, column-major: [cols.len(), m].
-        let mut out = vec![0.0f32; cols.len() * m];
-        let mut j = cols.start;
-        while j < cols.end {
-            let r = (cols.end - j).min(BLOCK_ROWS);
-            let mut t = 0;
-            while t < m {
-                let g = (m - t).min(BLOCK_TOKENS);
-                let dots = dot_block(&w[j * k..(j + r) * k], r, &x[t * k..(t + g) * k], g, k);
-                for (ri, row) in dots.iter().enumerate().take(r) {
-                    let c = j - cols.start + ri;
-                    out[c * m + t..c * m + t + g].copy_from_slice(&row[..g]);
-                }
-                t += g;
-            }
-            j += r;
-        }
-        out
-    };
-    let scatter = |y: &mut [f32], start: usize, block: &[f32]| {
-        for (c, col) in block.chunks_exact(m).enumerate() {
-            for (t, v) in col.iter().enumerate() {
-                y[t * n + start + c] = *v;
-            }
-        }
-    };
-    if parallel && n >= 2 * SKINNY_COLS_PER_TASK {
-        use rayon::prelude::*;
-        let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(SKINNY_COLS_PER_TASK))
-            .into_par_iter()
-            .map(|b| {
-                let start = b * SKINNY_COLS_PER_TASK;
-                (start, task(start..(start + SKINNY_COLS_PER_TASK).min(n)))
-            })
-            .collect();
-        for (start, block) in blocks {
-            scatter(y, start, &block);
-        }
-    } else {
-        let block = task(0..n);
-        scatter(y, 0, &block);
+/// [`matmul_wt`] with bf16 weights. Few rows: the skinny kernels widen in registers. More
+/// (prefill): gemm over blocks of weight rows widened into a scratch buffer, one block at
+/// a time, so no f32 copy of the whole matrix is ever held.
+pub fn matmul_wt_bf16(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, y: &mut [f32]) {
+    if handled_as_edge(x, m, k, w.len(), n, y) {
+        return;
     }
-}
-
-/// A register block: this many weight rows times this many rows of `x` (16 vector
-/// accumulators), so each load feeds several multiply-adds.
-const BLOCK_ROWS: usize = 4;
-const BLOCK_TOKENS: usize = 4;
-type Block = [[f32; BLOCK_TOKENS]; BLOCK_ROWS];
-
-/// Dot products of `r` consecutive weight rows (`ws`, `r * k`) with `g` consecutive rows
-/// of `xs` (`g * k`); `r`, `g` at most the block size.
-fn dot_block(ws: &[f32], r: usize, xs: &[f32], g: usize, k: usize) -> Block {
-    assert!(r <= BLOCK_ROWS && g <= BLOCK_TOKENS && ws.len() >= r * k && xs.len() >= g * k);
-    #[cfg(target_arch = "x86_64")]
-    {
-        if std::arch::is_x86_feature_detected!("avx512f") {
-            // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { dot_block_avx512(ws, r, xs, g, k) };
-        }
-        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-        {
-            // SAFETY: the CPU has AVX2 and FMA, checked just above.
-            return unsafe { dot_block_avx2(ws, r, xs, g, k) };
-        }
+    if m <= SKINNY_MAX_ROWS {
+        skinny_matmul_wt(x, m, k, w, n, y, true);
+        return;
     }
-    dot_block_dispatch::<false>(ws, r, xs, g, k)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f,fma")]
-fn dot_block_avx512(ws: &[f32], r: usize, xs: &[f32], g: usize, k: usize) -> Block {
-    dot_block_dispatch::<true>(ws, r, xs, g, k)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_block_avx2(ws: &[f32], r: usize, xs: &[f32], g: usize, k: usize) -> Block {
-    dot_block_dispatch::<true>(ws, r, xs, g, k)
-}
-
-#[inline(always)]
-fn dot_block_dispatch<const FMA: bool>(
-    ws: &[f32],
-    r: usize,
-    xs: &[f32],
-    g: usize,
-    k: usize,
-) -> Block {
-    match (r, g) {
-        (4, 4) => dot_block_fixed::<4, 4, FMA>(ws, xs, k),
-        (4, 2) => dot_block_fixed::<4, 2, FMA>(ws, xs, k),
-        (4, 3) => dot_block_fixed::<4, 3, FMA>(ws, xs, k),
-        _ => {
-            // Block edges, and single tokens (matrix-vector products, where one weight
-            // stream at a time keeps the prefetcher ahead): one weight row at a time.
-            let mut out = Block::default();
-            for (ri, row) in out.iter_mut().enumerate().take(r) {
-                let one = if g == 1 {
-                    dot_block_fixed::<1, 1, FMA>(&ws[ri * k..], xs, k)
-                } else {
-                    dot_block_fixed::<1, BLOCK_TOKENS, FMA>(&ws[ri * k..], xs, k)
-                };
-                row[..g].copy_from_slice(&one[0][..g]);
-            }
-            out
+    let mut block = vec![0.0f32; BF16_GEMM_ROWS.min(n) * k];
+    let mut j = 0;
+    while j < n {
+        let r = (n - j).min(BF16_GEMM_ROWS);
+        let wb = &mut block[..r * k];
+        for (d, s) in wb.iter_mut().zip(&w[j * k..(j + r) * k]) {
+            *d = s.widen();
         }
+        gemm_wt_columns(x, m, k, wb, r, &mut y[j..], n, threads());
+        j += r;
     }
-}
-
-/// `R` weight rows times `G` token rows, in fixed-width lane arrays that the compiler
-/// keeps in vector registers; `FMA` only where the target fuses multiply-add in hardware.
-/// Reads `R` rows of `k` from `ws` and `G` rows of `k` from `xs` (a `G < BLOCK_TOKENS`
-/// block may be given a shorter `xs`).
-#[inline(always)]
-fn dot_block_fixed<const R: usize, const G: usize, const FMA: bool>(
-    ws: &[f32],
-    xs: &[f32],
-    k: usize,
-) -> Block {
-    let rows = G.min(xs.len() / k.max(1));
-    let mut acc = [[[0.0f32; LANES]; G]; R];
-    let full = k - k % LANES;
-    let mut i = 0;
-    while i < full {
-        let mut wv = [[0.0f32; LANES]; R];
-        for (ri, v) in wv.iter_mut().enumerate() {
-            v.copy_from_slice(&ws[ri * k + i..ri * k + i + LANES]);
-        }
-        for t in 0..rows {
-            let xv: [f32; LANES] = xs[t * k + i..t * k + i + LANES]
-                .try_into()
-                .unwrap_or([0.0; LANES]);
-            for ri in 0..R {
-                for l in 0..LANES {
-                    acc[ri][t][l] = if FMA {
-                        wv[ri][l].mul_add(xv[l], acc[ri][t][l])
-                    } else {
-                        acc[ri][t][l] + wv[ri][l] * xv[l]
-                    };
-                }
-            }
-        }
-        i += LANES;
-    }
-    let mut out = Block::default();
-    for ri in 0..R {
-        for t in 0..rows {
-            let mut s: f32 = acc[ri][t].iter().sum();
-            for j in full..k {
-                s += ws[ri * k + j] * xs[t * k + j];
-            }
-            out[ri][t] = s;
-        }
-    }
-    out
 }
 
 /// General strided product `dst = a · b` on row-major views with row strides given,
@@ -467,7 +358,7 @@ impl Rope {
 mod tests {
     use super::*;
 
-    fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
+    pub(super) fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
         let mut y = vec![0.0; m * n];
         for i in 0..m {
             for j in 0..n {
@@ -479,7 +370,7 @@ mod tests {
         y
     }
 
-    fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
+    pub(super) fn pseudo_random(len: usize, seed: u32) -> Vec<f32> {
         let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
         (0..len)
             .map(|_| {
@@ -504,24 +395,28 @@ mod tests {
         }
     }
 
+    /// Both bf16 paths (skinny and blocked gemm, across the block edge) against the f32
+    /// product over the same values.
     #[test]
-    fn skinny_path_matches_f64_reference_at_odd_shapes() {
-        for &(m, k, n) in &[
-            (1, 1, 1),
-            (1, 15, 3),
-            (2, 17, 200),
-            (5, 33, 131),
-            (9, 64, 129),
-            (32, 100, 7),
-        ] {
-            let x = pseudo_random(m * k, 11);
-            let w = pseudo_random(n * k, 12);
-            for parallel in [false, true] {
-                let mut y = vec![f32::NAN; m * n];
-                skinny_matmul_wt(&x, m, k, &w, n, &mut y, parallel);
-                for (a, b) in y.iter().zip(naive(&x, m, k, &w, n)) {
-                    assert!((*a as f64 - b).abs() < 1e-4, "{a} vs {b} at {m}x{k}x{n}");
-                }
+    fn bf16_linear_matches_the_f32_linear_on_the_same_values() {
+        for &(m, k, n) in &[(1, 64, 300), (5, 33, 131), (33, 70, 257), (64, 300, 600)] {
+            let x = pseudo_random(m * k, 31);
+            let w: Vec<f32> = pseudo_random(n * k, 32)
+                .into_iter()
+                .map(|v| bf16::from_f32(v).to_f32())
+                .collect();
+            let a = Linear::compact(w.clone(), n, k);
+            assert_eq!(a.weight.format(), WeightFormat::Bf16);
+            let b = Linear::new(w, n, k);
+            let (ya, yb) = (a.forward(&x, m), b.forward(&x, m));
+            for (p, q) in ya.iter().zip(&yb) {
+                assert!(
+                    (p - q).abs() <= 1e-5 * q.abs().max(1.0),
+                    "{p} vs {q} at {m}x{k}x{n}"
+                );
+            }
+            if m <= SKINNY_MAX_ROWS {
+                assert_eq!(ya, yb, "the skinny path is bit-identical ({m}x{k}x{n})");
             }
         }
     }

@@ -1,0 +1,249 @@
+//! Products with few rows of activations (decode batches, small expert groups), which are
+//! bound by the bytes of weights they read: each weight row is read once and, while it sits
+//! in L1, dotted with every row. Generic over how weights are stored ([`WeightElem`]):
+//! f32, or bf16 widened to f32 in registers, so a bf16 weight costs half the bytes and the
+//! same arithmetic.
+
+use super::weights::WeightElem;
+
+/// Up to this many rows of `x`, [`super::matmul_wt`] streams the weights through
+/// [`skinny_matmul_wt`] instead of packing them for gemm.
+pub const SKINNY_MAX_ROWS: usize = 32;
+
+/// Columns of `y` per parallel task in [`skinny_matmul_wt`].
+const SKINNY_COLS_PER_TASK: usize = 64;
+const LANES: usize = 16;
+
+/// `y = x · w^T` for a few rows of `x` (decode batches, small expert groups). Memory-bound:
+/// each weight row is read from memory once and, while it sits in L1, dotted with every
+/// row of `x`. gemm would first copy (pack) the whole weight matrix, which costs more than
+/// the product itself at this shape.
+pub fn skinny_matmul_wt<W: WeightElem>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &[W],
+    n: usize,
+    y: &mut [f32],
+    parallel: bool,
+) {
+    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
+    let task = |cols: std::ops::Range<usize>| -> Vec<f32> {
+        // Output for these columns, column-major: [cols.len(), m].
+        let mut out = vec![0.0f32; cols.len() * m];
+        let mut j = cols.start;
+        while j < cols.end {
+            let r = (cols.end - j).min(BLOCK_ROWS);
+            let mut t = 0;
+            while t < m {
+                let g = (m - t).min(BLOCK_TOKENS);
+                let dots = dot_block(&w[j * k..(j + r) * k], r, &x[t * k..(t + g) * k], g, k);
+                for (ri, row) in dots.iter().enumerate().take(r) {
+                    let c = j - cols.start + ri;
+                    out[c * m + t..c * m + t + g].copy_from_slice(&row[..g]);
+                }
+                t += g;
+            }
+            j += r;
+        }
+        out
+    };
+    let scatter = |y: &mut [f32], start: usize, block: &[f32]| {
+        for (c, col) in block.chunks_exact(m).enumerate() {
+            for (t, v) in col.iter().enumerate() {
+                y[t * n + start + c] = *v;
+            }
+        }
+    };
+    if parallel && n >= 2 * SKINNY_COLS_PER_TASK {
+        use rayon::prelude::*;
+        let blocks: Vec<(usize, Vec<f32>)> = (0..n.div_ceil(SKINNY_COLS_PER_TASK))
+            .into_par_iter()
+            .map(|b| {
+                let start = b * SKINNY_COLS_PER_TASK;
+                (start, task(start..(start + SKINNY_COLS_PER_TASK).min(n)))
+            })
+            .collect();
+        for (start, block) in blocks {
+            scatter(y, start, &block);
+        }
+    } else {
+        let block = task(0..n);
+        scatter(y, 0, &block);
+    }
+}
+
+/// A register block: this many weight rows times this many rows of `x` (16 vector
+/// accumulators), so each load feeds several multiply-adds.
+const BLOCK_ROWS: usize = 4;
+const BLOCK_TOKENS: usize = 4;
+type Block = [[f32; BLOCK_TOKENS]; BLOCK_ROWS];
+
+/// Dot products of `r` consecutive weight rows (`ws`, `r * k`) with `g` consecutive rows
+/// of `xs` (`g * k`); `r`, `g` at most the block size.
+fn dot_block<W: WeightElem>(ws: &[W], r: usize, xs: &[f32], g: usize, k: usize) -> Block {
+    assert!(r <= BLOCK_ROWS && g <= BLOCK_TOKENS && ws.len() >= r * k && xs.len() >= g * k);
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F, checked just above.
+            return unsafe { dot_block_avx512(ws, r, xs, g, k) };
+        }
+        if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+        {
+            // SAFETY: the CPU has AVX2 and FMA, checked just above.
+            return unsafe { dot_block_avx2(ws, r, xs, g, k) };
+        }
+    }
+    dot_block_dispatch::<false, W>(ws, r, xs, g, k)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,fma")]
+fn dot_block_avx512<W: WeightElem>(ws: &[W], r: usize, xs: &[f32], g: usize, k: usize) -> Block {
+    dot_block_dispatch::<true, W>(ws, r, xs, g, k)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+fn dot_block_avx2<W: WeightElem>(ws: &[W], r: usize, xs: &[f32], g: usize, k: usize) -> Block {
+    dot_block_dispatch::<true, W>(ws, r, xs, g, k)
+}
+
+#[inline(always)]
+fn dot_block_dispatch<const FMA: bool, W: WeightElem>(
+    ws: &[W],
+    r: usize,
+    xs: &[f32],
+    g: usize,
+    k: usize,
+) -> Block {
+    match (r, g) {
+        (4, 4) => dot_block_fixed::<4, 4, FMA, W>(ws, xs, k),
+        (4, 2) => dot_block_fixed::<4, 2, FMA, W>(ws, xs, k),
+        (4, 3) => dot_block_fixed::<4, 3, FMA, W>(ws, xs, k),
+        _ => {
+            // Block edges, and single tokens (matrix-vector products, where one weight
+            // stream at a time keeps the prefetcher ahead): one weight row at a time.
+            let mut out = Block::default();
+            for (ri, row) in out.iter_mut().enumerate().take(r) {
+                let one = if g == 1 {
+                    dot_block_fixed::<1, 1, FMA, W>(&ws[ri * k..], xs, k)
+                } else {
+                    dot_block_fixed::<1, BLOCK_TOKENS, FMA, W>(&ws[ri * k..], xs, k)
+                };
+                row[..g].copy_from_slice(&one[0][..g]);
+            }
+            out
+        }
+    }
+}
+
+/// `R` weight rows times `G` token rows, in fixed-width lane arrays that the compiler
+/// keeps in vector registers; `FMA` only where the target fuses multiply-add in hardware.
+/// Reads `R` rows of `k` from `ws` and `G` rows of `k` from `xs` (a `G < BLOCK_TOKENS`
+/// block may be given a shorter `xs`).
+#[inline(always)]
+fn dot_block_fixed<const R: usize, const G: usize, const FMA: bool, W: WeightElem>(
+    ws: &[W],
+    xs: &[f32],
+    k: usize,
+) -> Block {
+    let rows = G.min(xs.len() / k.max(1));
+    let mut acc = [[[0.0f32; LANES]; G]; R];
+    let full = k - k % LANES;
+    let mut i = 0;
+    while i < full {
+        let mut wv = [[0.0f32; LANES]; R];
+        for (ri, v) in wv.iter_mut().enumerate() {
+            for (d, s) in v.iter_mut().zip(&ws[ri * k + i..ri * k + i + LANES]) {
+                *d = s.widen();
+            }
+        }
+        for t in 0..rows {
+            let xv: [f32; LANES] = xs[t * k + i..t * k + i + LANES]
+                .try_into()
+                .unwrap_or([0.0; LANES]);
+            for ri in 0..R {
+                for l in 0..LANES {
+                    acc[ri][t][l] = if FMA {
+                        wv[ri][l].mul_add(xv[l], acc[ri][t][l])
+                    } else {
+                        acc[ri][t][l] + wv[ri][l] * xv[l]
+                    };
+                }
+            }
+        }
+        i += LANES;
+    }
+    let mut out = Block::default();
+    for ri in 0..R {
+        for t in 0..rows {
+            let mut s: f32 = acc[ri][t].iter().sum();
+            for j in full..k {
+                s += ws[ri * k + j].widen() * xs[t * k + j];
+            }
+            out[ri][t] = s;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::tests::{naive, pseudo_random};
+    use super::*;
+    use half::bf16;
+
+    #[test]
+    fn skinny_path_matches_f64_reference_at_odd_shapes() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 15, 3),
+            (2, 17, 200),
+            (5, 33, 131),
+            (9, 64, 129),
+            (32, 100, 7),
+        ] {
+            let x = pseudo_random(m * k, 11);
+            let w = pseudo_random(n * k, 12);
+            for parallel in [false, true] {
+                let mut y = vec![f32::NAN; m * n];
+                skinny_matmul_wt(&x, m, k, &w, n, &mut y, parallel);
+                for (a, b) in y.iter().zip(naive(&x, m, k, &w, n)) {
+                    assert!((*a as f64 - b).abs() < 1e-4, "{a} vs {b} at {m}x{k}x{n}");
+                }
+            }
+        }
+    }
+
+    /// bf16 weights widened in registers give the same bits as the f32 path on the same
+    /// (bf16-exact) values: the arithmetic is identical, only the bytes read differ.
+    #[test]
+    fn bf16_weights_give_the_f32_paths_bits() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 4096, 67),
+            (3, 17, 200),
+            (4, 100, 131),
+            (9, 64, 129),
+        ] {
+            let x = pseudo_random(m * k, 21);
+            let w16: Vec<bf16> = pseudo_random(n * k, 22)
+                .into_iter()
+                .map(bf16::from_f32)
+                .collect();
+            let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
+            for parallel in [false, true] {
+                let mut a = vec![f32::NAN; m * n];
+                let mut b = vec![f32::NAN; m * n];
+                skinny_matmul_wt(&x, m, k, &w16, n, &mut a, parallel);
+                skinny_matmul_wt(&x, m, k, &w32, n, &mut b, parallel);
+                assert!(
+                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                    "{m}x{k}x{n}"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! How the CPU holds a weight matrix: f32, or bf16 kept as bf16 in memory. Widening a
+//! bf16 to f32 is exact (a bf16 is an f32 whose low 16 bits are zero), so a product over
+//! bf16 weights widened in registers computes what the f32 product over the same values
+//! computes, reading half the bytes: decode, bound by the bytes it reads, gets faster and
+//! nothing else changes.
+
+use std::borrow::Cow;
+use std::fmt;
+
+use half::bf16;
+
+/// An element the CPU kernels read weights as.
+pub trait WeightElem: Copy + Send + Sync {
+    fn widen(self) -> f32;
+}
+
+impl WeightElem for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl WeightElem for bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits(u32::from(self.to_bits()) << 16)
+    }
+}
+
+/// The storage of a weight matrix, row-major.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Weights {
+    F32(Vec<f32>),
+    Bf16(Vec<bf16>),
+}
+
+/// What a node reports it holds its weights as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WeightFormat {
+    F32,
+    Bf16,
+}
+
+impl fmt::Display for WeightFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            WeightFormat::F32 => "f32",
+            WeightFormat::Bf16 => "bf16",
+        })
+    }
+}
+
+impl Weights {
+    /// bf16 when every value is exactly a bf16 (a bf16 checkpoint read as f32), so that
+    /// nothing is rounded; f32 otherwise.
+    pub fn compact(values: Vec<f32>) -> Self {
+        if values.iter().all(|v| v.to_bits() & 0xffff == 0) {
+            Weights::Bf16(
+                values
+                    .iter()
+                    .map(|v| bf16::from_bits((v.to_bits() >> 16) as u16))
+                    .collect(),
+            )
+        } else {
+            Weights::F32(values)
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            Weights::F32(w) => w.len(),
+            Weights::Bf16(w) => w.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        match self {
+            Weights::F32(_) => WeightFormat::F32,
+            Weights::Bf16(_) => WeightFormat::Bf16,
+        }
+    }
+
+    /// Bytes held in memory.
+    pub fn bytes(&self) -> usize {
+        match self {
+            Weights::F32(w) => 4 * w.len(),
+            Weights::Bf16(w) => 2 * w.len(),
+        }
+    }
+
+    /// The values as f32: borrowed when held as f32, widened (a copy) otherwise.
+    pub fn to_f32(&self) -> Cow<'_, [f32]> {
+        match self {
+            Weights::F32(w) => Cow::Borrowed(w),
+            Weights::Bf16(w) => Cow::Owned(w.iter().map(|v| v.widen()).collect()),
+        }
+    }
+
+    /// Rows `rows` (of `cols` values each) widened into `out` (`rows.len() * cols`).
+    pub fn rows_into(&self, rows: std::ops::Range<usize>, cols: usize, out: &mut [f32]) {
+        let range = rows.start * cols..rows.end * cols;
+        match self {
+            Weights::F32(w) => out.copy_from_slice(&w[range]),
+            Weights::Bf16(w) => {
+                for (d, s) in out.iter_mut().zip(&w[range]) {
+                    *d = s.widen();
+                }
+            }
+        }
+    }
+
+    /// The values as bf16 bits, rounded to nearest even where held as f32 (GPU upload).
+    pub fn to_bf16_bits(&self) -> Vec<u16> {
+        match self {
+            Weights::F32(w) => w.iter().map(|v| bf16::from_f32(*v).to_bits()).collect(),
+            Weights::Bf16(w) => w.iter().map(|v| v.to_bits()).collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compact_keeps_bf16_exact_values_as_bf16_and_anything_else_as_f32() {
+        let exact: Vec<f32> = [1.0f32, -0.5, 3.140625, 0.0, -0.0, 1e-30]
+            .iter()
+            .map(|v| bf16::from_f32(*v).to_f32())
+            .collect();
+        let w = Weights::compact(exact.clone());
+        assert_eq!(w.format(), WeightFormat::Bf16);
+        assert_eq!(w.bytes(), 2 * exact.len());
+        // Widening gives back every bit, signed zero included.
+        let back = w.to_f32();
+        assert!(
+            back.iter()
+                .zip(&exact)
+                .all(|(a, b)| a.to_bits() == b.to_bits())
+        );
+        let mut rows = vec![0.0; 2];
+        w.rows_into(1..2, 2, &mut rows);
+        assert_eq!(rows, exact[2..4]);
+        // One value off the bf16 grid keeps the whole matrix f32.
+        let mut off = exact;
+        off[3] = 1.0 + f32::EPSILON;
+        assert_eq!(Weights::compact(off).format(), WeightFormat::F32);
+    }
+}
