@@ -349,23 +349,26 @@ __device__ __forceinline__ float warp_sum(float v) {
 
 // grid: (tiles, ceil(F / SK_WARPS)); block: SK_WARPS * 32. Warp w of block (b, y) computes
 // column n = y * SK_WARPS + w of act for the rows of tile b: gate row n and up row F + n.
-extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
-    moe_gate_up_skinny(const bf16_t* __restrict__ x, const bf16_t* __restrict__ wgu, const int* __restrict__ sorted_tok,
-                       const Tile* __restrict__ tiles, bf16_t* __restrict__ act, int H, int F) {
+// ROWS: the most rows of one expert this instance handles (its accumulators and row
+// pointers are registers; fewer rows, fewer registers, more warps in flight per SM).
+template <int ROWS>
+__device__ __forceinline__ void gate_up_skinny(const bf16_t* __restrict__ x, const bf16_t* __restrict__ wgu,
+                                               const int* __restrict__ sorted_tok, const Tile* __restrict__ tiles,
+                                               bf16_t* __restrict__ act, int H, int F) {
     constexpr int U = 4;
     const Tile tile = tiles[blockIdx.x];
     const int lane = threadIdx.x & 31;
     const int n = blockIdx.y * SK_WARPS + (threadIdx.x >> 5);
     if (n >= F) return;  // the whole warp: n is uniform across it
-    const int nrows = min(tile.row_end - tile.row0, SK_ROWS);
+    const int nrows = min(tile.row_end - tile.row0, ROWS);
     const bf16_t* wg = wgu + ((size_t)tile.expert * (size_t)(2 * F) + (size_t)n) * (size_t)H;
     const bf16_t* wu = wg + (size_t)F * (size_t)H;
-    const bf16_t* xr[SK_ROWS];
+    const bf16_t* xr[ROWS];
 #pragma unroll
-    for (int r = 0; r < SK_ROWS; ++r) xr[r] = x + (size_t)sorted_tok[tile.row0 + min(r, nrows - 1)] * (size_t)H;
-    float g[SK_ROWS], u[SK_ROWS];
+    for (int r = 0; r < ROWS; ++r) xr[r] = x + (size_t)sorted_tok[tile.row0 + min(r, nrows - 1)] * (size_t)H;
+    float g[ROWS], u[ROWS];
 #pragma unroll
-    for (int r = 0; r < SK_ROWS; ++r) g[r] = u[r] = 0.0f;
+    for (int r = 0; r < ROWS; ++r) g[r] = u[r] = 0.0f;
 
     const int chunks = H / 8;
     for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
@@ -383,7 +386,7 @@ extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
             const int c = c0 + 32 * j;
             if (c >= chunks) break;
 #pragma unroll
-            for (int r = 0; r < SK_ROWS; ++r) {
+            for (int r = 0; r < ROWS; ++r) {
                 if (r < nrows) {
                     const uint4 a = *reinterpret_cast<const uint4*>(xr[r] + 8 * c);
                     g[r] = dot8(g[r], wgc[j], a);
@@ -393,7 +396,7 @@ extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
         }
     }
 #pragma unroll
-    for (int r = 0; r < SK_ROWS; ++r) {
+    for (int r = 0; r < ROWS; ++r) {
         if (r < nrows) {
             const float gs = warp_sum(g[r]);
             const float us = warp_sum(u[r]);
@@ -408,19 +411,20 @@ extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
 // grid: (tiles, ceil(H / SK_WARPS)); block: SK_WARPS * 32. Warp w of block (b, y) computes
 // column n = y * SK_WARPS + w of yp for the rows of tile b: down row n, times the row's
 // routing weight.
-extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
-    moe_down_skinny(const bf16_t* __restrict__ act, const bf16_t* __restrict__ wd, const float* __restrict__ sorted_w,
-                    const Tile* __restrict__ tiles, float* __restrict__ yp, int F, int H) {
+template <int ROWS>
+__device__ __forceinline__ void down_skinny(const bf16_t* __restrict__ act, const bf16_t* __restrict__ wd,
+                                            const float* __restrict__ sorted_w, const Tile* __restrict__ tiles,
+                                            float* __restrict__ yp, int F, int H) {
     constexpr int U = 8;
     const Tile tile = tiles[blockIdx.x];
     const int lane = threadIdx.x & 31;
     const int n = blockIdx.y * SK_WARPS + (threadIdx.x >> 5);
     if (n >= H) return;
-    const int nrows = min(tile.row_end - tile.row0, SK_ROWS);
+    const int nrows = min(tile.row_end - tile.row0, ROWS);
     const bf16_t* w = wd + ((size_t)tile.expert * (size_t)H + (size_t)n) * (size_t)F;
-    float acc[SK_ROWS];
+    float acc[ROWS];
 #pragma unroll
-    for (int r = 0; r < SK_ROWS; ++r) acc[r] = 0.0f;
+    for (int r = 0; r < ROWS; ++r) acc[r] = 0.0f;
 
     const int chunks = F / 8;
     for (int c0 = lane; c0 < chunks; c0 += 32 * U) {
@@ -435,7 +439,7 @@ extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
             const int c = c0 + 32 * j;
             if (c >= chunks) break;
 #pragma unroll
-            for (int r = 0; r < SK_ROWS; ++r) {
+            for (int r = 0; r < ROWS; ++r) {
                 if (r < nrows) {
                     const uint4 a =
                         *reinterpret_cast<const uint4*>(act + (size_t)(tile.row0 + r) * (size_t)F + 8 * c);
@@ -445,7 +449,7 @@ extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
         }
     }
 #pragma unroll
-    for (int r = 0; r < SK_ROWS; ++r) {
+    for (int r = 0; r < ROWS; ++r) {
         if (r < nrows) {
             const float s = warp_sum(acc[r]);
             if (lane == 0) yp[(size_t)(tile.row0 + r) * (size_t)H + n] = sorted_w[tile.row0 + r] * s;
@@ -453,15 +457,41 @@ extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
     }
 }
 
-// grid: (T); block: 256. out[t] = sum over t's assignments j (tok_off[t] .. tok_off[t+1], in
-// the order given) and slices z of yp[z][tok_rows[j]]. A token with no assignment gets zeros.
+// The entry points: SK_ROWS rows per expert, and 2 (decode of a few sequences at top-2:
+// ncu on an H200 showed the 8-row down kernel at 25% occupancy by registers and 46% of
+// DRAM bandwidth at T = 1, the gate/up kernel at 37.5% and 84%).
+extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
+    moe_gate_up_skinny(const bf16_t* __restrict__ x, const bf16_t* __restrict__ wgu, const int* __restrict__ sorted_tok,
+                       const Tile* __restrict__ tiles, bf16_t* __restrict__ act, int H, int F) {
+    gate_up_skinny<SK_ROWS>(x, wgu, sorted_tok, tiles, act, H, F);
+}
+extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
+    moe_gate_up_skinny2(const bf16_t* __restrict__ x, const bf16_t* __restrict__ wgu, const int* __restrict__ sorted_tok,
+                        const Tile* __restrict__ tiles, bf16_t* __restrict__ act, int H, int F) {
+    gate_up_skinny<2>(x, wgu, sorted_tok, tiles, act, H, F);
+}
+extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
+    moe_down_skinny(const bf16_t* __restrict__ act, const bf16_t* __restrict__ wd, const float* __restrict__ sorted_w,
+                    const Tile* __restrict__ tiles, float* __restrict__ yp, int F, int H) {
+    down_skinny<SK_ROWS>(act, wd, sorted_w, tiles, yp, F, H);
+}
+extern "C" __global__ void __launch_bounds__(SK_WARPS * 32)
+    moe_down_skinny2(const bf16_t* __restrict__ act, const bf16_t* __restrict__ wd, const float* __restrict__ sorted_w,
+                     const Tile* __restrict__ tiles, float* __restrict__ yp, int F, int H) {
+    down_skinny<2>(act, wd, sorted_w, tiles, yp, F, H);
+}
+
+// grid: (T, ceil(H_out / 256)); block: 256. out[t] = sum over t's assignments j (tok_off[t]
+// .. tok_off[t+1], in the order given) and slices z of yp[z][tok_rows[j]]. A token with no
+// assignment gets zeros. One element per thread: with one block per token (v1) a decode
+// step's combine was a 16-deep chain of dependent loads per thread, 18-34 us at T = 1.
 extern "C" __global__ void __launch_bounds__(256)
     moe_combine(const float* __restrict__ yp, const int* __restrict__ tok_off, const int* __restrict__ tok_rows,
                 float* __restrict__ out, int H_out, int H, int splits, long long split_stride) {
     const int t = blockIdx.x;
     const int b = tok_off[t];
     const int e = tok_off[t + 1];
-    for (int h = threadIdx.x; h < H_out; h += blockDim.x) {
+    for (int h = blockIdx.y * blockDim.x + threadIdx.x; h < H_out; h += gridDim.y * blockDim.x) {
         float s = 0.0f;
         for (int j = b; j < e; ++j) {
             const float* y = yp + (size_t)tok_rows[j] * (size_t)H + h;

@@ -156,12 +156,11 @@ fn run_case(backend: &Arc<CudaBackend>, case: &Case, seed: u64) {
         let busiest = per_expert.values().copied().max().unwrap_or(0);
         for skinny_rows in [0, SKINNY_MAX_ROWS] {
             gpu.set_skinny_rows(skinny_rows);
-            let path = if gpu.takes_skinny(busiest) {
-                "skinny"
-            } else if skinny_rows > 0 {
-                continue; // the tiled path again: already checked
-            } else {
-                "tiled"
+            let path = match gpu.skinny_instance(busiest) {
+                Some(2) => "skinny2",
+                Some(_) => "skinny8",
+                None if skinny_rows > 0 => continue, // the tiled path again: already checked
+                None => "tiled",
             };
             gpu.poison().unwrap();
             let got = gpu.forward_layer(layer, &xf, tokens, &work).unwrap();
@@ -184,13 +183,13 @@ fn run_case(backend: &Arc<CudaBackend>, case: &Case, seed: u64) {
             // Row tiles of 64 per expert, as the plan makes them: the tiled down
             // projection's split-K slice count follows from them.
             let tiles: usize = per_expert.values().map(|r| r.div_ceil(64)).sum();
-            let splits = if path == "skinny" {
-                1
-            } else {
+            let splits = if path == "tiled" {
                 gpu.split_k(tiles)
+            } else {
+                1
             };
             println!(
-                "| {:<14} | H {:>5} | F {:>5} | E {:>2}/{:<2} | k {} | T {:>5} | rows {:>5} | {path:<6} | split-K {} | rel err {:.2e} | nan {:>3} | stable {:>5} | {} |",
+                "| {:<14} | H {:>5} | F {:>5} | E {:>2}/{:<2} | k {} | T {:>5} | rows {:>5} | {path:<7} | split-K {} | rel err {:.2e} | nan {:>3} | stable {:>5} | {} |",
                 case.name,
                 h,
                 f,

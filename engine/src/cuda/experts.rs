@@ -29,6 +29,9 @@ const THREADS: u32 = 128;
 /// Batches whose busiest expert has at most this many rows run the skinny kernels
 /// (`SK_ROWS` in moe.cu; one warp per output column, weights streamed once): decode.
 pub const SKINNY_MAX_ROWS: usize = 8;
+/// Batches with at most this many rows per expert take the 2-row instance of the skinny
+/// kernels (decode at top-2: one row per expert and sequence).
+const SKINNY_SMALL_ROWS: usize = 2;
 /// Warps (output columns) per block of the skinny kernels (`SK_WARPS` in moe.cu).
 const SKINNY_WARPS: usize = 8;
 /// At most this many split-K slices for the down projection.
@@ -610,6 +613,17 @@ impl CudaExperts {
         rows > 0 && rows <= self.skinny_rows
     }
 
+    /// The rows per expert of the skinny instance such a batch runs (2 or
+    /// [`SKINNY_MAX_ROWS`]), `None` for the tiled kernels.
+    pub fn skinny_instance(&self, rows: usize) -> Option<usize> {
+        let instance = if rows <= SKINNY_SMALL_ROWS {
+            SKINNY_SMALL_ROWS
+        } else {
+            SKINNY_MAX_ROWS
+        };
+        self.takes_skinny(rows).then_some(instance)
+    }
+
     /// Checks a unit of work against the model and the experts held, computing nothing.
     pub fn validate(
         &self,
@@ -861,7 +875,8 @@ impl CudaExperts {
         let h_pad = to_i32(self.h_pad, "hidden")?;
         let f_pad = to_i32(self.f_pad, "ffn")?;
         let hidden = to_i32(self.hidden, "hidden")?;
-        let skinny = self.takes_skinny(max_expert_rows);
+        let skinny_rows = self.skinny_instance(max_expert_rows);
+        let skinny = skinny_rows.is_some();
         let (splits, kt_per_split) = if skinny {
             (1, 0)
         } else {
@@ -890,10 +905,19 @@ impl CudaExperts {
             let tiles = to_u32(tiles, "tiles")?;
             // Both pairs take the same buffers; the skinny one has a warp per output column
             // and no split-K, the tiled one 128-wide column tiles and split-K over grid.z.
-            let (gate_up, down, gu_grid, down_grid, threads) = if skinny {
+            let (gate_up, down, gu_grid, down_grid, threads) = if let Some(rows) = skinny_rows {
+                let small = rows == SKINNY_SMALL_ROWS;
                 (
-                    &k.gate_up_skinny,
-                    &k.down_skinny,
+                    if small {
+                        &k.gate_up_skinny2
+                    } else {
+                        &k.gate_up_skinny
+                    },
+                    if small {
+                        &k.down_skinny2
+                    } else {
+                        &k.down_skinny
+                    },
                     (
                         tiles,
                         to_u32(self.f_pad.div_ceil(SKINNY_WARPS), "ffn columns")?,
@@ -955,7 +979,11 @@ impl CudaExperts {
             unsafe { b.launch(cfg(down_grid)) }?;
         }
         let cfg = LaunchConfig {
-            grid_dim: (to_u32(tokens, "tokens")?, 1, 1),
+            grid_dim: (
+                to_u32(tokens, "tokens")?,
+                to_u32(self.hidden.div_ceil(256), "hidden blocks")?,
+                1,
+            ),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };

@@ -154,6 +154,9 @@ pub struct MoeKernels {
     /// The decode-shaped pair: at most `SK_ROWS` rows per expert (`experts.rs`).
     pub gate_up_skinny: CudaFunction,
     pub down_skinny: CudaFunction,
+    /// The same for at most 2 rows per expert (fewer registers, more warps per SM).
+    pub gate_up_skinny2: CudaFunction,
+    pub down_skinny2: CudaFunction,
     pub combine: CudaFunction,
     pub fill_u32: CudaFunction,
 }
@@ -196,6 +199,8 @@ impl CudaBackend {
             down: module.load_function("moe_down")?,
             gate_up_skinny: module.load_function("moe_gate_up_skinny")?,
             down_skinny: module.load_function("moe_down_skinny")?,
+            gate_up_skinny2: module.load_function("moe_gate_up_skinny2")?,
+            down_skinny2: module.load_function("moe_down_skinny2")?,
             combine: module.load_function("moe_combine")?,
             fill_u32: module.load_function("fill_u32")?,
             module,

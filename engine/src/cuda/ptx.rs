@@ -26,6 +26,8 @@ pub const MOE: KernelSource = KernelSource {
         "moe_down",
         "moe_gate_up_skinny",
         "moe_down_skinny",
+        "moe_gate_up_skinny2",
+        "moe_down_skinny2",
         "moe_combine",
         "fill_u32",
     ],
