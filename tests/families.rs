@@ -186,6 +186,12 @@ fn elastic_cluster_places_and_serves_a_61_layer_256_expert_deepseek_v3() {
     assert!(status.status.success(), "{text}");
     let layer_lines: Vec<&str> = text.lines().filter(|l| l.starts_with("layer ")).collect();
     assert_eq!(layer_lines.len(), 60, "{text}");
+    // Every node says how it holds its experts: f32, as the checkpoint is.
+    let node_lines: Vec<&str> = text.lines().filter(|l| l.starts_with('n')).collect();
+    assert_eq!(node_lines.len(), 4, "{text}");
+    for line in node_lines {
+        assert_eq!(line.split_whitespace().nth(3), Some("f32"), "{line}");
+    }
     for line in layer_lines {
         assert!(line.len() < 300, "{line}");
         assert!(line.contains("256 experts"), "{line}");

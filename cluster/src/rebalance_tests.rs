@@ -47,6 +47,7 @@ fn nodes_holding(p: &PlacementRecord, caps: &[(&str, usize)]) -> BTreeMap<String
                     held: p.experts_of(id),
                     version: String::new(),
                     epoch: p.epoch,
+                    weights: "f32".into(),
                 },
             )
         })

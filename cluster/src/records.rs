@@ -25,6 +25,9 @@ pub struct NodeRecord {
     /// it, since nodes refuse older epochs. Absent from records of older versions.
     #[serde(default)]
     pub epoch: u64,
+    /// How the node holds its experts' weights (`f32`, `bf16`); empty from older nodes.
+    #[serde(default)]
+    pub weights: String,
 }
 
 /// One node of a placement.

@@ -8,6 +8,7 @@ use crate::cuda::{CudaBackend, CudaError, CudaExperts, Device, LoadError};
 use crate::experts::{
     Assignment, ExpertError, ExpertFfn, ExpertSelection, ExpertStore, Experts, load_expert,
 };
+use crate::ops::WeightFormat;
 use crate::router::Routing;
 
 /// Token rows the GPU workspaces are first sized for; they grow on a larger batch.
@@ -77,19 +78,21 @@ impl LocalExperts {
         }
     }
 
-    /// Memory one expert's weights take on this device: on the CPU what a held expert
-    /// takes (bf16 when the checkpoint is, else f32; with none held, one is read from the
-    /// checkpoint to see), padded bf16 on a GPU.
-    pub fn bytes_per_expert(&self, cfg: &ModelConfig, ckpt: &Checkpoint) -> u64 {
+    /// Memory one expert's weights take on this device, and the format they are held in:
+    /// on the CPU what a held expert takes (bf16 when the checkpoint is, else f32; with
+    /// none held, one is read from the checkpoint to see), padded bf16 on a GPU.
+    pub fn expert_footprint(&self, cfg: &ModelConfig, ckpt: &Checkpoint) -> (u64, WeightFormat) {
         match self {
-            LocalExperts::Cpu(s) => s
-                .held()
-                .first()
-                .and_then(|&(l, e)| s.get(l, e))
-                .map(ExpertFfn::bytes)
-                .or_else(|| load_expert(ckpt, cfg, 0, 0).ok().map(|f| f.bytes()))
-                .unwrap_or(3 * cfg.hidden_size as u64 * cfg.moe_intermediate_size as u64 * 4),
-            LocalExperts::Cuda(c) => c.bytes_per_expert(),
+            LocalExperts::Cpu(s) => {
+                let of = |f: &ExpertFfn| (f.bytes(), f.down.weight.format());
+                let held = s.held().first().and_then(|&(l, e)| s.get(l, e)).map(of);
+                held.or_else(|| load_expert(ckpt, cfg, 0, 0).ok().map(|f| of(&f)))
+                    .unwrap_or((
+                        3 * cfg.hidden_size as u64 * cfg.moe_intermediate_size as u64 * 4,
+                        WeightFormat::F32,
+                    ))
+            }
+            LocalExperts::Cuda(c) => (c.bytes_per_expert(), WeightFormat::Bf16),
         }
     }
 
@@ -237,7 +240,7 @@ mod tests {
             Err(ExpertError::NotHeld { .. })
         ));
         assert_eq!(
-            x.bytes_per_expert(&cfg, &ckpt),
+            x.expert_footprint(&cfg, &ckpt).0,
             3 * (h * cfg.moe_intermediate_size * 4) as u64
         );
     }

@@ -54,6 +54,7 @@ impl Membership {
                 held: node.held(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 epoch: node.epoch(),
+                weights: node.weights().to_owned(),
             })
         };
         let first = record(&node).map_err(|e| NodeError::Internal(e.to_string()))?;

@@ -47,6 +47,8 @@ pub struct ExpertNode {
     /// `cpu` or `cuda:N (GPU NAME)`.
     device: String,
     bytes_per_expert: u64,
+    /// How its experts' weights are held (`f32`, `bf16`).
+    weights: String,
     node_id: String,
     model: String,
     /// A copy of the store's held set, so that Describe never waits behind a long
@@ -91,7 +93,7 @@ impl ExpertNode {
             .unwrap_or_else(|| cfg.model_dir.display().to_string());
         let held = store.held().into_iter().collect();
         let device = store.device();
-        let bytes_per_expert = store.bytes_per_expert(&config, &checkpoint);
+        let (bytes_per_expert, weights) = store.expert_footprint(&config, &checkpoint);
         let metrics = NodeMetrics::new(config.expert_layers(), config.num_experts)
             .map_err(|e| NodeError::Internal(format!("metrics: {e}")))?;
         tracing::info!(
@@ -110,6 +112,7 @@ impl ExpertNode {
             store: Arc::new(RwLock::new(store)),
             device,
             bytes_per_expert,
+            weights: weights.to_string(),
             node_id: cfg.node_id,
             model,
             held: Mutex::new(held),
@@ -156,6 +159,11 @@ impl ExpertNode {
         self.bytes_per_expert
     }
 
+    /// How its experts' weights are held: `f32` or `bf16`.
+    pub fn weights(&self) -> &str {
+        &self.weights
+    }
+
     /// `cpu` or `cuda:N (GPU NAME)`.
     pub fn device(&self) -> &str {
         &self.device
@@ -191,6 +199,7 @@ impl ExpertNode {
             epoch: self.epoch(),
             device: self.device.clone(),
             max_request_tokens: self.max_request_tokens() as u64,
+            weights: self.weights.clone(),
         }
     }
 
@@ -428,6 +437,23 @@ mod tests {
         assert_eq!(info.model, "mixtral-tiny");
         assert_eq!(info.device, "cpu");
         assert_eq!(info.bytes_per_expert, 3 * 64 * 128 * 4);
+        assert_eq!(info.weights, "f32");
+    }
+
+    /// A bf16 checkpoint's experts are held as bf16: half the bytes, said so in Describe,
+    /// whether the node starts with experts or with none.
+    #[test]
+    fn a_bf16_checkpoint_is_held_and_reported_as_bf16() {
+        for initial in [
+            ExpertSelection::All,
+            ExpertSelection::Only(Default::default()),
+        ] {
+            let mut cfg = config(initial);
+            cfg.model_dir = cfg.model_dir.with_file_name("mixtral-tiny-bf16");
+            let info = ExpertNode::open(cfg).unwrap().describe();
+            assert_eq!(info.weights, "bf16");
+            assert_eq!(info.bytes_per_expert, 3 * 64 * 128 * 2);
+        }
     }
 
     #[test]

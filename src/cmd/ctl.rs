@@ -97,8 +97,8 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
     );
     let _ = writeln!(
         out,
-        "\n{:<24} {:<22} {:<6} {:>13} {:>12} {:>8}  state",
-        "NODE", "ADDRESS", "DEVICE", "EXPERTS/CAP", "MEMORY", "PLACED"
+        "\n{:<24} {:<22} {:<6} {:<7} {:>13} {:>12} {:>8}  state",
+        "NODE", "ADDRESS", "DEVICE", "WEIGHTS", "EXPERTS/CAP", "MEMORY", "PLACED"
     );
     let mut ids: Vec<&String> = s.nodes.keys().collect();
     if let Some(p) = &s.placement {
@@ -120,10 +120,15 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
                 let memory = human_bytes(n.held.len() as u64 * n.bytes_per_expert);
                 let _ = writeln!(
                     out,
-                    "{:<24} {:<22} {:<6} {:>13} {:>12} {:>8}  {state}",
+                    "{:<24} {:<22} {:<6} {:<7} {:>13} {:>12} {:>8}  {state}",
                     id,
                     n.addr,
                     n.device,
+                    if n.weights.is_empty() {
+                        "-"
+                    } else {
+                        &n.weights
+                    },
                     format!("{}/{}", n.held.len(), n.capacity),
                     memory,
                     placed
@@ -132,8 +137,8 @@ fn render(cfg: &ClusterConfig, s: &Snapshot) -> String {
             None => {
                 let _ = writeln!(
                     out,
-                    "{:<24} {:<22} {:<6} {:>13} {:>12} {:>8}  {state}",
-                    id, "-", "-", "-", "-", placed
+                    "{:<24} {:<22} {:<6} {:<7} {:>13} {:>12} {:>8}  {state}",
+                    id, "-", "-", "-", "-", "-", placed
                 );
             }
         }

@@ -529,6 +529,7 @@ mod tests {
             held: vec![(0, 0)],
             version: "test".into(),
             epoch,
+            weights: "f32".into(),
         }
     }
 
