@@ -129,6 +129,42 @@ fn device_auto_serves_on_the_cpu_without_a_gpu() {
     assert_eq!(text_of(&resp.json()), want);
 }
 
+/// `--cpu-weights` (a neighbour of `--device`): what the node holds, and a clear refusal
+/// of a format it does not know.
+#[test]
+fn cpu_weights_sets_what_a_node_holds() {
+    let mut cmd = Command::new(exe());
+    cmd.args([
+        "expert-node",
+        "--listen",
+        "127.0.0.1:0",
+        "--cpu-weights",
+        "bf16",
+    ])
+    .arg("--model")
+    .arg(tiny_model());
+    let (_node, addr) = Proc::start("expert-node-bf16", cmd, "listening on ");
+    let info = describe_node(&addr);
+    assert_eq!(info.weights, "bf16");
+    assert_eq!(info.bytes_per_expert, 3 * 64 * 128 * 2);
+
+    let out = Command::new(exe())
+        .args([
+            "expert-node",
+            "--listen",
+            "127.0.0.1:0",
+            "--cpu-weights",
+            "int4",
+        ])
+        .arg("--model")
+        .arg(tiny_model())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("expected auto, f32 or bf16"), "{stderr}");
+}
+
 #[test]
 fn generate_with_device_auto_equals_the_cpu() {
     if gpu_present() {

@@ -19,6 +19,7 @@ use safetensors::{SafeTensorError, SafeTensors};
 use serde::Deserialize;
 
 use crate::dtype::DType;
+use crate::ops::{CpuWeights, Linear, Weights};
 use crate::quant::{self, Quantization};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -138,6 +139,8 @@ pub struct Checkpoint {
     shards: Vec<Shard>,
     tensors: HashMap<String, TensorRef>,
     quantization: Quantization,
+    /// How the matrices read through [`Checkpoint::linear`] are held.
+    cpu_weights: CpuWeights,
 }
 
 impl Checkpoint {
@@ -219,6 +222,18 @@ impl Checkpoint {
         self.quantization
     }
 
+    /// Sets how the matrices built by [`Checkpoint::linear`] are held (`--cpu-weights`).
+    pub fn with_cpu_weights(mut self, policy: CpuWeights) -> Self {
+        self.cpu_weights = policy;
+        self
+    }
+
+    /// A projection `[out, inp]` from values read from this checkpoint, held as its
+    /// policy says ([`CpuWeights`]).
+    pub fn linear(&self, values: Vec<f32>, out: usize, inp: usize) -> Linear {
+        Linear::from_weights(Weights::with_policy(values, self.cpu_weights), out, inp)
+    }
+
     fn open_files(dir: &Path, files: &[PathBuf]) -> Result<Self, WeightError> {
         let mut shards = Vec::with_capacity(files.len());
         let mut tensors = HashMap::new();
@@ -262,6 +277,7 @@ impl Checkpoint {
             shards,
             tensors,
             quantization: Quantization::None,
+            cpu_weights: CpuWeights::Auto,
         })
     }
 

@@ -256,8 +256,8 @@ pub fn load_expert(
     };
     // bf16 in memory when the checkpoint's values are bf16 (no result changes).
     Ok(ExpertFfn {
-        gate_up: Linear::compact(gate_up, 2 * f, h),
-        down: Linear::compact(down, h, f),
+        gate_up: ckpt.linear(gate_up, 2 * f, h),
+        down: ckpt.linear(down, h, f),
     })
 }
 

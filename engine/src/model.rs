@@ -132,7 +132,7 @@ impl Model {
         let lm_head = if c.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             None
         } else {
-            Some(Linear::compact(ckpt.load("lm_head.weight", &[v, h])?, v, h))
+            Some(ckpt.linear(ckpt.load("lm_head.weight", &[v, h])?, v, h))
         };
         let rope = Rope::from_config(&c.rope, c.max_position_embeddings);
         Ok(Model {

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use switchyard_engine::cuda::Device;
 use switchyard_engine::experts::load_expert;
+use switchyard_engine::ops::CpuWeights;
 use switchyard_engine::{Checkpoint, ExpertSelection, LocalExperts, ModelConfig};
 use switchyard_proto::pb::{ExpertRef, ForwardRequest, ForwardResponse, NodeInfo};
 use tokio::task::spawn_blocking;
@@ -38,6 +39,8 @@ pub struct NodeConfig {
     /// Most tokens one Forward request may carry, advertised in Describe. `None`: what a
     /// quarter of the work memory holds at worst.
     pub max_request_tokens: Option<usize>,
+    /// How experts are held on the CPU (`--cpu-weights`); a GPU holds bf16 regardless.
+    pub cpu_weights: CpuWeights,
 }
 
 pub struct ExpertNode {
@@ -75,7 +78,8 @@ impl ExpertNode {
             return Err(no_such_expert(&config, layer as u64, expert as u64));
         }
         let budget = Budget::new(&config, cfg.work_memory_bytes, cfg.max_request_tokens)?;
-        let checkpoint = Checkpoint::open_quantized(&cfg.model_dir, config.quantization)?;
+        let checkpoint = Checkpoint::open_quantized(&cfg.model_dir, config.quantization)?
+            .with_cpu_weights(cfg.cpu_weights);
         let store = LocalExperts::load(cfg.device, &checkpoint, &config, &cfg.initial)?;
         if let Some(max) = cfg.max_experts
             && store.held().len() > max
@@ -423,6 +427,7 @@ mod tests {
             device: Device::Cpu,
             work_memory_bytes: None,
             max_request_tokens: None,
+            cpu_weights: CpuWeights::Auto,
         }
     }
 
@@ -453,6 +458,25 @@ mod tests {
             let info = ExpertNode::open(cfg).unwrap().describe();
             assert_eq!(info.weights, "bf16");
             assert_eq!(info.bytes_per_expert, 3 * 64 * 128 * 2);
+        }
+    }
+
+    /// `--cpu-weights` overrides the checkpoint's format both ways.
+    #[test]
+    fn cpu_weights_overrides_the_checkpoints_format() {
+        for (fixture, policy, weights, bytes) in [
+            ("mixtral-tiny", CpuWeights::Bf16, "bf16", 2),
+            ("mixtral-tiny-bf16", CpuWeights::F32, "f32", 4),
+        ] {
+            let mut cfg = config(ExpertSelection::All);
+            cfg.model_dir = cfg.model_dir.with_file_name(fixture);
+            cfg.cpu_weights = policy;
+            let node = ExpertNode::open(cfg).unwrap();
+            let info = node.describe();
+            assert_eq!(
+                (info.weights.as_str(), info.bytes_per_expert),
+                (weights, 3 * 64 * 128 * bytes)
+            );
         }
     }
 

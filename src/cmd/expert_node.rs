@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use std::sync::Arc;
 use std::time::Duration;
 use switchyard_engine::ModelConfig;
+use switchyard_engine::ops::CpuWeights;
 
 use switchyard_expert_node::{
     ExpertNode, Membership, NodeConfig, parse_expert_spec, serve_with_tls,
@@ -36,6 +37,10 @@ pub struct Args {
     /// Most experts this node may hold (its memory budget) [default: all of the model's].
     #[arg(long)]
     max_experts: Option<usize>,
+    /// How experts are held on the CPU: `auto` as the checkpoint has them (bf16 for a bf16
+    /// checkpoint, exact), `f32`, or `bf16` (rounds an f32 checkpoint: results change).
+    #[arg(long, default_value = "auto", value_name = "auto|f32|bf16")]
+    cpu_weights: CpuWeights,
     /// Memory, in MiB, that Forward requests in flight may use together (their messages,
     /// answers and working buffers); past it, requests wait their turn [default: 2048].
     #[arg(long)]
@@ -99,6 +104,7 @@ async fn serve_node(args: Args) -> Result<()> {
         .unwrap_or_else(|| default_node_id(addr));
     let model_dir = args.model.clone();
     let max_experts = args.max_experts;
+    let cpu_weights = args.cpu_weights;
     // Reading expert weights blocks; keep it off the runtime's workers.
     let node = tokio::task::spawn_blocking(move || {
         ExpertNode::open(NodeConfig {
@@ -109,6 +115,7 @@ async fn serve_node(args: Args) -> Result<()> {
             device,
             work_memory_bytes,
             max_request_tokens,
+            cpu_weights,
         })
     })
     .await

@@ -13,6 +13,7 @@ use switchyard_coordinator::cluster::ClusterMode;
 use switchyard_coordinator::remote::wait_healthy;
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
 use switchyard_engine::cuda::Device;
+use switchyard_engine::ops::CpuWeights;
 use switchyard_proto::tls::{TlsFiles, write_dev_certs};
 use tracing::{info, warn};
 
@@ -61,6 +62,15 @@ pub struct Args {
     /// placement under memory limits [default: all of them].
     #[arg(long, requires = "etcd", value_name = "N")]
     node_max_experts: Option<usize>,
+    /// How the expert nodes hold their experts on the CPU (`expert-node --cpu-weights`):
+    /// `auto` as the checkpoint has them, `f32`, or `bf16` (rounds an f32 checkpoint).
+    #[arg(
+        long,
+        default_value = "auto",
+        value_name = "auto|f32|bf16",
+        conflicts_with = "in_process"
+    )]
+    cpu_weights: CpuWeights,
     #[command(flatten)]
     rebalance: RebalanceArgs,
     #[command(flatten)]
@@ -109,7 +119,7 @@ fn spawn_node(
     device: Device,
     index: usize,
     tls: Option<&TlsFiles>,
-    cluster: &[String],
+    extra: &[String],
 ) -> Result<(Child, mpsc::Receiver<Result<String>>)> {
     let exe = std::env::current_exe().context("locating the switchyard binary")?;
     let mut cmd = Command::new(exe);
@@ -122,7 +132,7 @@ fn spawn_node(
         .arg(format!("node-{index}"))
         .arg("--device")
         .arg(device.to_string())
-        .args(cluster);
+        .args(extra);
     if let Some(t) = tls {
         cmd.arg("--tls-cert")
             .arg(&t.cert)
@@ -225,12 +235,16 @@ pub fn run(a: Args) -> Result<ExitCode> {
         .collect(),
         None => Vec::new(),
     };
+    let node_flags: Vec<String> = cluster_flags
+        .into_iter()
+        .chain(["--cpu-weights".to_owned(), a.cpu_weights.to_string()])
+        .collect();
     let mut addrs = Vec::new();
     if !a.in_process {
         let mut pending = Vec::new();
         for i in 0..a.nodes {
             let tls = cert_dir.as_ref().map(|(_, c)| &c.nodes[i]);
-            let (child, rx) = spawn_node(&model, device, i, tls, &cluster_flags)?;
+            let (child, rx) = spawn_node(&model, device, i, tls, &node_flags)?;
             children.0.push((i, child));
             pending.push(rx);
         }

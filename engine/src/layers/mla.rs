@@ -94,7 +94,7 @@ impl Mla {
         };
         let (h, heads) = (cfg.hidden_size, cfg.num_heads);
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear, WeightError> {
-            Ok(Linear::compact(
+            Ok(ckpt.linear(
                 ckpt.load(&format!("{p}.{name}.weight"), &[out, inp])?,
                 out,
                 inp,

@@ -120,7 +120,7 @@ impl Projection {
         bias: bool,
     ) -> Result<Self, WeightError> {
         Ok(Projection {
-            weight: Linear::compact(ckpt.load(&format!("{name}.weight"), &[out, inp])?, out, inp),
+            weight: ckpt.linear(ckpt.load(&format!("{name}.weight"), &[out, inp])?, out, inp),
             bias: if bias {
                 Some(ckpt.load(&format!("{name}.bias"), &[out])?)
             } else {
@@ -152,8 +152,8 @@ pub fn load_mlp(
     let mut gate_up = ckpt.load(&format!("{prefix}.gate_proj.weight"), &[ffn, hidden])?;
     gate_up.extend(ckpt.load(&format!("{prefix}.up_proj.weight"), &[ffn, hidden])?);
     Ok(ExpertFfn {
-        gate_up: Linear::compact(gate_up, 2 * ffn, hidden),
-        down: Linear::compact(
+        gate_up: ckpt.linear(gate_up, 2 * ffn, hidden),
+        down: ckpt.linear(
             ckpt.load(&format!("{prefix}.down_proj.weight"), &[hidden, ffn])?,
             hidden,
             ffn,

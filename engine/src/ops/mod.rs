@@ -9,7 +9,7 @@ use half::bf16;
 mod skinny;
 mod weights;
 pub use skinny::{SKINNY_MAX_ROWS, skinny_matmul_wt};
-pub use weights::{WeightElem, WeightFormat, Weights};
+pub use weights::{CpuWeights, WeightElem, WeightFormat, Weights};
 
 /// A PyTorch `nn.Linear` weight without bias: row-major `[out_dim, in_dim]`, held as f32
 /// or as bf16 ([`Weights`]).

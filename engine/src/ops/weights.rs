@@ -51,7 +51,54 @@ impl fmt::Display for WeightFormat {
     }
 }
 
+/// How a process holds the weights it reads from a checkpoint (`--cpu-weights`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CpuWeights {
+    /// As the checkpoint has them: bf16 where every value of a matrix is a bf16, else f32.
+    #[default]
+    Auto,
+    /// f32 always (a bf16 checkpoint widened at load: the same results, twice the bytes).
+    F32,
+    /// bf16 always: an f32 checkpoint is rounded to nearest even at load, which changes
+    /// results (on the f32 fixture: top-1 99.65% of positions, every decided one; see
+    /// `engine/tests/reference.rs`).
+    Bf16,
+}
+
+impl std::str::FromStr for CpuWeights {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(CpuWeights::Auto),
+            "f32" => Ok(CpuWeights::F32),
+            "bf16" => Ok(CpuWeights::Bf16),
+            other => Err(format!(
+                "unknown weight format {other:?}: expected auto, f32 or bf16"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for CpuWeights {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CpuWeights::Auto => "auto",
+            CpuWeights::F32 => "f32",
+            CpuWeights::Bf16 => "bf16",
+        })
+    }
+}
+
 impl Weights {
+    /// Values read from a checkpoint, held as `policy` says.
+    pub fn with_policy(values: Vec<f32>, policy: CpuWeights) -> Self {
+        match policy {
+            CpuWeights::Auto => Self::compact(values),
+            CpuWeights::F32 => Weights::F32(values),
+            CpuWeights::Bf16 => Weights::Bf16(values.iter().map(|v| bf16::from_f32(*v)).collect()),
+        }
+    }
+
     /// bf16 when every value is exactly a bf16 (a bf16 checkpoint read as f32), so that
     /// nothing is rounded; f32 otherwise.
     pub fn compact(values: Vec<f32>) -> Self {
@@ -149,6 +196,21 @@ mod tests {
         // One value off the bf16 grid keeps the whole matrix f32.
         let mut off = exact;
         off[3] = 1.0 + f32::EPSILON;
-        assert_eq!(Weights::compact(off).format(), WeightFormat::F32);
+        assert_eq!(Weights::compact(off.clone()).format(), WeightFormat::F32);
+        // The policies: f32 keeps everything, bf16 rounds to nearest even.
+        let forced = Weights::with_policy(off.clone(), CpuWeights::F32);
+        assert_eq!(forced, Weights::F32(off.clone()));
+        let rounded = Weights::with_policy(off.clone(), CpuWeights::Bf16);
+        assert_eq!(rounded.format(), WeightFormat::Bf16);
+        assert_eq!(rounded.to_f32()[3], 1.0);
+        for (s, p) in [
+            ("auto", CpuWeights::Auto),
+            ("f32", CpuWeights::F32),
+            ("bf16", CpuWeights::Bf16),
+        ] {
+            assert_eq!(s.parse::<CpuWeights>(), Ok(p));
+            assert_eq!(p.to_string(), s);
+        }
+        assert!("int4".parse::<CpuWeights>().is_err());
     }
 }

@@ -60,6 +60,7 @@ pub fn node_config() -> NodeConfig {
         device: switchyard_engine::cuda::Device::Cpu,
         work_memory_bytes: None,
         max_request_tokens: None,
+        cpu_weights: Default::default(),
     }
 }
 
