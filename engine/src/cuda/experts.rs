@@ -20,6 +20,7 @@ use crate::experts::{
     Assignment, ExpertError, ExpertFfn, ExpertSelection, ExpertStore, Experts, WorkShape,
     assignments, load_expert,
 };
+use crate::ops::Weights;
 use crate::router::Routing;
 
 /// Columns per half-tile and K per stage of the GEMM kernels (`BN`, `BK` in moe.cu).
@@ -66,6 +67,14 @@ fn pack_rows(src: &[u16], rows: usize, cols: usize, dst: &mut [u16], row0: usize
 }
 
 /// Round-to-nearest-even f32 -> bf16 bits (the `half` crate's conversion).
+/// A CPU weight matrix as bf16 bits: as held when bf16, rounded ([`bf16_bits`]) when f32.
+fn weight_bits(w: &Weights) -> Vec<u16> {
+    match w {
+        Weights::F32(v) => bf16_bits(v),
+        Weights::Bf16(v) => v.iter().map(|b| b.to_bits()).collect(),
+    }
+}
+
 pub fn bf16_bits(v: &[f32]) -> Vec<u16> {
     v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect()
 }
@@ -451,8 +460,8 @@ impl CudaExperts {
         self.set_expert_bf16(
             layer,
             local,
-            &ffn.gate_up.weight.to_bf16_bits(),
-            &ffn.down.weight.to_bf16_bits(),
+            &weight_bits(&ffn.gate_up.weight),
+            &weight_bits(&ffn.down.weight),
         )
     }
 

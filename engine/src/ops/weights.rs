@@ -147,27 +147,6 @@ impl Weights {
             Weights::Bf16(w) => Cow::Owned(w.iter().map(|v| v.widen()).collect()),
         }
     }
-
-    /// Rows `rows` (of `cols` values each) widened into `out` (`rows.len() * cols`).
-    pub fn rows_into(&self, rows: std::ops::Range<usize>, cols: usize, out: &mut [f32]) {
-        let range = rows.start * cols..rows.end * cols;
-        match self {
-            Weights::F32(w) => out.copy_from_slice(&w[range]),
-            Weights::Bf16(w) => {
-                for (d, s) in out.iter_mut().zip(&w[range]) {
-                    *d = s.widen();
-                }
-            }
-        }
-    }
-
-    /// The values as bf16 bits, rounded to nearest even where held as f32 (GPU upload).
-    pub fn to_bf16_bits(&self) -> Vec<u16> {
-        match self {
-            Weights::F32(w) => w.iter().map(|v| bf16::from_f32(*v).to_bits()).collect(),
-            Weights::Bf16(w) => w.iter().map(|v| v.to_bits()).collect(),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -190,9 +169,6 @@ mod tests {
                 .zip(&exact)
                 .all(|(a, b)| a.to_bits() == b.to_bits())
         );
-        let mut rows = vec![0.0; 2];
-        w.rows_into(1..2, 2, &mut rows);
-        assert_eq!(rows, exact[2..4]);
         // One value off the bf16 grid keeps the whole matrix f32.
         let mut off = exact;
         off[3] = 1.0 + f32::EPSILON;
