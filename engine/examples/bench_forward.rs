@@ -4,12 +4,14 @@
 //!
 //! `MLA_MODES` (`auto`, `absorbed`, `expanded`, comma-separated) runs an MLA model's
 //! attention each way, alternating the modes within each of `ROUNDS` rounds so that both
-//! see the same machine noise. Prints a table; nothing here is a test.
+//! see the same machine noise. `CPU_WEIGHTS=auto|f32|bf16|int8` (default `auto`) holds
+//! every matrix as `--cpu-weights` would. Prints a table; nothing here is a test.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use switchyard_engine::layers::MlaMode;
+use switchyard_engine::ops::CpuWeights;
 use switchyard_engine::sampling::argmax;
 use switchyard_engine::{ExpertSelection, ExpertStore, LogitsFor, Model, SeqCache, SeqChunk};
 
@@ -40,13 +42,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rounds: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
 
     let t0 = Instant::now();
-    let (mut model, ckpt) = Model::load(&dir)?;
+    let policy: CpuWeights = std::env::var("CPU_WEIGHTS")
+        .unwrap_or_else(|_| "auto".into())
+        .parse()?;
+    let (mut model, ckpt) = Model::load_as(&dir, policy)?;
     let cfg = model.config().clone();
     let experts = ExpertStore::load(&ckpt, &cfg, &ExpertSelection::All)?;
+    let held = experts.held();
+    let (l, e) = held.first().copied().ok_or("the model has no experts")?;
+    let format = experts
+        .get(l, e)
+        .map(|f| f.down.weight.format().to_string());
     eprintln!(
-        "loaded {} in {:.1}s",
+        "loaded {} in {:.1}s; experts held as {}",
         dir.display(),
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        format.unwrap_or_default()
     );
     let max_batch = batches.iter().copied().max().unwrap_or(1);
     let kv_bytes = switchyard_engine::PagedKvCache::model_block_bytes(&cfg, 16)

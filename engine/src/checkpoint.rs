@@ -19,7 +19,7 @@ use safetensors::{SafeTensorError, SafeTensors};
 use serde::Deserialize;
 
 use crate::dtype::DType;
-use crate::ops::{CpuWeights, Linear, Weights};
+use crate::ops::{CpuWeights, Linear, QuantizedRows, Weights};
 use crate::quant::{self, Quantization};
 
 pub const SINGLE_FILE: &str = "model.safetensors";
@@ -231,7 +231,69 @@ impl Checkpoint {
     /// A projection `[out, inp]` from values read from this checkpoint, held as its
     /// policy says ([`CpuWeights`]).
     pub fn linear(&self, values: Vec<f32>, out: usize, inp: usize) -> Linear {
-        Linear::from_weights(Weights::with_policy(values, self.cpu_weights), out, inp)
+        Linear::from_weights(
+            Weights::with_policy(values, inp, self.cpu_weights),
+            out,
+            inp,
+        )
+    }
+
+    /// Projection `name` `[out, inp]`, held as the policy says; an FP8 tensor keeps its
+    /// codes and scales under [`CpuWeights::Auto`] ([`Checkpoint::load_weights`]).
+    pub fn load_linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear, WeightError> {
+        Ok(Linear::from_weights(
+            self.load_weights(name, &[out, inp])?,
+            out,
+            inp,
+        ))
+    }
+
+    /// A weight matrix (or a stack of them, `shape`'s last dimension its columns), held as
+    /// the policy says. Under [`CpuWeights::Auto`] and [`CpuWeights::Int8`] an FP8 tensor
+    /// stays 8-bit: its E4M3 codes and block scales are kept as they are, which gives the
+    /// products the same values as dequantizing at load (where its block width allows: a
+    /// multiple of 32).
+    pub fn load_weights(&self, name: &str, shape: &[usize]) -> Result<Weights, WeightError> {
+        self.weights_of(name, shape, None)
+    }
+
+    /// [`Checkpoint::load_weights`] of `tensor[index]` along the first dimension: one
+    /// expert of a fused expert tensor.
+    pub fn load_slice_weights(
+        &self,
+        name: &str,
+        shape: &[usize],
+        index: usize,
+    ) -> Result<Weights, WeightError> {
+        self.weights_of(name, shape, Some(index))
+    }
+
+    fn weights_of(
+        &self,
+        name: &str,
+        shape: &[usize],
+        index: Option<usize>,
+    ) -> Result<Weights, WeightError> {
+        let cols = shape.last().copied().unwrap_or(1);
+        let t = self.lookup(name, shape)?;
+        // Under `int8` too: the codes are 8-bit already, and re-quantizing would add error.
+        let keep_fp8 = matches!(self.cpu_weights, CpuWeights::Auto | CpuWeights::Int8);
+        if t.dtype == DType::F8E4M3 && keep_fp8 {
+            let p = self.fp8_parts(name, t, index)?;
+            // Stacked matrices share one row index only where blocks do not straddle them.
+            let one_grid = p.codes.len() == p.rows * p.cols || p.rows.is_multiple_of(p.block[0]);
+            let kept = one_grid
+                .then(|| QuantizedRows::from_blocks(p.codes, &p.scale, p.cols, p.block))
+                .flatten();
+            if let Some(kept) = kept {
+                return Ok(Weights::Fp8(Box::new(kept)));
+            }
+        }
+        let values = match index {
+            None => self.load(name, shape)?,
+            Some(i) => self.load_slice(name, shape, i)?,
+        };
+        Ok(Weights::with_policy(values, cols, self.cpu_weights))
     }
 
     fn open_files(dir: &Path, files: &[PathBuf]) -> Result<Self, WeightError> {
@@ -355,6 +417,20 @@ impl Checkpoint {
         t: &TensorRef,
         index: Option<usize>,
     ) -> Result<Vec<f32>, WeightError> {
+        let p = self.fp8_parts(name, t, index)?;
+        let mut out = vec![0.0f32; p.codes.len()];
+        quant::dequantize_fp8_blocks(p.codes, &p.scale, p.rows, p.cols, p.block, &mut out);
+        Ok(out)
+    }
+
+    /// The codes of FP8 tensor `name` (`t`), whole or its `[index]` along the first
+    /// dimension, and the scales that cover them, checked.
+    fn fp8_parts(
+        &self,
+        name: &str,
+        t: &TensorRef,
+        index: Option<usize>,
+    ) -> Result<Fp8Parts<'_>, WeightError> {
         let path = &self.shards[t.shard].path;
         let block = self
             .quantization
@@ -429,10 +505,13 @@ impl Checkpoint {
                 value: scale[k],
             });
         }
-        let codes = self.bytes(t, codes.0, codes.1);
-        let mut out = vec![0.0f32; codes.len()];
-        quant::dequantize_fp8_blocks(codes, &scale, rows, cols, block, &mut out);
-        Ok(out)
+        Ok(Fp8Parts {
+            codes: self.bytes(t, codes.0, codes.1),
+            scale,
+            rows,
+            cols,
+            block,
+        })
     }
 
     fn lookup(&self, name: &str, shape: &[usize]) -> Result<&TensorRef, WeightError> {
@@ -472,6 +551,15 @@ impl Checkpoint {
             _ => format!("{} ({} shards)", self.dir.display(), self.shards.len()),
         }
     }
+}
+
+/// An FP8 tensor's codes (matrices of `rows x cols`) and the scales of their blocks.
+struct Fp8Parts<'a> {
+    codes: &'a [u8],
+    scale: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    block: [usize; 2],
 }
 
 /// The multi-dimensional position of row-major element `flat` of a tensor of `shape`.

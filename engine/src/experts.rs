@@ -245,19 +245,24 @@ pub fn load_expert(
                 .into_iter()
                 .find(|[g, _, _]| ckpt.contains(&format!("{p}.{g}.weight")))
                 .unwrap_or(EXPERT_PROJ_NAMES[1]);
-            let mut gate_up = ckpt.load(&format!("{p}.{gate}.weight"), &[f, h])?;
-            gate_up.extend(ckpt.load(&format!("{p}.{up}.weight"), &[f, h])?);
-            (gate_up, ckpt.load(&format!("{p}.{down}.weight"), &[h, f])?)
+            let gate_up = ckpt
+                .load_weights(&format!("{p}.{gate}.weight"), &[f, h])?
+                .append_rows(ckpt.load_weights(&format!("{p}.{up}.weight"), &[f, h])?);
+            (
+                gate_up,
+                ckpt.load_weights(&format!("{p}.{down}.weight"), &[h, f])?,
+            )
         }
         ExpertLayout::Fused { gate_up, down } => (
-            ckpt.load_slice(&gate_up, &[e, 2 * f, h], expert)?,
-            ckpt.load_slice(&down, &[e, h, f], expert)?,
+            ckpt.load_slice_weights(&gate_up, &[e, 2 * f, h], expert)?,
+            ckpt.load_slice_weights(&down, &[e, h, f], expert)?,
         ),
     };
-    // bf16 in memory when the checkpoint's values are bf16 (no result changes).
+    // Held as the checkpoint's policy says: by default bf16 when its values are bf16 and
+    // FP8 codes when they are FP8 (no result changes either way).
     Ok(ExpertFfn {
-        gate_up: ckpt.linear(gate_up, 2 * f, h),
-        down: ckpt.linear(down, h, f),
+        gate_up: Linear::from_weights(gate_up, 2 * f, h),
+        down: Linear::from_weights(down, h, f),
     })
 }
 

@@ -12,7 +12,7 @@ use crate::cuda::CudaError;
 use crate::experts::{ExpertError, Experts};
 use crate::kv_cache::{KvCacheError, PagedKvCache, SeqCache};
 use crate::layers::{Attention, Layer, MlaMode, Span};
-use crate::ops::{Linear, Rope, rms_norm};
+use crate::ops::{CpuWeights, Linear, Rope, rms_norm};
 use crate::router::Routing;
 
 mod pipeline;
@@ -115,8 +115,14 @@ impl Model {
 
     /// Loads the dense weights only; experts are loaded separately (see `ExpertStore`).
     pub fn load(dir: &Path) -> Result<(Self, Checkpoint), ModelError> {
+        Self::load_as(dir, CpuWeights::Auto)
+    }
+
+    /// [`Model::load`] with the dense matrices held as `policy` says (`--cpu-weights`);
+    /// the checkpoint returned carries the policy, so experts read through it follow it.
+    pub fn load_as(dir: &Path, policy: CpuWeights) -> Result<(Self, Checkpoint), ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open_quantized(dir, config.quantization)?;
+        let ckpt = Checkpoint::open_quantized(dir, config.quantization)?.with_cpu_weights(policy);
         let model = Self::from_checkpoint(config, &ckpt)?;
         Ok((model, ckpt))
     }
@@ -132,7 +138,7 @@ impl Model {
         let lm_head = if c.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             None
         } else {
-            Some(ckpt.linear(ckpt.load("lm_head.weight", &[v, h])?, v, h))
+            Some(ckpt.load_linear("lm_head.weight", v, h)?)
         };
         let rope = Rope::from_config(&c.rope, c.max_position_embeddings);
         Ok(Model {

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use switchyard_engine::ops::Weights;
+use switchyard_engine::ops::{CpuWeights, WeightFormat, Weights};
 use switchyard_engine::verify::verify;
 use switchyard_engine::{ExpertSelection, ExpertStore, Model};
 
@@ -52,6 +52,91 @@ fn every_family_fixture_meets_every_tolerance() {
         );
         assert_eq!(r.prompts.len(), 6, "{name}");
         assert!(r.passed, "{name}: {r:#?}");
+    }
+}
+
+/// An FP8 checkpoint's matrices stay 8-bit by default (codes and block scales kept), and
+/// the model still meets every tolerance: keeping the codes changes no weight's value.
+#[test]
+fn fp8_checkpoint_keeps_its_codes_and_meets_every_tolerance() {
+    let dir = fixture("deepseek-v3-tiny-fp8");
+    let (model, ckpt) = Model::load(&dir).unwrap();
+    let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
+    let (l, e) = experts.held()[0];
+    let ffn = experts.get(l, e).unwrap();
+    for w in [&ffn.gate_up.weight, &ffn.down.weight] {
+        assert_eq!(w.format(), WeightFormat::Fp8);
+        // One byte per weight and one f32 scale per 32 of them.
+        assert_eq!(w.bytes(), w.len() + w.len() / 32 * 4);
+    }
+    let r = verify(&model.into(), &experts, &dir).unwrap();
+    assert!(r.passed, "{r:#?}");
+}
+
+/// `--cpu-weights int8` against the f32 reference on every family's fixture: the experts
+/// alone (what `expert-node --cpu-weights int8` holds), then every matrix but the
+/// router's and MLA's `kv_b` (`bench_forward ... int8`). An FP8 checkpoint keeps its own
+/// codes, so its experts stay exact.
+///
+/// int8's error per weight (half a step of `max|w| / 127` per 32 weights: ~5x bf16's on
+/// Gaussian weights) moves these 64-wide random models' logits by 1-3% of their largest
+/// magnitude, as much as the 1% margin that makes a position "decided", so decided
+/// positions may flip where bf16 flips none. Measured (experts / everything): top-1
+/// 98.45% / 97.93% and decided 824 / 824 of 826 on mixtral-tiny; over every fixture,
+/// experts >= 97.9% top-1 and 99.7% of decided, everything >= 95.3% and 98.1%. The bars
+/// below sit under those, with room for another thread count's rounding; an indexing or
+/// scale bug lands far lower (chance is ~0.2%).
+#[test]
+fn int8_weights_against_the_reference_on_every_family() {
+    use switchyard_engine::Checkpoint;
+    use switchyard_engine::verify::{Check, TOP1_MIN_AGREEMENT, verify_with};
+    for name in [
+        "mixtral-tiny",
+        "mixtral-tiny-bf16",
+        "qwen3-moe-tiny",
+        "qwen2-moe-tiny",
+        "deepseek-v3-tiny",
+        "deepseek-v3-tiny-fp8",
+    ] {
+        let dir = fixture(name);
+        let expected = if name.ends_with("fp8") {
+            WeightFormat::Fp8
+        } else {
+            WeightFormat::Int8
+        };
+        for (scope, dense, top1, decided) in [
+            ("experts", CpuWeights::Auto, TOP1_MIN_AGREEMENT, 0.995),
+            ("everything", CpuWeights::Int8, 0.93, 0.97),
+        ] {
+            let (model, _) = Model::load_as(&dir, dense).unwrap();
+            let ckpt = Checkpoint::open_quantized(&dir, model.config().quantization)
+                .unwrap()
+                .with_cpu_weights(CpuWeights::Int8);
+            let experts = ExpertStore::load(&ckpt, model.config(), &ExpertSelection::All).unwrap();
+            let (l, e) = experts.held()[0];
+            let format = experts.get(l, e).unwrap().down.weight.format();
+            assert_eq!(format, expected, "{name}");
+            let check = Check::Top1 {
+                min_agreement: top1,
+            };
+            let r = verify_with(&model.into(), &experts, &dir, check).unwrap();
+            eprintln!(
+                "{name}, {scope} int8: top-1 {:.4}, decided {}/{}, max logit err {:.3e}, router {:.4}",
+                r.top1_agreement,
+                r.decided_matched,
+                r.decided_positions,
+                r.max_logit_rel_err,
+                r.min_router_agreement
+            );
+            assert!(r.decided_positions > 0, "{name}");
+            let agreed = r.decided_matched as f64 / r.decided_positions as f64;
+            assert!(agreed >= decided, "{name}, {scope}: {r:#?}");
+            assert!(r.top1_agreement >= top1, "{name}, {scope}: {r:#?}");
+            if name.ends_with("fp8") && scope == "experts" {
+                // Kept FP8 codes: the reference's own weights.
+                assert!(r.max_logit_rel_err < 1e-4, "{name}: {r:#?}");
+            }
+        }
     }
 }
 

@@ -461,12 +461,14 @@ mod tests {
         }
     }
 
-    /// `--cpu-weights` overrides the checkpoint's format both ways.
+    /// `--cpu-weights` overrides the checkpoint's format both ways, and `int8` holds a
+    /// byte per weight plus an f32 scale per 32 (bytes per weight times 8: 8 + 1).
     #[test]
     fn cpu_weights_overrides_the_checkpoints_format() {
-        for (fixture, policy, weights, bytes) in [
-            ("mixtral-tiny", CpuWeights::Bf16, "bf16", 2),
-            ("mixtral-tiny-bf16", CpuWeights::F32, "f32", 4),
+        for (fixture, policy, weights, eighths) in [
+            ("mixtral-tiny", CpuWeights::Bf16, "bf16", 16),
+            ("mixtral-tiny-bf16", CpuWeights::F32, "f32", 32),
+            ("mixtral-tiny-bf16", CpuWeights::Int8, "int8", 9),
         ] {
             let mut cfg = config(ExpertSelection::All);
             cfg.model_dir = cfg.model_dir.with_file_name(fixture);
@@ -475,7 +477,7 @@ mod tests {
             let info = node.describe();
             assert_eq!(
                 (info.weights.as_str(), info.bytes_per_expert),
-                (weights, 3 * 64 * 128 * bytes)
+                (weights, 3 * 64 * 128 * eighths / 8)
             );
         }
     }

@@ -38,8 +38,9 @@ pub struct Args {
     #[arg(long)]
     max_experts: Option<usize>,
     /// How experts are held on the CPU: `auto` as the checkpoint has them (bf16 for a bf16
-    /// checkpoint, exact), `f32`, or `bf16` (rounds an f32 checkpoint: results change).
-    #[arg(long, default_value = "auto", value_name = "auto|f32|bf16")]
+    /// checkpoint, FP8 codes for an FP8 one: exact), `f32`, `bf16` (rounds an f32
+    /// checkpoint: results change) or `int8` (8 bits computed at load: results change).
+    #[arg(long, default_value = "auto", value_name = "auto|f32|bf16|int8")]
     cpu_weights: CpuWeights,
     /// Memory, in MiB, that Forward requests in flight may use together (their messages,
     /// answers and working buffers); past it, requests wait their turn [default: 2048].

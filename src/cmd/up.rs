@@ -63,11 +63,11 @@ pub struct Args {
     #[arg(long, requires = "etcd", value_name = "N")]
     node_max_experts: Option<usize>,
     /// How the expert nodes hold their experts on the CPU (`expert-node --cpu-weights`):
-    /// `auto` as the checkpoint has them, `f32`, or `bf16` (rounds an f32 checkpoint).
+    /// `auto` as the checkpoint has them, `f32`, `bf16` or `int8` (both change results).
     #[arg(
         long,
         default_value = "auto",
-        value_name = "auto|f32|bf16",
+        value_name = "auto|f32|bf16|int8",
         conflicts_with = "in_process"
     )]
     cpu_weights: CpuWeights,

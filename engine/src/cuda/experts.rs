@@ -66,15 +66,18 @@ fn pack_rows(src: &[u16], rows: usize, cols: usize, dst: &mut [u16], row0: usize
     }
 }
 
-/// Round-to-nearest-even f32 -> bf16 bits (the `half` crate's conversion).
-/// A CPU weight matrix as bf16 bits: as held when bf16, rounded ([`bf16_bits`]) when f32.
+/// A CPU weight matrix as bf16 bits: as held when bf16, rounded ([`bf16_bits`]) otherwise.
 fn weight_bits(w: &Weights) -> Vec<u16> {
     match w {
         Weights::F32(v) => bf16_bits(v),
         Weights::Bf16(v) => v.iter().map(|b| b.to_bits()).collect(),
+        // The GPU kernels read bf16: 8-bit weights are widened and rounded once at upload.
+        Weights::Int8(q) => bf16_bits(&q.dequantize()),
+        Weights::Fp8(q) => bf16_bits(&q.dequantize()),
     }
 }
 
+/// Round-to-nearest-even f32 -> bf16 bits (the `half` crate's conversion).
 pub fn bf16_bits(v: &[f32]) -> Vec<u16> {
     v.iter().map(|x| bf16::from_f32(*x).to_bits()).collect()
 }

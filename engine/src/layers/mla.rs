@@ -94,11 +94,7 @@ impl Mla {
         };
         let (h, heads) = (cfg.hidden_size, cfg.num_heads);
         let linear = |name: &str, out: usize, inp: usize| -> Result<Linear, WeightError> {
-            Ok(ckpt.linear(
-                ckpt.load(&format!("{p}.{name}.weight"), &[out, inp])?,
-                out,
-                inp,
-            ))
+            ckpt.load_linear(&format!("{p}.{name}.weight"), out, inp)
         };
         let qk = dims.qk_head_dim();
         let query = match dims.q_lora_rank {
@@ -211,7 +207,7 @@ impl Mla {
         let base = h * (nope + dv) * r;
         let w = match &self.kv_b.weight {
             Weights::F32(w) => w.as_slice(),
-            Weights::Bf16(_) => unreachable!("kv_b is loaded as f32 (Mla::load)"),
+            _ => unreachable!("kv_b is loaded as f32 (Mla::load)"),
         };
         (
             &w[base..base + nope * r],

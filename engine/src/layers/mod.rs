@@ -120,7 +120,7 @@ impl Projection {
         bias: bool,
     ) -> Result<Self, WeightError> {
         Ok(Projection {
-            weight: ckpt.linear(ckpt.load(&format!("{name}.weight"), &[out, inp])?, out, inp),
+            weight: ckpt.load_linear(&format!("{name}.weight"), out, inp)?,
             bias: if bias {
                 Some(ckpt.load(&format!("{name}.bias"), &[out])?)
             } else {
@@ -149,15 +149,11 @@ pub fn load_mlp(
     hidden: usize,
     ffn: usize,
 ) -> Result<ExpertFfn, WeightError> {
-    let mut gate_up = ckpt.load(&format!("{prefix}.gate_proj.weight"), &[ffn, hidden])?;
-    gate_up.extend(ckpt.load(&format!("{prefix}.up_proj.weight"), &[ffn, hidden])?);
+    let gate = ckpt.load_weights(&format!("{prefix}.gate_proj.weight"), &[ffn, hidden])?;
+    let up = ckpt.load_weights(&format!("{prefix}.up_proj.weight"), &[ffn, hidden])?;
     Ok(ExpertFfn {
-        gate_up: ckpt.linear(gate_up, 2 * ffn, hidden),
-        down: ckpt.linear(
-            ckpt.load(&format!("{prefix}.down_proj.weight"), &[hidden, ffn])?,
-            hidden,
-            ffn,
-        ),
+        gate_up: Linear::from_weights(gate.append_rows(up), 2 * ffn, hidden),
+        down: ckpt.load_linear(&format!("{prefix}.down_proj.weight"), hidden, ffn)?,
     })
 }
 

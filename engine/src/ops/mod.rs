@@ -4,11 +4,12 @@
 //! the rest is elementwise.
 
 use gemm::{Parallelism, gemm};
-use half::bf16;
 
+mod quantized;
 mod skinny;
 mod weights;
-pub use skinny::{SKINNY_MAX_ROWS, skinny_matmul_wt};
+pub use quantized::{Code, E4m3, GROUP, QuantizedRows};
+pub use skinny::{LANES, RowSource, SKINNY_MAX_ROWS, skinny_matmul_wt};
 pub use weights::{CpuWeights, WeightElem, WeightFormat, Weights};
 
 /// A PyTorch `nn.Linear` weight without bias: row-major `[out_dim, in_dim]`, held as f32
@@ -53,7 +54,9 @@ impl Linear {
         let (k, n) = (self.in_dim, self.out_dim);
         match &self.weight {
             Weights::F32(w) => matmul_wt(x, rows, k, w, n, y, threads()),
-            Weights::Bf16(w) => matmul_wt_bf16(x, rows, k, w, n, y),
+            Weights::Bf16(w) => matmul_wt_widened(x, rows, k, w.as_slice(), n, y),
+            Weights::Int8(w) => matmul_wt_widened(x, rows, k, w.as_ref(), n, y),
+            Weights::Fp8(w) => matmul_wt_widened(x, rows, k, w.as_ref(), n, y),
         }
     }
 }
@@ -140,30 +143,43 @@ fn gemm_wt_columns(
     }
 }
 
-/// Weight rows widened per gemm call on the bf16 path: 4 MB of f32 at k = 4096, so the
-/// widened block stays in L2/L3 while gemm packs it.
-const BF16_GEMM_ROWS: usize = 256;
+/// Weight rows widened per gemm call on the narrow-weight paths: 4 MB of f32 at k = 4096,
+/// so the widened block stays in L2/L3 while gemm packs it.
+const WIDEN_GEMM_ROWS: usize = 256;
 
-/// [`matmul_wt`] with bf16 weights. Few rows: the skinny kernels widen in registers. More
-/// (prefill): gemm over blocks of weight rows widened into a scratch buffer, one block at
-/// a time, so no f32 copy of the whole matrix is ever held.
-pub fn matmul_wt_bf16(x: &[f32], m: usize, k: usize, w: &[bf16], n: usize, y: &mut [f32]) {
-    if handled_as_edge(x, m, k, w.len(), n, y) {
+/// [`matmul_wt`] with weights held narrower than f32 (bf16, 8-bit). Few rows: the skinny
+/// kernels widen in registers. More (prefill): gemm over blocks of weight rows widened
+/// into a scratch buffer, one block at a time, so no f32 copy of the whole matrix is ever
+/// held.
+pub fn matmul_wt_widened<S: RowSource + ?Sized>(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: &S,
+    n: usize,
+    y: &mut [f32],
+) {
+    if handled_as_edge(x, m, k, w.elems(), n, y) {
         return;
     }
     if m <= SKINNY_MAX_ROWS {
         skinny_matmul_wt(x, m, k, w, n, y, true);
         return;
     }
-    let mut block = vec![0.0f32; BF16_GEMM_ROWS.min(n) * k];
+    let mut block = vec![0.0f32; WIDEN_GEMM_ROWS.min(n) * k];
+    let full = k - k % LANES;
     let mut j = 0;
     while j < n {
-        let r = (n - j).min(BF16_GEMM_ROWS);
-        let wb = &mut block[..r * k];
-        for (d, s) in wb.iter_mut().zip(&w[j * k..(j + r) * k]) {
-            *d = s.widen();
+        let r = (n - j).min(WIDEN_GEMM_ROWS);
+        for (ri, row) in block.chunks_exact_mut(k).take(r).enumerate() {
+            for (c, lanes) in row[..full].chunks_exact_mut(LANES).enumerate() {
+                lanes.copy_from_slice(&w.lanes(j + ri, k, c * LANES));
+            }
+            for (c, v) in row.iter_mut().enumerate().skip(full) {
+                *v = w.at(j + ri, k, c);
+            }
         }
-        gemm_wt_columns(x, m, k, wb, r, &mut y[j..], n, threads());
+        gemm_wt_columns(x, m, k, &block[..r * k], r, &mut y[j..], n, threads());
         j += r;
     }
 }
@@ -357,6 +373,7 @@ impl Rope {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::bf16;
 
     pub(super) fn naive(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f64> {
         let mut y = vec![0.0; m * n];
@@ -395,28 +412,40 @@ mod tests {
         }
     }
 
-    /// Both bf16 paths (skinny and blocked gemm, across the block edge) against the f32
-    /// product over the same values.
+    /// Both paths of the narrow formats (skinny, and blocked gemm across the block edge)
+    /// against the f32 product over the same values.
     #[test]
-    fn bf16_linear_matches_the_f32_linear_on_the_same_values() {
+    fn narrow_linears_match_the_f32_linear_on_the_same_values() {
         for &(m, k, n) in &[(1, 64, 300), (5, 33, 131), (33, 70, 257), (64, 300, 600)] {
             let x = pseudo_random(m * k, 31);
             let w: Vec<f32> = pseudo_random(n * k, 32)
                 .into_iter()
                 .map(|v| bf16::from_f32(v).to_f32())
                 .collect();
-            let a = Linear::compact(w.clone(), n, k);
-            assert_eq!(a.weight.format(), WeightFormat::Bf16);
-            let b = Linear::new(w, n, k);
-            let (ya, yb) = (a.forward(&x, m), b.forward(&x, m));
-            for (p, q) in ya.iter().zip(&yb) {
-                assert!(
-                    (p - q).abs() <= 1e-5 * q.abs().max(1.0),
-                    "{p} vs {q} at {m}x{k}x{n}"
-                );
-            }
-            if m <= SKINNY_MAX_ROWS {
-                assert_eq!(ya, yb, "the skinny path is bit-identical ({m}x{k}x{n})");
+            let narrow = [
+                Weights::compact(w.clone()),
+                Weights::with_policy(w.clone(), k, CpuWeights::Int8),
+            ];
+            for (a, format) in narrow
+                .into_iter()
+                .zip([WeightFormat::Bf16, WeightFormat::Int8])
+            {
+                assert_eq!(a.format(), format);
+                let b = Linear::new(a.to_f32().into_owned(), n, k);
+                let a = Linear::from_weights(a, n, k);
+                let (ya, yb) = (a.forward(&x, m), b.forward(&x, m));
+                for (p, q) in ya.iter().zip(&yb) {
+                    assert!(
+                        (p - q).abs() <= 1e-5 * q.abs().max(1.0),
+                        "{format}: {p} vs {q} at {m}x{k}x{n}"
+                    );
+                }
+                if m <= SKINNY_MAX_ROWS {
+                    assert_eq!(
+                        ya, yb,
+                        "{format}: the skinny path is bit-identical ({m}x{k}x{n})"
+                    );
+                }
             }
         }
     }

@@ -1,10 +1,73 @@
 //! Products with few rows of activations (decode batches, small expert groups), which are
 //! bound by the bytes of weights they read: each weight row is read once and, while it sits
-//! in L1, dotted with every row. Generic over how weights are stored ([`WeightElem`]):
-//! f32, or bf16 widened to f32 in registers, so a bf16 weight costs half the bytes and the
-//! same arithmetic.
+//! in L1, dotted with every row. Generic over how weights are stored ([`RowSource`]):
+//! f32, bf16 or 8-bit codes widened to f32 in registers, so a narrower weight costs fewer
+//! bytes and the same arithmetic.
 
+use super::quantized::{Code, GROUP, QuantizedRows};
 use super::weights::WeightElem;
+
+/// Weight rows as the kernels read them: [`LANES`] values at a time, widened to f32.
+pub trait RowSource: Sync {
+    /// Values held (rows times columns).
+    fn elems(&self) -> usize;
+    /// Row `row` (of `k` columns), columns `col..col + LANES`, `col` a multiple of
+    /// [`LANES`].
+    fn lanes(&self, row: usize, k: usize, col: usize) -> [f32; LANES];
+    /// One value.
+    fn at(&self, row: usize, k: usize, col: usize) -> f32;
+}
+
+impl<W: WeightElem> RowSource for [W] {
+    fn elems(&self) -> usize {
+        self.len()
+    }
+
+    #[inline(always)]
+    fn lanes(&self, row: usize, k: usize, col: usize) -> [f32; LANES] {
+        let mut v = [0.0f32; LANES];
+        for (d, s) in v
+            .iter_mut()
+            .zip(&self[row * k + col..row * k + col + LANES])
+        {
+            *d = s.widen();
+        }
+        v
+    }
+
+    #[inline(always)]
+    fn at(&self, row: usize, k: usize, col: usize) -> f32 {
+        self[row * k + col].widen()
+    }
+}
+
+// A run of lanes never straddles two scales.
+const _: () = assert!(GROUP.is_multiple_of(LANES));
+
+impl<C: Code> RowSource for QuantizedRows<C> {
+    fn elems(&self) -> usize {
+        self.len()
+    }
+
+    #[inline(always)]
+    fn lanes(&self, row: usize, k: usize, col: usize) -> [f32; LANES] {
+        debug_assert_eq!(k, self.cols());
+        let scale = self.scale(row, col);
+        let mut v = [0.0f32; LANES];
+        for (d, c) in v
+            .iter_mut()
+            .zip(&self.codes()[row * k + col..row * k + col + LANES])
+        {
+            *d = c.raw() * scale;
+        }
+        v
+    }
+
+    #[inline(always)]
+    fn at(&self, row: usize, _k: usize, col: usize) -> f32 {
+        QuantizedRows::at(self, row, col)
+    }
+}
 
 /// Up to this many rows of `x`, [`super::matmul_wt`] streams the weights through
 /// [`skinny_matmul_wt`] instead of packing them for gemm.
@@ -12,22 +75,22 @@ pub const SKINNY_MAX_ROWS: usize = 32;
 
 /// Columns of `y` per parallel task in [`skinny_matmul_wt`].
 const SKINNY_COLS_PER_TASK: usize = 64;
-const LANES: usize = 16;
+pub const LANES: usize = 16;
 
 /// `y = x · w^T` for a few rows of `x` (decode batches, small expert groups). Memory-bound:
 /// each weight row is read from memory once and, while it sits in L1, dotted with every
 /// row of `x`. gemm would first copy (pack) the whole weight matrix, which costs more than
 /// the product itself at this shape.
-pub fn skinny_matmul_wt<W: WeightElem>(
+pub fn skinny_matmul_wt<S: RowSource + ?Sized>(
     x: &[f32],
     m: usize,
     k: usize,
-    w: &[W],
+    w: &S,
     n: usize,
     y: &mut [f32],
     parallel: bool,
 ) {
-    assert!(x.len() >= m * k && w.len() >= n * k && y.len() >= m * n);
+    assert!(x.len() >= m * k && w.elems() >= n * k && y.len() >= m * n);
     let task = |cols: std::ops::Range<usize>| -> Vec<f32> {
         // Output for these columns, column-major: [cols.len(), m].
         let mut out = vec![0.0f32; cols.len() * m];
@@ -37,7 +100,7 @@ pub fn skinny_matmul_wt<W: WeightElem>(
             let mut t = 0;
             while t < m {
                 let g = (m - t).min(BLOCK_TOKENS);
-                let dots = dot_block(&w[j * k..(j + r) * k], r, &x[t * k..(t + g) * k], g, k);
+                let dots = dot_block(w, j, r, &x[t * k..(t + g) * k], g, k);
                 for (ri, row) in dots.iter().enumerate().take(r) {
                     let c = j - cols.start + ri;
                     out[c * m + t..c * m + t + g].copy_from_slice(&row[..g]);
@@ -79,58 +142,81 @@ const BLOCK_ROWS: usize = 4;
 const BLOCK_TOKENS: usize = 4;
 type Block = [[f32; BLOCK_TOKENS]; BLOCK_ROWS];
 
-/// Dot products of `r` consecutive weight rows (`ws`, `r * k`) with `g` consecutive rows
-/// of `xs` (`g * k`); `r`, `g` at most the block size.
-fn dot_block<W: WeightElem>(ws: &[W], r: usize, xs: &[f32], g: usize, k: usize) -> Block {
-    assert!(r <= BLOCK_ROWS && g <= BLOCK_TOKENS && ws.len() >= r * k && xs.len() >= g * k);
+/// Dot products of the `r` weight rows from `row0` with `g` consecutive rows of `xs`
+/// (`g * k`); `r`, `g` at most the block size.
+fn dot_block<S: RowSource + ?Sized>(
+    ws: &S,
+    row0: usize,
+    r: usize,
+    xs: &[f32],
+    g: usize,
+    k: usize,
+) -> Block {
+    assert!(r <= BLOCK_ROWS && g <= BLOCK_TOKENS && ws.elems() >= (row0 + r) * k);
+    assert!(xs.len() >= g * k);
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
             // SAFETY: the CPU has AVX-512F, checked just above.
-            return unsafe { dot_block_avx512(ws, r, xs, g, k) };
+            return unsafe { dot_block_avx512(ws, row0, r, xs, g, k) };
         }
         if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
         {
             // SAFETY: the CPU has AVX2 and FMA, checked just above.
-            return unsafe { dot_block_avx2(ws, r, xs, g, k) };
+            return unsafe { dot_block_avx2(ws, row0, r, xs, g, k) };
         }
     }
-    dot_block_dispatch::<false, W>(ws, r, xs, g, k)
+    dot_block_dispatch::<false, S>(ws, row0, r, xs, g, k)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,fma")]
-fn dot_block_avx512<W: WeightElem>(ws: &[W], r: usize, xs: &[f32], g: usize, k: usize) -> Block {
-    dot_block_dispatch::<true, W>(ws, r, xs, g, k)
+fn dot_block_avx512<S: RowSource + ?Sized>(
+    ws: &S,
+    row0: usize,
+    r: usize,
+    xs: &[f32],
+    g: usize,
+    k: usize,
+) -> Block {
+    dot_block_dispatch::<true, S>(ws, row0, r, xs, g, k)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn dot_block_avx2<W: WeightElem>(ws: &[W], r: usize, xs: &[f32], g: usize, k: usize) -> Block {
-    dot_block_dispatch::<true, W>(ws, r, xs, g, k)
+fn dot_block_avx2<S: RowSource + ?Sized>(
+    ws: &S,
+    row0: usize,
+    r: usize,
+    xs: &[f32],
+    g: usize,
+    k: usize,
+) -> Block {
+    dot_block_dispatch::<true, S>(ws, row0, r, xs, g, k)
 }
 
 #[inline(always)]
-fn dot_block_dispatch<const FMA: bool, W: WeightElem>(
-    ws: &[W],
+fn dot_block_dispatch<const FMA: bool, S: RowSource + ?Sized>(
+    ws: &S,
+    row0: usize,
     r: usize,
     xs: &[f32],
     g: usize,
     k: usize,
 ) -> Block {
     match (r, g) {
-        (4, 4) => dot_block_fixed::<4, 4, FMA, W>(ws, xs, k),
-        (4, 2) => dot_block_fixed::<4, 2, FMA, W>(ws, xs, k),
-        (4, 3) => dot_block_fixed::<4, 3, FMA, W>(ws, xs, k),
+        (4, 4) => dot_block_fixed::<4, 4, FMA, S>(ws, row0, xs, k),
+        (4, 2) => dot_block_fixed::<4, 2, FMA, S>(ws, row0, xs, k),
+        (4, 3) => dot_block_fixed::<4, 3, FMA, S>(ws, row0, xs, k),
         _ => {
             // Block edges, and single tokens (matrix-vector products, where one weight
             // stream at a time keeps the prefetcher ahead): one weight row at a time.
             let mut out = Block::default();
             for (ri, row) in out.iter_mut().enumerate().take(r) {
                 let one = if g == 1 {
-                    dot_block_fixed::<1, 1, FMA, W>(&ws[ri * k..], xs, k)
+                    dot_block_fixed::<1, 1, FMA, S>(ws, row0 + ri, xs, k)
                 } else {
-                    dot_block_fixed::<1, BLOCK_TOKENS, FMA, W>(&ws[ri * k..], xs, k)
+                    dot_block_fixed::<1, BLOCK_TOKENS, FMA, S>(ws, row0 + ri, xs, k)
                 };
                 row[..g].copy_from_slice(&one[0][..g]);
             }
@@ -141,11 +227,12 @@ fn dot_block_dispatch<const FMA: bool, W: WeightElem>(
 
 /// `R` weight rows times `G` token rows, in fixed-width lane arrays that the compiler
 /// keeps in vector registers; `FMA` only where the target fuses multiply-add in hardware.
-/// Reads `R` rows of `k` from `ws` and `G` rows of `k` from `xs` (a `G < BLOCK_TOKENS`
-/// block may be given a shorter `xs`).
+/// Reads `R` rows of `k` from `ws` starting at `row0` and `G` rows of `k` from `xs` (a
+/// `G < BLOCK_TOKENS` block may be given a shorter `xs`).
 #[inline(always)]
-fn dot_block_fixed<const R: usize, const G: usize, const FMA: bool, W: WeightElem>(
-    ws: &[W],
+fn dot_block_fixed<const R: usize, const G: usize, const FMA: bool, S: RowSource + ?Sized>(
+    ws: &S,
+    row0: usize,
     xs: &[f32],
     k: usize,
 ) -> Block {
@@ -156,9 +243,7 @@ fn dot_block_fixed<const R: usize, const G: usize, const FMA: bool, W: WeightEle
     while i < full {
         let mut wv = [[0.0f32; LANES]; R];
         for (ri, v) in wv.iter_mut().enumerate() {
-            for (d, s) in v.iter_mut().zip(&ws[ri * k + i..ri * k + i + LANES]) {
-                *d = s.widen();
-            }
+            *v = ws.lanes(row0 + ri, k, i);
         }
         for t in 0..rows {
             let xv: [f32; LANES] = xs[t * k + i..t * k + i + LANES]
@@ -181,7 +266,7 @@ fn dot_block_fixed<const R: usize, const G: usize, const FMA: bool, W: WeightEle
         for t in 0..rows {
             let mut s: f32 = acc[ri][t].iter().sum();
             for j in full..k {
-                s += ws[ri * k + j].widen() * xs[t * k + j];
+                s += ws.at(row0 + ri, k, j) * xs[t * k + j];
             }
             out[ri][t] = s;
         }
@@ -209,7 +294,7 @@ mod tests {
             let w = pseudo_random(n * k, 12);
             for parallel in [false, true] {
                 let mut y = vec![f32::NAN; m * n];
-                skinny_matmul_wt(&x, m, k, &w, n, &mut y, parallel);
+                skinny_matmul_wt(&x, m, k, w.as_slice(), n, &mut y, parallel);
                 for (a, b) in y.iter().zip(naive(&x, m, k, &w, n)) {
                     assert!((*a as f64 - b).abs() < 1e-4, "{a} vs {b} at {m}x{k}x{n}");
                 }
@@ -234,15 +319,59 @@ mod tests {
                 .map(bf16::from_f32)
                 .collect();
             let w32: Vec<f32> = w16.iter().map(|v| v.to_f32()).collect();
-            for parallel in [false, true] {
-                let mut a = vec![f32::NAN; m * n];
-                let mut b = vec![f32::NAN; m * n];
-                skinny_matmul_wt(&x, m, k, &w16, n, &mut a, parallel);
-                skinny_matmul_wt(&x, m, k, &w32, n, &mut b, parallel);
-                assert!(
-                    a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
-                    "{m}x{k}x{n}"
-                );
+            assert_same_bits(&x, m, k, w16.as_slice(), &w32, n);
+        }
+    }
+
+    /// The skinny product over `w` and over `w32` (its values as f32) agree bit for bit,
+    /// serial and parallel.
+    fn assert_same_bits<S: RowSource + ?Sized>(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        w: &S,
+        w32: &[f32],
+        n: usize,
+    ) {
+        for parallel in [false, true] {
+            let mut a = vec![f32::NAN; m * n];
+            let mut b = vec![f32::NAN; m * n];
+            skinny_matmul_wt(x, m, k, w, n, &mut a, parallel);
+            skinny_matmul_wt(x, m, k, w32, n, &mut b, parallel);
+            assert!(
+                a.iter().zip(&b).all(|(p, q)| p.to_bits() == q.to_bits()),
+                "{m}x{k}x{n} parallel {parallel}"
+            );
+        }
+    }
+
+    /// 8-bit codes widened and scaled in registers give the bits of the f32 path over
+    /// their dequantized values: the scale is applied to each weight exactly as
+    /// dequantizing does, so the error is the weights' own and nothing more.
+    #[test]
+    fn eight_bit_weights_give_the_f32_paths_bits_on_their_values() {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (1, 4096, 67),
+            (3, 70, 200),
+            (4, 96, 131),
+            (9, 64, 129),
+        ] {
+            let x = pseudo_random(m * k, 41);
+            let w = pseudo_random(n * k, 42);
+            let int8 = QuantizedRows::quantize(&w, k);
+            assert_same_bits(&x, m, k, &int8, &int8.dequantize(), n);
+            if k.is_multiple_of(GROUP) {
+                let codes: Vec<u8> = (0..n * k)
+                    .map(|i| (i * 97 % 256) as u8)
+                    .map(|c| if c & 0x7f == 0x7f { 0x40 } else { c })
+                    .collect();
+                let block = [2, GROUP];
+                let scales: Vec<f32> = (0..n.div_ceil(2) * k / GROUP)
+                    .map(|i| 3e-3 * (1.0 + (i % 5) as f32))
+                    .collect();
+                let fp8 = QuantizedRows::from_blocks(&codes, &scales, k, block).unwrap();
+                assert_same_bits(&x, m, k, &fp8, &fp8.dequantize(), n);
             }
         }
     }

@@ -1,13 +1,16 @@
-//! How the CPU holds a weight matrix: f32, or bf16 kept as bf16 in memory. Widening a
-//! bf16 to f32 is exact (a bf16 is an f32 whose low 16 bits are zero), so a product over
-//! bf16 weights widened in registers computes what the f32 product over the same values
-//! computes, reading half the bytes: decode, bound by the bytes it reads, gets faster and
-//! nothing else changes.
+//! How the CPU holds a weight matrix: f32, bf16 kept as bf16 in memory, or 8 bits
+//! ([`QuantizedRows`]: int8, or an FP8 checkpoint's own codes). Widening a bf16 to f32 is
+//! exact (a bf16 is an f32 whose low 16 bits are zero), so a product over bf16 weights
+//! widened in registers computes what the f32 product over the same values computes,
+//! reading half the bytes: decode, bound by the bytes it reads, gets faster and nothing
+//! else changes. 8-bit codes are widened the same way and multiplied by their scale.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use half::bf16;
+
+use super::quantized::{E4m3, QuantizedRows};
 
 /// An element the CPU kernels read weights as.
 pub trait WeightElem: Copy + Send + Sync {
@@ -33,6 +36,10 @@ impl WeightElem for bf16 {
 pub enum Weights {
     F32(Vec<f32>),
     Bf16(Vec<bf16>),
+    /// Symmetric int8 with a scale per row and 32 columns, computed at load.
+    Int8(Box<QuantizedRows<i8>>),
+    /// An FP8 checkpoint's E4M3 codes and block scales, kept.
+    Fp8(Box<QuantizedRows<E4m3>>),
 }
 
 /// What a node reports it holds its weights as.
@@ -40,6 +47,8 @@ pub enum Weights {
 pub enum WeightFormat {
     F32,
     Bf16,
+    Int8,
+    Fp8,
 }
 
 impl fmt::Display for WeightFormat {
@@ -47,6 +56,8 @@ impl fmt::Display for WeightFormat {
         f.write_str(match self {
             WeightFormat::F32 => "f32",
             WeightFormat::Bf16 => "bf16",
+            WeightFormat::Int8 => "int8",
+            WeightFormat::Fp8 => "fp8",
         })
     }
 }
@@ -54,7 +65,8 @@ impl fmt::Display for WeightFormat {
 /// How a process holds the weights it reads from a checkpoint (`--cpu-weights`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum CpuWeights {
-    /// As the checkpoint has them: bf16 where every value of a matrix is a bf16, else f32.
+    /// As the checkpoint has them: an FP8 checkpoint's FP8 matrices keep their codes and
+    /// scales, bf16 where every value of a matrix is a bf16, else f32.
     #[default]
     Auto,
     /// f32 always (a bf16 checkpoint widened at load: the same results, twice the bytes).
@@ -63,6 +75,10 @@ pub enum CpuWeights {
     /// results (on the f32 fixture: top-1 99.65% of positions, every decided one; see
     /// `engine/tests/reference.rs`).
     Bf16,
+    /// 8 bits: int8 with a scale per row and 32 columns, computed at load (a quarter of
+    /// f32's bytes, and an error of its own: see `QuantizedRows` and
+    /// `engine/tests/reference.rs`); an FP8 checkpoint's codes are kept instead.
+    Int8,
 }
 
 impl std::str::FromStr for CpuWeights {
@@ -72,8 +88,9 @@ impl std::str::FromStr for CpuWeights {
             "auto" => Ok(CpuWeights::Auto),
             "f32" => Ok(CpuWeights::F32),
             "bf16" => Ok(CpuWeights::Bf16),
+            "int8" => Ok(CpuWeights::Int8),
             other => Err(format!(
-                "unknown weight format {other:?}: expected auto, f32 or bf16"
+                "unknown weight format {other:?}: expected auto, f32, bf16 or int8"
             )),
         }
     }
@@ -85,17 +102,51 @@ impl fmt::Display for CpuWeights {
             CpuWeights::Auto => "auto",
             CpuWeights::F32 => "f32",
             CpuWeights::Bf16 => "bf16",
+            CpuWeights::Int8 => "int8",
         })
     }
 }
 
 impl Weights {
-    /// Values read from a checkpoint, held as `policy` says.
-    pub fn with_policy(values: Vec<f32>, policy: CpuWeights) -> Self {
+    /// Values of a matrix with `cols` columns read from a checkpoint, held as `policy`
+    /// says.
+    pub fn with_policy(values: Vec<f32>, cols: usize, policy: CpuWeights) -> Self {
         match policy {
             CpuWeights::Auto => Self::compact(values),
             CpuWeights::F32 => Weights::F32(values),
             CpuWeights::Bf16 => Weights::Bf16(values.iter().map(|v| bf16::from_f32(*v)).collect()),
+            CpuWeights::Int8 if cols > 0 => {
+                Weights::Int8(Box::new(QuantizedRows::quantize(&values, cols)))
+            }
+            CpuWeights::Int8 => Weights::F32(values),
+        }
+    }
+
+    /// Rows of `other` below these: the gate and up projections of an FFN fused into one
+    /// matrix. Two formats that differ meet in f32.
+    pub fn append_rows(self, other: Weights) -> Weights {
+        match (self, other) {
+            (Weights::F32(mut a), Weights::F32(b)) => {
+                a.extend(b);
+                Weights::F32(a)
+            }
+            (Weights::Bf16(mut a), Weights::Bf16(b)) => {
+                a.extend(b);
+                Weights::Bf16(a)
+            }
+            (Weights::Int8(mut a), Weights::Int8(b)) if a.cols() == b.cols() => {
+                a.append_rows(*b);
+                Weights::Int8(a)
+            }
+            (Weights::Fp8(mut a), Weights::Fp8(b)) if a.cols() == b.cols() => {
+                a.append_rows(*b);
+                Weights::Fp8(a)
+            }
+            (a, b) => {
+                let mut v = a.to_f32().into_owned();
+                v.extend_from_slice(&b.to_f32());
+                Weights::F32(v)
+            }
         }
     }
 
@@ -118,6 +169,8 @@ impl Weights {
         match self {
             Weights::F32(w) => w.len(),
             Weights::Bf16(w) => w.len(),
+            Weights::Int8(w) => w.len(),
+            Weights::Fp8(w) => w.len(),
         }
     }
 
@@ -129,6 +182,8 @@ impl Weights {
         match self {
             Weights::F32(_) => WeightFormat::F32,
             Weights::Bf16(_) => WeightFormat::Bf16,
+            Weights::Int8(_) => WeightFormat::Int8,
+            Weights::Fp8(_) => WeightFormat::Fp8,
         }
     }
 
@@ -137,6 +192,8 @@ impl Weights {
         match self {
             Weights::F32(w) => 4 * w.len(),
             Weights::Bf16(w) => 2 * w.len(),
+            Weights::Int8(w) => w.bytes(),
+            Weights::Fp8(w) => w.bytes(),
         }
     }
 
@@ -145,6 +202,8 @@ impl Weights {
         match self {
             Weights::F32(w) => Cow::Borrowed(w),
             Weights::Bf16(w) => Cow::Owned(w.iter().map(|v| v.widen()).collect()),
+            Weights::Int8(w) => Cow::Owned(w.dequantize()),
+            Weights::Fp8(w) => Cow::Owned(w.dequantize()),
         }
     }
 }
@@ -174,15 +233,16 @@ mod tests {
         off[3] = 1.0 + f32::EPSILON;
         assert_eq!(Weights::compact(off.clone()).format(), WeightFormat::F32);
         // The policies: f32 keeps everything, bf16 rounds to nearest even.
-        let forced = Weights::with_policy(off.clone(), CpuWeights::F32);
+        let forced = Weights::with_policy(off.clone(), 3, CpuWeights::F32);
         assert_eq!(forced, Weights::F32(off.clone()));
-        let rounded = Weights::with_policy(off.clone(), CpuWeights::Bf16);
+        let rounded = Weights::with_policy(off.clone(), 3, CpuWeights::Bf16);
         assert_eq!(rounded.format(), WeightFormat::Bf16);
         assert_eq!(rounded.to_f32()[3], 1.0);
         for (s, p) in [
             ("auto", CpuWeights::Auto),
             ("f32", CpuWeights::F32),
             ("bf16", CpuWeights::Bf16),
+            ("int8", CpuWeights::Int8),
         ] {
             assert_eq!(s.parse::<CpuWeights>(), Ok(p));
             assert_eq!(p.to_string(), s);
