@@ -162,7 +162,10 @@ fn cpu_weights_sets_what_a_node_holds() {
         .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("expected auto, f32 or bf16"), "{stderr}");
+    assert!(
+        stderr.contains("expected auto, f32, bf16 or int8"),
+        "{stderr}"
+    );
 }
 
 #[test]
