@@ -228,16 +228,6 @@ impl Checkpoint {
         self
     }
 
-    /// A projection `[out, inp]` from values read from this checkpoint, held as its
-    /// policy says ([`CpuWeights`]).
-    pub fn linear(&self, values: Vec<f32>, out: usize, inp: usize) -> Linear {
-        Linear::from_weights(
-            Weights::with_policy(values, inp, self.cpu_weights),
-            out,
-            inp,
-        )
-    }
-
     /// Projection `name` `[out, inp]`, held as the policy says; an FP8 tensor keeps its
     /// codes and scales under [`CpuWeights::Auto`] ([`Checkpoint::load_weights`]).
     pub fn load_linear(&self, name: &str, out: usize, inp: usize) -> Result<Linear, WeightError> {
@@ -276,24 +266,25 @@ impl Checkpoint {
     ) -> Result<Weights, WeightError> {
         let cols = shape.last().copied().unwrap_or(1);
         let t = self.lookup(name, shape)?;
-        // Under `int8` too: the codes are 8-bit already, and re-quantizing would add error.
-        let keep_fp8 = matches!(self.cpu_weights, CpuWeights::Auto | CpuWeights::Int8);
-        if t.dtype == DType::F8E4M3 && keep_fp8 {
-            let p = self.fp8_parts(name, t, index)?;
-            // Stacked matrices share one row index only where blocks do not straddle them.
-            let one_grid = p.codes.len() == p.rows * p.cols || p.rows.is_multiple_of(p.block[0]);
-            let kept = one_grid
-                .then(|| QuantizedRows::from_blocks(p.codes, &p.scale, p.cols, p.block))
-                .flatten();
-            if let Some(kept) = kept {
-                return Ok(Weights::Fp8(Box::new(kept)));
-            }
+        if t.dtype != DType::F8E4M3 {
+            let values = match index {
+                None => self.load(name, shape)?,
+                Some(i) => self.load_slice(name, shape, i)?,
+            };
+            return Ok(Weights::with_policy(values, cols, self.cpu_weights));
         }
-        let values = match index {
-            None => self.load(name, shape)?,
-            Some(i) => self.load_slice(name, shape, i)?,
-        };
-        Ok(Weights::with_policy(values, cols, self.cpu_weights))
+        let p = self.fp8_parts(name, t, index)?;
+        // Under `int8` too: the codes are 8-bit already, and re-quantizing would add error.
+        let keep = matches!(self.cpu_weights, CpuWeights::Auto | CpuWeights::Int8);
+        // Stacked matrices share one row index only where blocks do not straddle them.
+        let one_grid = p.codes.len() == p.rows * p.cols || p.rows.is_multiple_of(p.block[0]);
+        if keep
+            && one_grid
+            && let Some(kept) = QuantizedRows::from_blocks(p.codes, &p.scale, p.cols, p.block)
+        {
+            return Ok(Weights::Fp8(Box::new(kept)));
+        }
+        Ok(Weights::with_policy(p.dequantize(), cols, self.cpu_weights))
     }
 
     fn open_files(dir: &Path, files: &[PathBuf]) -> Result<Self, WeightError> {
@@ -417,10 +408,7 @@ impl Checkpoint {
         t: &TensorRef,
         index: Option<usize>,
     ) -> Result<Vec<f32>, WeightError> {
-        let p = self.fp8_parts(name, t, index)?;
-        let mut out = vec![0.0f32; p.codes.len()];
-        quant::dequantize_fp8_blocks(p.codes, &p.scale, p.rows, p.cols, p.block, &mut out);
-        Ok(out)
+        Ok(self.fp8_parts(name, t, index)?.dequantize())
     }
 
     /// The codes of FP8 tensor `name` (`t`), whole or its `[index]` along the first
@@ -560,6 +548,21 @@ struct Fp8Parts<'a> {
     rows: usize,
     cols: usize,
     block: [usize; 2],
+}
+
+impl Fp8Parts<'_> {
+    fn dequantize(&self) -> Vec<f32> {
+        let mut out = vec![0.0f32; self.codes.len()];
+        quant::dequantize_fp8_blocks(
+            self.codes,
+            &self.scale,
+            self.rows,
+            self.cols,
+            self.block,
+            &mut out,
+        );
+        out
+    }
 }
 
 /// The multi-dimensional position of row-major element `flat` of a tensor of `shape`.

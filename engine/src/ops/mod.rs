@@ -27,15 +27,18 @@ impl Linear {
         Self::from_weights(Weights::F32(weight), out_dim, in_dim)
     }
 
-    /// Weights as read from a checkpoint: kept as bf16 when every value is one (a bf16
-    /// checkpoint), which changes no result and halves their memory and the bytes a
-    /// decode step reads.
-    pub fn compact(weight: Vec<f32>, out_dim: usize, in_dim: usize) -> Self {
-        Self::from_weights(Weights::compact(weight), out_dim, in_dim)
-    }
-
     pub fn from_weights(weight: Weights, out_dim: usize, in_dim: usize) -> Self {
         assert_eq!(weight.len(), out_dim * in_dim, "Linear weight length");
+        // 8-bit scales are indexed by the width they were grouped at.
+        let grouped_at = match &weight {
+            Weights::Int8(q) => Some(q.cols()),
+            Weights::Fp8(q) => Some(q.cols()),
+            Weights::F32(_) | Weights::Bf16(_) => None,
+        };
+        assert!(
+            grouped_at.is_none_or(|c| c == in_dim),
+            "Linear 8-bit row width"
+        );
         Linear {
             weight,
             out_dim,
