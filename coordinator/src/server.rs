@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use switchyard_engine::cuda::{Device, LoadError};
+use switchyard_engine::ops::CpuWeights;
 use switchyard_engine::tokenizer::{Tokenizer, TokenizerError};
 use switchyard_engine::{DenseModel, ExpertSelection, Experts, LocalExperts, ModelError};
 use switchyard_proto::WireFormat;
@@ -81,6 +82,8 @@ pub struct CoordinatorConfig {
     pub served_model_name: Option<String>,
     /// Where the dense layers (and in-process experts) run; `Auto` is resolved at start.
     pub device: Device,
+    /// How the CPU holds them (`--cpu-weights`).
+    pub cpu_weights: CpuWeights,
     pub experts: ExpertsAt,
     pub scheduler: SchedulerConfig,
     /// API keys and request limits.
@@ -99,9 +102,10 @@ impl Coordinator {
         let dir = cfg.model_dir.clone();
         let in_process = matches!(cfg.experts, ExpertsAt::InProcess);
         let device = cfg.device.resolve().map_err(ModelError::from)?;
+        let cpu_weights = cfg.cpu_weights;
         let (model, store) = tokio::task::spawn_blocking(move || -> Result<_, CoordinatorError> {
-            let (model, ckpt) = DenseModel::load(device, &dir)?;
-            info!(device = %model.device(), "dense layers loaded");
+            let (model, ckpt) = DenseModel::load_as(device, &dir, cpu_weights)?;
+            info!(device = %model.device(), %cpu_weights, "dense layers loaded");
             let store = if in_process {
                 Some(LocalExperts::load(
                     device,

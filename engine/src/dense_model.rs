@@ -11,6 +11,7 @@ use crate::cuda::{CudaBackend, CudaError, CudaKvCache, CudaModel, Device};
 use crate::experts::Experts;
 use crate::kv_cache::{KvCacheError, PagedKvCache, SeqCache};
 use crate::model::{ForwardOutput, LogitsFor, Model, ModelError, SeqChunk};
+use crate::ops::CpuWeights;
 
 // One per process, behind an Arc: the variants' sizes do not matter.
 #[allow(clippy::large_enum_variant)]
@@ -35,8 +36,18 @@ impl DenseModel {
     /// Loads the dense weights of the checkpoint in `dir` onto `device` (`Auto` resolved
     /// here); the experts are loaded separately from the returned checkpoint.
     pub fn load(device: Device, dir: &Path) -> Result<(Self, Checkpoint), ModelError> {
+        Self::load_as(device, dir, CpuWeights::Auto)
+    }
+
+    /// [`DenseModel::load`], the CPU holding what it reads (the dense layers here, and
+    /// whatever is later loaded through the returned checkpoint) as `policy` says.
+    pub fn load_as(
+        device: Device,
+        dir: &Path,
+        policy: CpuWeights,
+    ) -> Result<(Self, Checkpoint), ModelError> {
         let config = ModelConfig::from_dir(dir)?;
-        let ckpt = Checkpoint::open_quantized(dir, config.quantization)?;
+        let ckpt = Checkpoint::open_quantized(dir, config.quantization)?.with_cpu_weights(policy);
         let model = Self::from_checkpoint(device, config, &ckpt)?;
         Ok((model, ckpt))
     }
@@ -275,6 +286,46 @@ mod tests {
         assert_eq!(kv.blocks_for(5), 2);
         kv.release(&mut a);
         assert_eq!(kv.free_blocks(), kv.num_blocks());
+    }
+
+    /// `--cpu-weights` reaches the dense layers (the CPU path is `Model::load_as`'s
+    /// forward, bit for bit, and not the checkpoint format's) and the experts loaded
+    /// through the checkpoint it returns.
+    #[test]
+    fn load_as_holds_the_dense_layers_and_experts_as_asked() {
+        let dir = fixture();
+        let logits = |model: &DenseModel, ckpt: &Checkpoint| {
+            let experts = ExpertStore::load(ckpt, model.config(), &ExpertSelection::All).unwrap();
+            let (l, e) = experts.held()[0];
+            let format = experts.get(l, e).unwrap().down.weight.format();
+            let mut kv = model.new_kv_cache(4, 1 << 20).unwrap();
+            let mut cache = SeqCache::new();
+            let out = model
+                .forward(
+                    &mut kv,
+                    &experts,
+                    &mut [SeqChunk {
+                        tokens: &[1, 17, 42, 7, 99],
+                        cache: &mut cache,
+                    }],
+                    LogitsFor::EveryToken,
+                    false,
+                )
+                .unwrap();
+            (out.logits, format)
+        };
+        let (int8, ckpt) = DenseModel::load_as(Device::Cpu, &dir, CpuWeights::Int8).unwrap();
+        let (direct, _) = Model::load_as(&dir, CpuWeights::Int8).unwrap();
+        let (auto, auto_ckpt) = DenseModel::load(Device::Cpu, &dir).unwrap();
+        let (ours, format) = logits(&int8, &ckpt);
+        assert_eq!(format, crate::ops::WeightFormat::Int8);
+        assert_eq!(ours, logits(&DenseModel::Cpu(direct), &ckpt).0);
+        assert_ne!(
+            ours,
+            logits(&auto, &ckpt).0,
+            "the dense layers were not int8"
+        );
+        assert_eq!(logits(&auto, &auto_ckpt).1, crate::ops::WeightFormat::F32);
     }
 
     #[test]

@@ -81,11 +81,14 @@ fn fp8_checkpoint_keeps_its_codes_and_meets_every_tolerance() {
 /// int8's error per weight (half a step of `max|w| / 127` per 32 weights: ~5x bf16's on
 /// Gaussian weights) moves these 64-wide random models' logits by 1-3% of their largest
 /// magnitude, as much as the 1% margin that makes a position "decided", so decided
-/// positions may flip where bf16 flips none. Measured (experts / everything): top-1
-/// 98.45% / 97.93% and decided 824 / 824 of 826 on mixtral-tiny; over every fixture,
-/// experts >= 97.9% top-1 and 99.7% of decided, everything >= 95.3% and 98.1%. The bars
-/// below sit under those, with room for another thread count's rounding; an indexing or
-/// scale bug lands far lower (chance is ~0.2%).
+/// positions may flip where bf16 flips none. Products of up to 32 rows also quantize
+/// their activations to int8 (the VNNI path, `ops::int8_dot`), which adds an error of the
+/// same size. Measured (experts / everything): top-1 98.27% / 97.06% and decided 826 /
+/// 825 of 826 on mixtral-tiny; over every fixture, experts >= 97.9% top-1 and 99.8% of
+/// decided, everything >= 94.3% and 97.4% (deepseek-v3-tiny, whose every matrix
+/// includes MLA's low-rank projections). The bars below sit under those, with room for
+/// another thread count's rounding; an indexing or scale bug lands far lower (chance is
+/// ~0.2%).
 #[test]
 fn int8_weights_against_the_reference_on_every_family() {
     use switchyard_engine::Checkpoint;
@@ -106,7 +109,7 @@ fn int8_weights_against_the_reference_on_every_family() {
         };
         for (scope, dense, top1, decided) in [
             ("experts", CpuWeights::Auto, TOP1_MIN_AGREEMENT, 0.995),
-            ("everything", CpuWeights::Int8, 0.93, 0.97),
+            ("everything", CpuWeights::Int8, 0.93, 0.96),
         ] {
             let (model, _) = Model::load_as(&dir, dense).unwrap();
             let ckpt = Checkpoint::open_quantized(&dir, model.config().quantization)

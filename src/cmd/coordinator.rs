@@ -101,6 +101,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
         model_dir: a.model.clone(),
         served_model_name: a.serve.served_model_name.clone(),
         device,
+        cpu_weights: a.serve.cpu_weights,
         experts,
         scheduler: a.serve.scheduler()?,
         http: a.serve.http()?,

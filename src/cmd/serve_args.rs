@@ -11,6 +11,7 @@ use switchyard_coordinator::http::openai::Limits;
 use switchyard_coordinator::http::transport::Timeouts;
 use switchyard_coordinator::remote::Keepalive;
 use switchyard_coordinator::scheduler::SchedulerConfig;
+use switchyard_engine::ops::CpuWeights;
 use switchyard_proto::WireFormat;
 use switchyard_proto::tls::{Tls, TlsFiles};
 
@@ -134,6 +135,12 @@ pub struct ServeArgs {
     /// Model name in the API [default: the model directory's name].
     #[arg(long)]
     pub served_model_name: Option<String>,
+    /// How the CPU holds the weights it reads: the coordinator's dense layers, experts in
+    /// process, and (`up`) its expert nodes' experts. `auto` as the checkpoint has them
+    /// (bf16 for a bf16 checkpoint, FP8 codes for an FP8 one: exact), `f32`, `bf16`
+    /// (rounds an f32 checkpoint) or `int8` (8 bits computed at load): both change results.
+    #[arg(long, default_value = "auto", value_name = "auto|f32|bf16|int8")]
+    pub cpu_weights: CpuWeights,
     /// Token budget of one scheduler step (decode tokens + prefill chunk tokens).
     #[arg(long, default_value_t = 512)]
     pub max_batch_tokens: usize,

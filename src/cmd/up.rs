@@ -13,7 +13,6 @@ use switchyard_coordinator::cluster::ClusterMode;
 use switchyard_coordinator::remote::wait_healthy;
 use switchyard_coordinator::server::{Coordinator, CoordinatorConfig, ExpertsAt};
 use switchyard_engine::cuda::Device;
-use switchyard_engine::ops::CpuWeights;
 use switchyard_proto::tls::{TlsFiles, write_dev_certs};
 use tracing::{info, warn};
 
@@ -62,15 +61,6 @@ pub struct Args {
     /// placement under memory limits [default: all of them].
     #[arg(long, requires = "etcd", value_name = "N")]
     node_max_experts: Option<usize>,
-    /// How the expert nodes hold their experts on the CPU (`expert-node --cpu-weights`):
-    /// `auto` as the checkpoint has them, `f32`, `bf16` or `int8` (both change results).
-    #[arg(
-        long,
-        default_value = "auto",
-        value_name = "auto|f32|bf16|int8",
-        conflicts_with = "in_process"
-    )]
-    cpu_weights: CpuWeights,
     #[command(flatten)]
     rebalance: RebalanceArgs,
     #[command(flatten)]
@@ -237,7 +227,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
     };
     let node_flags: Vec<String> = cluster_flags
         .into_iter()
-        .chain(["--cpu-weights".to_owned(), a.cpu_weights.to_string()])
+        .chain(["--cpu-weights".to_owned(), a.serve.cpu_weights.to_string()])
         .collect();
     let mut addrs = Vec::new();
     if !a.in_process {
@@ -322,6 +312,7 @@ pub fn run(a: Args) -> Result<ExitCode> {
             model_dir: model.clone(),
             served_model_name: a.serve.served_model_name.clone(),
             device,
+            cpu_weights: a.serve.cpu_weights,
             experts,
             scheduler,
             http,

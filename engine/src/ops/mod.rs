@@ -5,9 +5,11 @@
 
 use gemm::{Parallelism, gemm};
 
+mod int8_dot;
 mod quantized;
 mod skinny;
 mod weights;
+pub use int8_dot::{QuantizedActs, int8_skinny_matmul_wt};
 pub use quantized::{Code, E4m3, GROUP, QuantizedRows};
 pub use skinny::{LANES, RowSource, SKINNY_MAX_ROWS, skinny_matmul_wt};
 pub use weights::{CpuWeights, WeightElem, WeightFormat, Weights};
@@ -58,6 +60,11 @@ impl Linear {
         match &self.weight {
             Weights::F32(w) => matmul_wt(x, rows, k, w, n, y, threads()),
             Weights::Bf16(w) => matmul_wt_widened(x, rows, k, w.as_slice(), n, y),
+            Weights::Int8(w) if rows <= SKINNY_MAX_ROWS => {
+                if !handled_as_edge(x, rows, k, w.len(), n, y) {
+                    int8_skinny_matmul_wt(x, rows, k, w, n, y, true);
+                }
+            }
             Weights::Int8(w) => matmul_wt_widened(x, rows, k, w.as_ref(), n, y),
             Weights::Fp8(w) => matmul_wt_widened(x, rows, k, w.as_ref(), n, y),
         }
@@ -416,7 +423,8 @@ mod tests {
     }
 
     /// Both paths of the narrow formats (skinny, and blocked gemm across the block edge)
-    /// against the f32 product over the same values.
+    /// against the f32 product over the same values. int8's skinny path computes with
+    /// activations quantized to int8, so its f32 product is taken over those.
     #[test]
     fn narrow_linears_match_the_f32_linear_on_the_same_values() {
         for &(m, k, n) in &[(1, 64, 300), (5, 33, 131), (33, 70, 257), (64, 300, 600)] {
@@ -436,14 +444,21 @@ mod tests {
                 assert_eq!(a.format(), format);
                 let b = Linear::new(a.to_f32().into_owned(), n, k);
                 let a = Linear::from_weights(a, n, k);
-                let (ya, yb) = (a.forward(&x, m), b.forward(&x, m));
+                let int8_skinny = format == WeightFormat::Int8 && m <= SKINNY_MAX_ROWS;
+                let x_used: Vec<f32> = if int8_skinny {
+                    let acts = QuantizedActs::quantize(&x, m, k);
+                    (0..m * k).map(|i| acts.at(i / k, i % k)).collect()
+                } else {
+                    x.clone()
+                };
+                let (ya, yb) = (a.forward(&x, m), b.forward(&x_used, m));
                 for (p, q) in ya.iter().zip(&yb) {
                     assert!(
                         (p - q).abs() <= 1e-5 * q.abs().max(1.0),
                         "{format}: {p} vs {q} at {m}x{k}x{n}"
                     );
                 }
-                if m <= SKINNY_MAX_ROWS {
+                if m <= SKINNY_MAX_ROWS && !int8_skinny {
                     assert_eq!(
                         ya, yb,
                         "{format}: the skinny path is bit-identical ({m}x{k}x{n})"

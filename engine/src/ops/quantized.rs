@@ -1,8 +1,10 @@
 //! 8-bit weight matrices: one byte per weight and one f32 scale per row and group of
-//! [`GROUP`] columns, widened to f32 in registers by the product kernels. Activations stay
-//! f32, so the only error is the weights' own: int8 codes computed at load (symmetric,
-//! per group), or an FP8 checkpoint's E4M3 codes kept as they are, which loses nothing
-//! (the product computes what the f32 product over the dequantized checkpoint computes).
+//! [`GROUP`] columns: int8 codes computed at load (symmetric, per group), or an FP8
+//! checkpoint's E4M3 codes kept as they are. FP8 codes, and int8 in products of many rows
+//! (prefill), are widened to f32 in registers against f32 activations, so the only error
+//! is the weights' own (none for kept FP8: the product computes what the f32 product over
+//! the dequantized checkpoint computes). int8 products of few rows (decode) quantize
+//! their activations too, for VNNI (`super::int8_dot`).
 
 /// Columns that share one scale. A multiple of the kernels' 16 lanes, so that a run of
 /// lanes never straddles two scales; it also divides the 128-column blocks of the FP8
@@ -76,8 +78,15 @@ impl<C: Code> QuantizedRows<C> {
         self.codes.len() + 4 * self.scales.len()
     }
 
-    fn groups(&self) -> usize {
+    /// Scale groups per row.
+    pub fn groups(&self) -> usize {
         self.cols.div_ceil(GROUP)
+    }
+
+    /// `[rows, groups]`, each already multiplied by `C::SCALE_FACTOR`.
+    #[inline(always)]
+    pub fn scales(&self) -> &[f32] {
+        &self.scales
     }
 
     /// The scale of row `row`'s group holding column `col`.

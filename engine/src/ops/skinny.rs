@@ -91,6 +91,21 @@ pub fn skinny_matmul_wt<S: RowSource + ?Sized>(
     parallel: bool,
 ) {
     assert!(x.len() >= m * k && w.elems() >= n * k && y.len() >= m * n);
+    skinny_blocks(m, n, y, parallel, |j, r, t, g| {
+        dot_block(w, j, r, &x[t * k..(t + g) * k], g, k)
+    });
+}
+
+/// The schedule every skinny product shares: `y[m, n]` in tasks of
+/// [`SKINNY_COLS_PER_TASK`] columns, each computed by `dot(row0, r, t0, g)`: the dots of
+/// weight rows `row0..row0 + r` with activation rows `t0..t0 + g` (at most a [`Block`]).
+pub(super) fn skinny_blocks(
+    m: usize,
+    n: usize,
+    y: &mut [f32],
+    parallel: bool,
+    dot: impl Fn(usize, usize, usize, usize) -> Block + Sync,
+) {
     let task = |cols: std::ops::Range<usize>| -> Vec<f32> {
         // Output for these columns, column-major: [cols.len(), m].
         let mut out = vec![0.0f32; cols.len() * m];
@@ -100,7 +115,7 @@ pub fn skinny_matmul_wt<S: RowSource + ?Sized>(
             let mut t = 0;
             while t < m {
                 let g = (m - t).min(BLOCK_TOKENS);
-                let dots = dot_block(w, j, r, &x[t * k..(t + g) * k], g, k);
+                let dots = dot(j, r, t, g);
                 for (ri, row) in dots.iter().enumerate().take(r) {
                     let c = j - cols.start + ri;
                     out[c * m + t..c * m + t + g].copy_from_slice(&row[..g]);
@@ -138,9 +153,9 @@ pub fn skinny_matmul_wt<S: RowSource + ?Sized>(
 
 /// A register block: this many weight rows times this many rows of `x` (16 vector
 /// accumulators), so each load feeds several multiply-adds.
-const BLOCK_ROWS: usize = 4;
-const BLOCK_TOKENS: usize = 4;
-type Block = [[f32; BLOCK_TOKENS]; BLOCK_ROWS];
+pub(super) const BLOCK_ROWS: usize = 4;
+pub(super) const BLOCK_TOKENS: usize = 4;
+pub(super) type Block = [[f32; BLOCK_TOKENS]; BLOCK_ROWS];
 
 /// Dot products of the `r` weight rows from `row0` with `g` consecutive rows of `xs`
 /// (`g * k`); `r`, `g` at most the block size.
