@@ -18,7 +18,7 @@
 //! [`SKINNY_MAX_ROWS`]: super::SKINNY_MAX_ROWS
 
 use super::quantized::{GROUP, QuantizedRows};
-use super::skinny::{BLOCK_ROWS, BLOCK_TOKENS, Block, skinny_blocks};
+use super::skinny::{BLOCK_ROWS, BLOCK_TOKENS, Block, PREFETCH_AHEAD, prefetch, skinny_blocks};
 
 /// Codes per `vpdpbusd`: 16 lanes of 4.
 const CHUNK: usize = 64;
@@ -201,9 +201,8 @@ fn dot_block_vnni(
     assert!(a.codes.len() >= (t0 + g) * a.padded);
     // SAFETY (every call below): the rows and activations are in bounds (asserted
     // above); the CPU features are this function's own.
-    if g == 1 || r < BLOCK_ROWS {
-        // Single tokens: one weight stream at a time keeps the prefetcher ahead (as in
-        // the f32 kernels); block edges likewise.
+    if r < BLOCK_ROWS {
+        // Block edges: one weight row at a time.
         let mut out = Block::default();
         for (ri, out) in out.iter_mut().enumerate().take(r) {
             let one = unsafe {
@@ -220,6 +219,9 @@ fn dot_block_vnni(
     }
     unsafe {
         match g {
+            // A single token: four independent chains, the weights asked for ahead (as
+            // in the f32 kernels).
+            1 => vnni_fixed::<BLOCK_ROWS, 1>(w, row0, a, t0),
             2 => vnni_fixed::<BLOCK_ROWS, 2>(w, row0, a, t0),
             3 => vnni_fixed::<BLOCK_ROWS, 3>(w, row0, a, t0),
             _ => vnni_fixed::<BLOCK_ROWS, BLOCK_TOKENS>(w, row0, a, t0),
@@ -258,6 +260,9 @@ unsafe fn vnni_fixed<const R: usize, const G: usize>(
         let mut sw = [_mm512_setzero_ps(); R];
         for ri in 0..R {
             let row = row0 + ri;
+            if G == 1 {
+                prefetch(codes.wrapping_add(row * k + col + PREFETCH_AHEAD).cast());
+            }
             // SAFETY: bytes `row * k + col..` up to the row's end are in `w` (the caller's
             // bounds); the mask stops at that end.
             let raw = unsafe { _mm512_maskz_loadu_epi8(mask, codes.add(row * k + col)) };
@@ -299,11 +304,15 @@ mod tests {
     use super::super::tests::pseudo_random;
     use super::*;
 
-    fn shapes() -> [(usize, usize, usize); 8] {
+    /// Single rows with and without a remainder past the split accumulators (330: 6
+    /// chunks), block edges, and a last token group of one (5 rows).
+    fn shapes() -> [(usize, usize, usize); 10] {
         [
             (1, 1, 1),
             (1, 31, 5),
             (1, 1024, 67),
+            (1, 330, 7),
+            (5, 330, 9),
             (2, 33, 200),
             (3, 70, 131),
             (4, 96, 9),

@@ -16,6 +16,22 @@ pub trait RowSource: Sync {
     fn lanes(&self, row: usize, k: usize, col: usize) -> [f32; LANES];
     /// One value.
     fn at(&self, row: usize, k: usize, col: usize) -> f32;
+    /// Where value `(row, col)` is held (or would be, past the end: never read through).
+    fn addr(&self, row: usize, k: usize, col: usize) -> *const u8;
+}
+
+/// Bytes ahead of a matrix-vector product's reads that it asks the cache for: the
+/// hardware prefetcher alone stays too few lines ahead (BENCHMARKS.md, "Decode at batch 1:
+/// prefetching and independent chains").
+pub(super) const PREFETCH_AHEAD: usize = 4096;
+
+#[inline(always)]
+pub(super) fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it never faults, whatever the address.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast());
+    }
 }
 
 impl<W: WeightElem> RowSource for [W] {
@@ -38,6 +54,11 @@ impl<W: WeightElem> RowSource for [W] {
     #[inline(always)]
     fn at(&self, row: usize, k: usize, col: usize) -> f32 {
         self[row * k + col].widen()
+    }
+
+    #[inline(always)]
+    fn addr(&self, row: usize, k: usize, col: usize) -> *const u8 {
+        self.as_ptr().wrapping_add(row * k + col).cast()
     }
 }
 
@@ -66,6 +87,11 @@ impl<C: Code> RowSource for QuantizedRows<C> {
     #[inline(always)]
     fn at(&self, row: usize, _k: usize, col: usize) -> f32 {
         QuantizedRows::at(self, row, col)
+    }
+
+    #[inline(always)]
+    fn addr(&self, row: usize, k: usize, col: usize) -> *const u8 {
+        self.codes().as_ptr().wrapping_add(row * k + col).cast()
     }
 }
 
@@ -223,13 +249,16 @@ fn dot_block_dispatch<const FMA: bool, S: RowSource + ?Sized>(
         (4, 4) => dot_block_fixed::<4, 4, FMA, S>(ws, row0, xs, k),
         (4, 2) => dot_block_fixed::<4, 2, FMA, S>(ws, row0, xs, k),
         (4, 3) => dot_block_fixed::<4, 3, FMA, S>(ws, row0, xs, k),
+        // A single token (matrix-vector products): four rows, so that four independent
+        // chains of multiply-adds keep loads in flight (one chain waits 4 cycles per
+        // multiply-add, below what memory delivers), each row's weights asked for ahead.
+        (4, 1) => dot_rows_one_token::<4, FMA, S>(ws, row0, xs, k),
         _ => {
-            // Block edges, and single tokens (matrix-vector products, where one weight
-            // stream at a time keeps the prefetcher ahead): one weight row at a time.
+            // Block edges: one weight row at a time.
             let mut out = Block::default();
             for (ri, row) in out.iter_mut().enumerate().take(r) {
                 let one = if g == 1 {
-                    dot_block_fixed::<1, 1, FMA, S>(ws, row0 + ri, xs, k)
+                    dot_rows_one_token::<1, FMA, S>(ws, row0 + ri, xs, k)
                 } else {
                     dot_block_fixed::<1, BLOCK_TOKENS, FMA, S>(ws, row0 + ri, xs, k)
                 };
@@ -238,6 +267,47 @@ fn dot_block_dispatch<const FMA: bool, S: RowSource + ?Sized>(
             out
         }
     }
+}
+
+/// `R` weight rows times one token row: [`dot_block_fixed`]'s arithmetic in the same
+/// order (so a token's result does not depend on the tokens batched with it), in a loop
+/// shape the compiler keeps in vector registers for this case, each row's weights asked
+/// for [`PREFETCH_AHEAD`] bytes early (a matrix-vector product is bound by the bytes it
+/// reads).
+#[inline(always)]
+fn dot_rows_one_token<const R: usize, const FMA: bool, S: RowSource + ?Sized>(
+    ws: &S,
+    row0: usize,
+    x: &[f32],
+    k: usize,
+) -> Block {
+    let mut acc = [[0.0f32; LANES]; R];
+    let full = k - k % LANES;
+    let mut i = 0;
+    while i < full {
+        let xv: [f32; LANES] = x[i..i + LANES].try_into().unwrap_or([0.0; LANES]);
+        for (ri, acc) in acc.iter_mut().enumerate() {
+            prefetch(ws.addr(row0 + ri, k, i).wrapping_add(PREFETCH_AHEAD));
+            let w = ws.lanes(row0 + ri, k, i);
+            for l in 0..LANES {
+                acc[l] = if FMA {
+                    w[l].mul_add(xv[l], acc[l])
+                } else {
+                    acc[l] + w[l] * xv[l]
+                };
+            }
+        }
+        i += LANES;
+    }
+    let mut out = Block::default();
+    for (ri, acc) in acc.iter().enumerate() {
+        let mut s: f32 = acc.iter().sum();
+        for (j, xj) in x.iter().enumerate().take(k).skip(full) {
+            s += ws.at(row0 + ri, k, j) * xj;
+        }
+        out[ri][0] = s;
+    }
+    out
 }
 
 /// `R` weight rows times `G` token rows, in fixed-width lane arrays that the compiler
