@@ -5,6 +5,9 @@
 //! cargo run --release -p switchyard-coordinator --example bench_dispatch -- \
 //!     MODEL_DIR SWITCHYARD_BINARY [BATCHES] [NODE_COUNTS] [STEPS]
 //!
+//! `CPU_WEIGHTS=auto|f32|bf16|int8` (default `auto`) holds every matrix as
+//! `--cpu-weights` would: the dense layers, the in-process experts and the nodes'.
+//!
 //! Prints a table; nothing here is a test.
 
 use std::io::{BufRead, BufReader};
@@ -15,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use switchyard_coordinator::placement::Placement;
 use switchyard_coordinator::remote::{RemoteExperts, wait_healthy};
+use switchyard_engine::ops::CpuWeights;
 use switchyard_engine::sampling::argmax;
 use switchyard_engine::{
     ExpertSelection, ExpertStore, Experts, LogitsFor, Model, PagedKvCache, SeqCache, SeqChunk,
@@ -34,6 +38,14 @@ impl Drop for Nodes {
     }
 }
 
+fn cpu_weights() -> Result<CpuWeights, BoxError> {
+    Ok(std::env::var("CPU_WEIGHTS")
+        .ok()
+        .map(|v| v.parse::<CpuWeights>())
+        .transpose()?
+        .unwrap_or_default())
+}
+
 fn start_nodes(bin: &Path, model: &Path, n: usize) -> Result<(Nodes, Vec<String>), BoxError> {
     let mut nodes = Nodes(Vec::new());
     let mut addrs = Vec::new();
@@ -41,6 +53,8 @@ fn start_nodes(bin: &Path, model: &Path, n: usize) -> Result<(Nodes, Vec<String>
         let mut child = Command::new(bin)
             .args(["expert-node", "--listen", "127.0.0.1:0", "--model"])
             .arg(model)
+            .arg("--cpu-weights")
+            .arg(cpu_weights()?.to_string())
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()?;
@@ -139,7 +153,7 @@ fn main() -> Result<(), BoxError> {
     let node_counts = list(args.next(), "1,2,4")?;
     let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(16);
 
-    let (model, ckpt) = Model::load(&model_dir)?;
+    let (model, ckpt) = Model::load_as(&model_dir, cpu_weights()?)?;
     let cfg = model.config().clone();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
