@@ -60,12 +60,7 @@ impl Linear {
         match &self.weight {
             Weights::F32(w) => matmul_wt(x, rows, k, w, n, y, threads()),
             Weights::Bf16(w) => matmul_wt_widened(x, rows, k, w.as_slice(), n, y),
-            Weights::Int8(w) if rows <= SKINNY_MAX_ROWS => {
-                if !handled_as_edge(x, rows, k, w.len(), n, y) {
-                    int8_skinny_matmul_wt(x, rows, k, w, n, y, true);
-                }
-            }
-            Weights::Int8(w) => matmul_wt_widened(x, rows, k, w.as_ref(), n, y),
+            Weights::Int8(w) => matmul_wt_int8(x, rows, k, w, n, y),
             Weights::Fp8(w) => matmul_wt_widened(x, rows, k, w.as_ref(), n, y),
         }
     }
@@ -191,6 +186,17 @@ pub fn matmul_wt_widened<S: RowSource + ?Sized>(
         }
         gemm_wt_columns(x, m, k, &block[..r * k], r, &mut y[j..], n, threads());
         j += r;
+    }
+}
+
+/// [`matmul_wt`] with int8 weights: few rows quantize their activations for VNNI
+/// ([`int8_skinny_matmul_wt`]); more (prefill) widen the weights for gemm against f32
+/// activations, as [`matmul_wt_widened`] does.
+fn matmul_wt_int8(x: &[f32], m: usize, k: usize, w: &QuantizedRows<i8>, n: usize, y: &mut [f32]) {
+    if m > SKINNY_MAX_ROWS {
+        matmul_wt_widened(x, m, k, w, n, y);
+    } else if !handled_as_edge(x, m, k, w.len(), n, y) {
+        int8_skinny_matmul_wt(x, m, k, w, n, y, true);
     }
 }
 
