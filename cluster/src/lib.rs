@@ -14,7 +14,7 @@ pub mod watch;
 
 pub use etcd::{ClusterConfig, ClusterError, Snapshot, read_snapshot};
 pub use keys::Keys;
-pub use leader::{LeaderConfig, NodeControl};
+pub use leader::{ControlError, LeaderConfig, NodeControl};
 pub use planner::{
     Candidate, PlanError, PlanInput, balancedness, mean_balancedness, plan, plan_by_load,
 };

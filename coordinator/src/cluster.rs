@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use switchyard_cluster::leader::{self, LeaderConfig, NodeControl};
+use switchyard_cluster::leader::{self, ControlError, LeaderConfig, NodeControl};
 use switchyard_cluster::rebalance::RebalancePolicy;
 use switchyard_cluster::{ClusterConfig, LoadReport, PlacementRecord, Session, View, follow};
 use switchyard_proto::tls::Tls;
@@ -50,14 +50,14 @@ impl GrpcControl {
         experts: Vec<(usize, usize)>,
         epoch: u64,
         unload: bool,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), ControlError>> {
         let (addr, tls) = (addr.to_owned(), self.tls.clone());
         Box::pin(async move {
             let channel = crate::remote::endpoint(&addr, tls.as_ref(), Keepalive::default())
-                .map_err(|e| e.to_string())?
+                .map_err(|e| ControlError::Failed(e.to_string()))?
                 .connect()
                 .await
-                .map_err(|e| format!("connecting to {addr}: {e}"))?;
+                .map_err(|e| ControlError::Failed(format!("connecting to {addr}: {e}")))?;
             let mut client = ExpertServiceClient::new(channel)
                 .max_decoding_message_size(MAX_MESSAGE_BYTES)
                 .max_encoding_message_size(MAX_MESSAGE_BYTES);
@@ -67,7 +67,15 @@ impl GrpcControl {
             } else {
                 client.load_experts(req).await
             };
-            result.map(|_| ()).map_err(|s| s.message().to_owned())
+            result.map(|_| ()).map_err(|s| {
+                let why = s.message().to_owned();
+                // What an expert node answers when holding more would exceed its budget.
+                if s.code() == tonic::Code::ResourceExhausted {
+                    ControlError::NoRoom(why)
+                } else {
+                    ControlError::Failed(why)
+                }
+            })
         })
     }
 }
@@ -78,7 +86,7 @@ impl NodeControl for GrpcControl {
         addr: &str,
         experts: Vec<(usize, usize)>,
         epoch: u64,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), ControlError>> {
         self.call(addr, experts, epoch, false)
     }
 
@@ -87,7 +95,7 @@ impl NodeControl for GrpcControl {
         addr: &str,
         experts: Vec<(usize, usize)>,
         epoch: u64,
-    ) -> BoxFuture<'static, Result<(), String>> {
+    ) -> BoxFuture<'static, Result<(), ControlError>> {
         self.call(addr, experts, epoch, true)
     }
 }

@@ -38,13 +38,32 @@ pub trait NodeControl: Send + Sync {
         addr: &str,
         experts: Vec<(usize, usize)>,
         epoch: u64,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), ControlError>>;
     fn unload(
         &self,
         addr: &str,
         experts: Vec<(usize, usize)>,
         epoch: u64,
-    ) -> BoxFuture<'static, Result<(), String>>;
+    ) -> BoxFuture<'static, Result<(), ControlError>>;
+}
+
+/// Why a node did not do what the leader asked.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ControlError {
+    /// The node lacks the memory for it now. During a rebalance this is usually the
+    /// previous step's unloads not having run yet: worth asking again, not a failure.
+    #[error("{0}")]
+    NoRoom(String),
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Why the last load the leader asked for failed.
+#[derive(Debug, Clone)]
+struct LoadFailure {
+    why: String,
+    /// Every refusal was for lack of memory.
+    no_room: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -138,7 +157,7 @@ struct LeaderState {
     /// When the automatic rebalance last looked at the load.
     last_auto: Instant,
     /// Why the last load a node was asked for failed.
-    load_error: Option<String>,
+    load_error: Option<LoadFailure>,
     /// Nodes back soon after losing their lease, held out of new placements a while.
     rejoins: Rejoins,
     /// Registered nodes no coordinator reaches, and since when.
@@ -349,18 +368,23 @@ async fn apply(
         let id = n.id.clone();
         async move { (id, fut.await) }
     });
-    let mut all_loaded = true;
+    let mut failure: Option<LoadFailure> = None;
     for (id, result) in join_all(loads).await {
         if let Err(e) = result {
             warn!(node = %id, epoch, "node failed to load its share: {e}");
-            st.load_error = Some(format!("{id} could not load its share: {e}"));
+            let no_room = matches!(e, ControlError::NoRoom(_));
+            let f = failure.get_or_insert(LoadFailure {
+                why: format!("{id} could not load its share: {e}"),
+                no_room,
+            });
+            f.no_room &= no_room;
             if mark_failed {
                 st.failed.insert(id, Instant::now());
             }
-            all_loaded = false;
         }
     }
-    if !all_loaded {
+    if let Some(f) = failure {
+        st.load_error = Some(f);
         return Ok(false);
     }
     if !publish(
@@ -579,15 +603,15 @@ mod tests {
             _: &str,
             _: Vec<(usize, usize)>,
             _: u64,
-        ) -> BoxFuture<'static, Result<(), String>> {
-            Box::pin(async { Err("make_room must not load".to_string()) })
+        ) -> BoxFuture<'static, Result<(), ControlError>> {
+            Box::pin(async { Err(ControlError::Failed("make_room must not load".into())) })
         }
         fn unload(
             &self,
             addr: &str,
             experts: Vec<(usize, usize)>,
             epoch: u64,
-        ) -> BoxFuture<'static, Result<(), String>> {
+        ) -> BoxFuture<'static, Result<(), ControlError>> {
             self.0
                 .lock()
                 .unwrap()

@@ -4,6 +4,7 @@
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
+use tokio::runtime::RuntimeFlavor;
 use tracing::{debug, info, warn};
 
 use super::{LeaderState, Round, apply};
@@ -20,11 +21,36 @@ pub(super) struct Move {
     status: RebalanceStatus,
     /// When the last step was published; the next waits for its unloads.
     stepped_at: Option<Instant>,
+    /// Since when, and when last, a node refused the next step for lack of memory.
+    refused: Option<(Instant, Instant)>,
+}
+
+impl Move {
+    /// Notes a refusal for lack of memory; true while the step is worth asking for again.
+    ///
+    /// Node records lag: a step may be planned before they show the previous step's
+    /// unloads, and a node still holding those copies refuses what would overfill it.
+    /// Once they run it has room, so the move waits for that instead of stopping.
+    fn wait_for_room(&mut self, now: Instant) -> bool {
+        let (since, last) = self.refused.get_or_insert((now, now));
+        *last = now;
+        now.duration_since(*since) < ROOM_WAIT
+    }
+
+    /// Whether the last refusal was too recent to ask again.
+    fn refused_lately(&self, now: Instant) -> bool {
+        self.refused
+            .is_some_and(|(_, last)| now.duration_since(last) < ROOM_RETRY)
+    }
 }
 
 /// How long a step waits for the previous one's unloads to show in the node records
 /// before it plans with what they say.
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
+
+/// How long a step refused for lack of memory keeps being asked for, and how often.
+const ROOM_WAIT: Duration = Duration::from_secs(30);
+const ROOM_RETRY: Duration = Duration::from_secs(1);
 
 /// Plans a placement by load when an operator asked (a `rebalance` request not yet
 /// answered) or the automatic interval is up, and starts moving to it if the policy
@@ -73,7 +99,14 @@ pub(super) async fn start(
         load: &load,
         min_replicas: leader.min_replicas,
     };
-    let planned = plan_by_load(&input, 0).ok().flatten();
+    // Seconds of work at DeepSeek-V3's size (61 layers of 256 experts): off the
+    // runtime's worker, which also serves requests, where the runtime allows it.
+    let planned = match tokio::runtime::Handle::current().runtime_flavor() {
+        RuntimeFlavor::CurrentThread => plan_by_load(&input, 0),
+        _ => tokio::task::block_in_place(|| plan_by_load(&input, 0)),
+    }
+    .ok()
+    .flatten();
     let before = mean_balancedness(current, &load);
     let after = planned.as_ref().and_then(|p| mean_balancedness(p, &load));
     let adopted = planned.filter(|_| leader.rebalance.adopt(before, after, asked.is_some()));
@@ -99,6 +132,7 @@ pub(super) async fn start(
                 members: members.to_vec(),
                 status: status.clone(),
                 stepped_at: None,
+                refused: None,
             });
         }
         None => {
@@ -146,7 +180,8 @@ pub(super) async fn step(
     // The view lags our own writes: plan the next step only from the last one as
     // published, with the nodes' records showing its unloads.
     let behind = current.epoch < st.published || !settled(current, &snap.nodes);
-    if m.stepped_at.is_some_and(|t| t.elapsed() < SETTLE_WAIT) && behind {
+    let unsettled = m.stepped_at.is_some_and(|t| t.elapsed() < SETTLE_WAIT) && behind;
+    if unsettled || m.refused_lately(Instant::now()) {
         st.moving = Some(m);
         return Ok(false);
     }
@@ -164,13 +199,21 @@ pub(super) async fn step(
     }
     st.load_error = None;
     if !apply(cx, client, st, &next, false).await? {
-        let Some(why) = st.load_error.take() else {
+        let Some(failure) = st.load_error.take() else {
             // Someone wrote the placement since our snapshot (or we lost the lead):
             // the next round sees why.
             st.moving = Some(m);
             return Ok(false);
         };
-        let status = finish(m, RebalanceState::Stopped, &why);
+        if failure.no_room && m.wait_for_room(Instant::now()) {
+            debug!(
+                "{}: asking again once the last step's unloads have run",
+                failure.why
+            );
+            st.moving = Some(m);
+            return Ok(false);
+        }
+        let status = finish(m, RebalanceState::Stopped, &failure.why);
         write_status(cfg, client, &status).await?;
         return Ok(true);
     }
@@ -181,6 +224,7 @@ pub(super) async fn step(
     );
     m.status.epoch = epoch;
     m.stepped_at = Some(Instant::now());
+    m.refused = None;
     if next.same_assignment(&m.target) {
         let status = finish(m, RebalanceState::Done, "");
         write_status(cfg, client, &status).await?;
@@ -202,4 +246,47 @@ async fn write_status(
         .await
         .map_err(|e| cfg.error(e))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a_move() -> Move {
+        Move {
+            target: PlacementRecord {
+                epoch: 1,
+                num_layers: 1,
+                num_experts: 1,
+                nodes: Vec::new(),
+                holders: vec![Vec::new()],
+            },
+            members: Vec::new(),
+            status: RebalanceStatus {
+                id: "auto".into(),
+                state: RebalanceState::Moving,
+                before: None,
+                after: None,
+                epoch: 1,
+                detail: String::new(),
+            },
+            stepped_at: None,
+            refused: None,
+        }
+    }
+
+    #[test]
+    fn a_step_refused_for_memory_is_asked_for_again_until_the_wait_is_up() {
+        let mut m = a_move();
+        let t0 = Instant::now();
+        assert!(!m.refused_lately(t0));
+        assert!(m.wait_for_room(t0));
+        // Not asked again at once: the unloads run seconds after a step.
+        assert!(m.refused_lately(t0 + ROOM_RETRY / 2));
+        assert!(!m.refused_lately(t0 + ROOM_RETRY));
+        // Later refusals count from the first one.
+        assert!(m.wait_for_room(t0 + ROOM_WAIT / 2));
+        assert!(m.refused_lately(t0 + ROOM_WAIT / 2));
+        assert!(!m.wait_for_room(t0 + ROOM_WAIT));
+    }
 }

@@ -129,6 +129,11 @@ fn hand_made_loads_reach_the_optimum() {
     // the improvement pass from {4} {3} then {3} {3,2}... the optimum peak is 6.
     let h = place_layer(&[4, 3, 3, 2], &[2, 2], 1).unwrap();
     assert_eq!(peak(&[4, 3, 3, 2], &h, 2), 6.0);
+    // Filling every spare slot gives expert 1 a second copy, which takes node 1's only
+    // slot and leaves node 0 with three pieces (peak 115.5); one extra copy, of expert
+    // 2, reaches the optimum: {0, 2} {1} {2, 3}.
+    let h = place_layer(&[41, 75, 90, 37], &[3, 1, 2], 1).unwrap();
+    assert_eq!(peak(&[41, 75, 90, 37], &h, 3), 86.0);
     // Min copies beat balance: two copies of each, though one would balance as well.
     let h = place_layer(&[5, 5], &[2, 2], 2).unwrap();
     assert!(h.iter().all(|c| c.len() == 2));
