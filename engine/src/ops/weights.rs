@@ -3,13 +3,15 @@
 //! exact (a bf16 is an f32 whose low 16 bits are zero), so a product over bf16 weights
 //! widened in registers computes what the f32 product over the same values computes,
 //! reading half the bytes: decode, bound by the bytes it reads, gets faster and nothing
-//! else changes. 8-bit codes are widened the same way and multiplied by their scale.
+//! else changes. bf16 matrices are held as panels ([`Bf16Panels`]), packed once at load
+//! for the outer-product kernel. 8-bit codes are widened and multiplied by their scale.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use half::bf16;
 
+use super::panels::Bf16Panels;
 use super::quantized::{E4m3, QuantizedRows};
 
 /// An element the CPU kernels read weights as.
@@ -31,11 +33,11 @@ impl WeightElem for bf16 {
     }
 }
 
-/// The storage of a weight matrix, row-major.
+/// The storage of a weight matrix: row-major, but bf16 in panels.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Weights {
     F32(Vec<f32>),
-    Bf16(Vec<bf16>),
+    Bf16(Box<Bf16Panels>),
     /// Symmetric int8 with a scale per row and 32 columns, computed at load.
     Int8(Box<QuantizedRows<i8>>),
     /// An FP8 checkpoint's E4M3 codes and block scales, kept.
@@ -112,9 +114,12 @@ impl Weights {
     /// says.
     pub fn with_policy(values: Vec<f32>, cols: usize, policy: CpuWeights) -> Self {
         match policy {
-            CpuWeights::Auto => Self::compact(values),
+            CpuWeights::Auto => Self::compact(values, cols),
             CpuWeights::F32 => Weights::F32(values),
-            CpuWeights::Bf16 => Weights::Bf16(values.iter().map(|v| bf16::from_f32(*v)).collect()),
+            CpuWeights::Bf16 => {
+                let rounded: Vec<bf16> = values.iter().map(|v| bf16::from_f32(*v)).collect();
+                Self::bf16(&rounded, cols).unwrap_or(Weights::F32(values))
+            }
             CpuWeights::Int8 if cols > 0 => {
                 Weights::Int8(Box::new(QuantizedRows::quantize(&values, cols)))
             }
@@ -130,8 +135,8 @@ impl Weights {
                 a.extend(b);
                 Weights::F32(a)
             }
-            (Weights::Bf16(mut a), Weights::Bf16(b)) => {
-                a.extend(b);
+            (Weights::Bf16(mut a), Weights::Bf16(b)) if a.cols() == b.cols() => {
+                a.append_rows(&b);
                 Weights::Bf16(a)
             }
             (Weights::Int8(mut a), Weights::Int8(b)) if a.cols() == b.cols() => {
@@ -151,24 +156,33 @@ impl Weights {
     }
 
     /// bf16 when every value is exactly a bf16 (a bf16 checkpoint read as f32), so that
-    /// nothing is rounded; f32 otherwise.
-    pub fn compact(values: Vec<f32>) -> Self {
-        if values.iter().all(|v| v.to_bits() & 0xffff == 0) {
-            Weights::Bf16(
-                values
-                    .iter()
-                    .map(|v| bf16::from_bits((v.to_bits() >> 16) as u16))
-                    .collect(),
-            )
-        } else {
-            Weights::F32(values)
+    /// nothing is rounded; f32 otherwise. `cols` is the matrix's row width.
+    pub fn compact(values: Vec<f32>, cols: usize) -> Self {
+        if !values.iter().all(|v| v.to_bits() & 0xffff == 0) {
+            return Weights::F32(values);
         }
+        let exact: Vec<bf16> = values
+            .iter()
+            .map(|v| bf16::from_bits((v.to_bits() >> 16) as u16))
+            .collect();
+        Self::bf16(&exact, cols).unwrap_or(Weights::F32(values))
+    }
+
+    /// A row-major bf16 matrix `cols` wide, packed; `None` when it is not one.
+    pub fn bf16(values: &[bf16], cols: usize) -> Option<Self> {
+        (cols > 0 && values.len().is_multiple_of(cols)).then(|| {
+            Weights::Bf16(Box::new(Bf16Panels::pack(
+                values,
+                values.len() / cols,
+                cols,
+            )))
+        })
     }
 
     pub fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
-            Weights::Bf16(w) => w.len(),
+            Weights::Bf16(w) => w.rows() * w.cols(),
             Weights::Int8(w) => w.len(),
             Weights::Fp8(w) => w.len(),
         }
@@ -191,7 +205,7 @@ impl Weights {
     pub fn bytes(&self) -> usize {
         match self {
             Weights::F32(w) => 4 * w.len(),
-            Weights::Bf16(w) => 2 * w.len(),
+            Weights::Bf16(w) => 2 * w.held(),
             Weights::Int8(w) => w.bytes(),
             Weights::Fp8(w) => w.bytes(),
         }
@@ -201,7 +215,7 @@ impl Weights {
     pub fn to_f32(&self) -> Cow<'_, [f32]> {
         match self {
             Weights::F32(w) => Cow::Borrowed(w),
-            Weights::Bf16(w) => Cow::Owned(w.iter().map(|v| v.widen()).collect()),
+            Weights::Bf16(w) => Cow::Owned(w.unpack().iter().map(|v| v.widen()).collect()),
             Weights::Int8(w) => Cow::Owned(w.dequantize()),
             Weights::Fp8(w) => Cow::Owned(w.dequantize()),
         }
@@ -218,9 +232,10 @@ mod tests {
             .iter()
             .map(|v| bf16::from_f32(*v).to_f32())
             .collect();
-        let w = Weights::compact(exact.clone());
+        let w = Weights::compact(exact.clone(), 3);
         assert_eq!(w.format(), WeightFormat::Bf16);
-        assert_eq!(w.bytes(), 2 * exact.len());
+        // Two rows of three, in one panel padded to 32 rows.
+        assert_eq!(w.bytes(), 2 * 32 * 3);
         // Widening gives back every bit, signed zero included.
         let back = w.to_f32();
         assert!(
@@ -229,9 +244,14 @@ mod tests {
                 .all(|(a, b)| a.to_bits() == b.to_bits())
         );
         // One value off the bf16 grid keeps the whole matrix f32.
-        let mut off = exact;
+        let mut off = exact.clone();
         off[3] = 1.0 + f32::EPSILON;
-        assert_eq!(Weights::compact(off.clone()).format(), WeightFormat::F32);
+        assert_eq!(Weights::compact(off.clone(), 3).format(), WeightFormat::F32);
+        // Not a matrix that wide: kept as f32 rather than guessed at.
+        assert_eq!(
+            Weights::compact(exact.clone(), 4).format(),
+            WeightFormat::F32
+        );
         // The policies: f32 keeps everything, bf16 rounds to nearest even.
         let forced = Weights::with_policy(off.clone(), 3, CpuWeights::F32);
         assert_eq!(forced, Weights::F32(off.clone()));
