@@ -219,9 +219,12 @@ fn bf16_experts_meet_the_top1_bar_on_both_fixtures() {
         for (l, e) in store.held() {
             let mut ffn = store.remove(l, e).unwrap();
             // The bf16 fixture's experts are held as bf16 already (nothing to round).
-            for w in [&mut ffn.gate_up.weight, &mut ffn.down.weight] {
-                if let Weights::F32(v) = w {
-                    bf16_round(v);
+            for lin in [&mut ffn.gate_up, &mut ffn.down] {
+                if lin.weight.format() == WeightFormat::F32 {
+                    let mut v = lin.weight.to_f32().into_owned();
+                    bf16_round(&mut v);
+                    lin.weight = Weights::compact(v, lin.in_dim);
+                    assert_eq!(lin.weight.format(), WeightFormat::Bf16);
                 }
             }
             store.insert(l, e, ffn);

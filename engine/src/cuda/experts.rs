@@ -70,6 +70,7 @@ fn pack_rows(src: &[u16], rows: usize, cols: usize, dst: &mut [u16], row0: usize
 fn weight_bits(w: &Weights) -> Vec<u16> {
     match w {
         Weights::F32(v) => bf16_bits(v),
+        Weights::F32Panels(p) => bf16_bits(&p.unpack()),
         Weights::Bf16(p) => p.unpack().iter().map(|b| b.to_bits()).collect(),
         // The GPU kernels read bf16: 8-bit weights are widened and rounded once at upload.
         Weights::Int8(q) => bf16_bits(&q.dequantize()),

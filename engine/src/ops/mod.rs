@@ -11,7 +11,7 @@ mod quantized;
 mod skinny;
 mod weights;
 pub use int8_dot::{QuantizedActs, int8_skinny_matmul_wt};
-pub use panels::{Bf16Panels, panel_matmul_wt};
+pub use panels::{PanelElem, Panels, panel_matmul_wt};
 pub use quantized::{Code, E4m3, GROUP, QuantizedRows};
 pub use skinny::{LANES, RowSource, SKINNY_MAX_ROWS, skinny_matmul_wt};
 pub use weights::{CpuWeights, WeightElem, WeightFormat, Weights};
@@ -37,7 +37,7 @@ impl Linear {
         let grouped_at = match &weight {
             Weights::Int8(q) => Some(q.cols()),
             Weights::Fp8(q) => Some(q.cols()),
-            Weights::F32(_) | Weights::Bf16(_) => None,
+            Weights::F32(_) | Weights::F32Panels(_) | Weights::Bf16(_) => None,
         };
         assert!(
             grouped_at.is_none_or(|c| c == in_dim),
@@ -61,6 +61,11 @@ impl Linear {
         let (k, n) = (self.in_dim, self.out_dim);
         match &self.weight {
             Weights::F32(w) => matmul_wt(x, rows, k, w, n, y, threads()),
+            Weights::F32Panels(w) => {
+                if !handled_as_edge(x, rows, k, w.rows() * k, n, y) {
+                    panel_matmul_wt(x, rows, w, y, true);
+                }
+            }
             Weights::Bf16(w) => {
                 if !handled_as_edge(x, rows, k, w.rows() * k, n, y) {
                     panel_matmul_wt(x, rows, w, y, true);

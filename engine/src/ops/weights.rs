@@ -3,15 +3,16 @@
 //! exact (a bf16 is an f32 whose low 16 bits are zero), so a product over bf16 weights
 //! widened in registers computes what the f32 product over the same values computes,
 //! reading half the bytes: decode, bound by the bytes it reads, gets faster and nothing
-//! else changes. bf16 matrices are held as panels ([`Bf16Panels`]), packed once at load
-//! for the outer-product kernel. 8-bit codes are widened and multiplied by their scale.
+//! else changes. Matrices read from a checkpoint as f32 or bf16 are held as [`Panels`],
+//! packed once at load for the outer-product kernel; 8-bit codes are widened and
+//! multiplied by their scale.
 
 use std::borrow::Cow;
 use std::fmt;
 
 use half::bf16;
 
-use super::panels::Bf16Panels;
+use super::panels::Panels;
 use super::quantized::{E4m3, QuantizedRows};
 
 /// An element the CPU kernels read weights as.
@@ -33,11 +34,14 @@ impl WeightElem for bf16 {
     }
 }
 
-/// The storage of a weight matrix: row-major, but bf16 in panels.
+/// The storage of a weight matrix.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Weights {
+    /// Row-major: small matrices, and those read a slice at a time (MLA's `kv_b`).
     F32(Vec<f32>),
-    Bf16(Box<Bf16Panels>),
+    /// A checkpoint's f32 matrices.
+    F32Panels(Box<Panels<f32>>),
+    Bf16(Box<Panels<bf16>>),
     /// Symmetric int8 with a scale per row and 32 columns, computed at load.
     Int8(Box<QuantizedRows<i8>>),
     /// An FP8 checkpoint's E4M3 codes and block scales, kept.
@@ -115,15 +119,15 @@ impl Weights {
     pub fn with_policy(values: Vec<f32>, cols: usize, policy: CpuWeights) -> Self {
         match policy {
             CpuWeights::Auto => Self::compact(values, cols),
-            CpuWeights::F32 => Weights::F32(values),
+            CpuWeights::F32 => Self::f32(values, cols),
             CpuWeights::Bf16 => {
                 let rounded: Vec<bf16> = values.iter().map(|v| bf16::from_f32(*v)).collect();
-                Self::bf16(&rounded, cols).unwrap_or(Weights::F32(values))
+                Self::bf16(&rounded, cols).unwrap_or_else(|| Self::f32(values, cols))
             }
             CpuWeights::Int8 if cols > 0 => {
                 Weights::Int8(Box::new(QuantizedRows::quantize(&values, cols)))
             }
-            CpuWeights::Int8 => Weights::F32(values),
+            CpuWeights::Int8 => Self::f32(values, cols),
         }
     }
 
@@ -138,6 +142,10 @@ impl Weights {
             (Weights::Bf16(mut a), Weights::Bf16(b)) if a.cols() == b.cols() => {
                 a.append_rows(&b);
                 Weights::Bf16(a)
+            }
+            (Weights::F32Panels(mut a), Weights::F32Panels(b)) if a.cols() == b.cols() => {
+                a.append_rows(&b);
+                Weights::F32Panels(a)
             }
             (Weights::Int8(mut a), Weights::Int8(b)) if a.cols() == b.cols() => {
                 a.append_rows(*b);
@@ -159,29 +167,35 @@ impl Weights {
     /// nothing is rounded; f32 otherwise. `cols` is the matrix's row width.
     pub fn compact(values: Vec<f32>, cols: usize) -> Self {
         if !values.iter().all(|v| v.to_bits() & 0xffff == 0) {
-            return Weights::F32(values);
+            return Self::f32(values, cols);
         }
         let exact: Vec<bf16> = values
             .iter()
             .map(|v| bf16::from_bits((v.to_bits() >> 16) as u16))
             .collect();
-        Self::bf16(&exact, cols).unwrap_or(Weights::F32(values))
+        Self::bf16(&exact, cols).unwrap_or_else(|| Self::f32(values, cols))
+    }
+
+    /// A row-major f32 matrix `cols` wide, packed; kept row-major when it is not one.
+    pub fn f32(values: Vec<f32>, cols: usize) -> Self {
+        if cols > 0 && values.len().is_multiple_of(cols) {
+            let rows = values.len() / cols;
+            Weights::F32Panels(Box::new(Panels::pack(&values, rows, cols)))
+        } else {
+            Weights::F32(values)
+        }
     }
 
     /// A row-major bf16 matrix `cols` wide, packed; `None` when it is not one.
     pub fn bf16(values: &[bf16], cols: usize) -> Option<Self> {
-        (cols > 0 && values.len().is_multiple_of(cols)).then(|| {
-            Weights::Bf16(Box::new(Bf16Panels::pack(
-                values,
-                values.len() / cols,
-                cols,
-            )))
-        })
+        (cols > 0 && values.len().is_multiple_of(cols))
+            .then(|| Weights::Bf16(Box::new(Panels::pack(values, values.len() / cols, cols))))
     }
 
     pub fn len(&self) -> usize {
         match self {
             Weights::F32(w) => w.len(),
+            Weights::F32Panels(w) => w.rows() * w.cols(),
             Weights::Bf16(w) => w.rows() * w.cols(),
             Weights::Int8(w) => w.len(),
             Weights::Fp8(w) => w.len(),
@@ -194,7 +208,7 @@ impl Weights {
 
     pub fn format(&self) -> WeightFormat {
         match self {
-            Weights::F32(_) => WeightFormat::F32,
+            Weights::F32(_) | Weights::F32Panels(_) => WeightFormat::F32,
             Weights::Bf16(_) => WeightFormat::Bf16,
             Weights::Int8(_) => WeightFormat::Int8,
             Weights::Fp8(_) => WeightFormat::Fp8,
@@ -205,6 +219,7 @@ impl Weights {
     pub fn bytes(&self) -> usize {
         match self {
             Weights::F32(w) => 4 * w.len(),
+            Weights::F32Panels(w) => 4 * w.held(),
             Weights::Bf16(w) => 2 * w.held(),
             Weights::Int8(w) => w.bytes(),
             Weights::Fp8(w) => w.bytes(),
@@ -215,6 +230,7 @@ impl Weights {
     pub fn to_f32(&self) -> Cow<'_, [f32]> {
         match self {
             Weights::F32(w) => Cow::Borrowed(w),
+            Weights::F32Panels(w) => Cow::Owned(w.unpack()),
             Weights::Bf16(w) => Cow::Owned(w.unpack().iter().map(|v| v.widen()).collect()),
             Weights::Int8(w) => Cow::Owned(w.dequantize()),
             Weights::Fp8(w) => Cow::Owned(w.dequantize()),
@@ -254,7 +270,8 @@ mod tests {
         );
         // The policies: f32 keeps everything, bf16 rounds to nearest even.
         let forced = Weights::with_policy(off.clone(), 3, CpuWeights::F32);
-        assert_eq!(forced, Weights::F32(off.clone()));
+        assert_eq!(forced.format(), WeightFormat::F32);
+        assert_eq!(forced.to_f32(), off.as_slice());
         let rounded = Weights::with_policy(off.clone(), 3, CpuWeights::Bf16);
         assert_eq!(rounded.format(), WeightFormat::Bf16);
         assert_eq!(rounded.to_f32()[3], 1.0);
