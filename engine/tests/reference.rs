@@ -81,10 +81,10 @@ fn fp8_checkpoint_keeps_its_codes_and_meets_every_tolerance() {
 /// int8's error per weight (half a step of `max|w| / 127` per 32 weights: ~5x bf16's on
 /// Gaussian weights) moves these 64-wide random models' logits by 1-3% of their largest
 /// magnitude, as much as the 1% margin that makes a position "decided", so decided
-/// positions may flip where bf16 flips none. Products of up to 32 rows also quantize
+/// positions may flip where bf16 flips none. Products of up to 160 rows also quantize
 /// their activations to int8 (the VNNI path, `ops::int8_dot`), which adds an error of the
-/// same size. Measured (experts / everything): top-1 98.27% / 97.06% and decided 826 /
-/// 825 of 826 on mixtral-tiny; over every fixture, experts >= 97.9% top-1 and 99.8% of
+/// same size. Measured (experts / everything): top-1 98.27% / 96.63% and decided 826 /
+/// 824 of 826 on mixtral-tiny; over every fixture, experts >= 97.7% top-1 and 99.7% of
 /// decided, everything >= 94.3% and 97.4% (deepseek-v3-tiny, whose every matrix
 /// includes MLA's low-rank projections). The bars below sit under those, with room for
 /// another thread count's rounding; an indexing or scale bug lands far lower (chance is

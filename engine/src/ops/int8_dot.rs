@@ -6,7 +6,7 @@
 //! pairs and sum them into 16 32-bit lanes in one instruction.
 //!
 //! The price is the activations' own rounding (at most half a step of their group), on
-//! top of the weights'. Prefill (more rows than [`SKINNY_MAX_ROWS`]) keeps f32
+//! top of the weights'. Long prefills (more rows than [`INT8_VNNI_MAX_ROWS`]) keep f32
 //! activations.
 //!
 //! `vpdpbusd` multiplies unsigned by signed bytes. The weights are made unsigned by
@@ -15,7 +15,7 @@
 //! weight row, so the lane ends at exactly `Σ w·x`. A portable kernel computes the same
 //! lanes in the same order, so the two agree bit for bit on any machine.
 //!
-//! [`SKINNY_MAX_ROWS`]: super::SKINNY_MAX_ROWS
+//! [`INT8_VNNI_MAX_ROWS`]: super::INT8_VNNI_MAX_ROWS
 
 use super::quantized::{GROUP, QuantizedRows};
 use super::skinny::{BLOCK_ROWS, BLOCK_TOKENS, Block, PREFETCH_AHEAD, prefetch, skinny_blocks};

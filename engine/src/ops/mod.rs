@@ -200,11 +200,17 @@ pub fn matmul_wt_widened<S: RowSource + ?Sized>(
     }
 }
 
-/// [`matmul_wt`] with int8 weights: few rows quantize their activations for VNNI
-/// ([`int8_skinny_matmul_wt`]); more (prefill) widen the weights for gemm against f32
-/// activations, as [`matmul_wt_widened`] does.
+/// Up to this many rows, int8 products quantize their activations for VNNI; more widen
+/// the weights for gemm. Measured on the synth model's expert matrices (`bench_matvec`,
+/// 2-core AVX-512 VNNI): VNNI takes half gemm's time at 64 rows and breaks even at about
+/// 160 (gate/up) to 200 (down).
+pub const INT8_VNNI_MAX_ROWS: usize = 160;
+
+/// [`matmul_wt`] with int8 weights: up to [`INT8_VNNI_MAX_ROWS`] rows quantize their
+/// activations for VNNI ([`int8_skinny_matmul_wt`]); more (long prefills) widen the
+/// weights for gemm against f32 activations, as [`matmul_wt_widened`] does.
 fn matmul_wt_int8(x: &[f32], m: usize, k: usize, w: &QuantizedRows<i8>, n: usize, y: &mut [f32]) {
-    if m > SKINNY_MAX_ROWS {
+    if m > INT8_VNNI_MAX_ROWS {
         matmul_wt_widened(x, m, k, w, n, y);
     } else if !handled_as_edge(x, m, k, w.len(), n, y) {
         int8_skinny_matmul_wt(x, m, k, w, n, y, true);
@@ -446,7 +452,13 @@ mod tests {
     /// to the bit (`panels.rs` checks their bits against its portable kernel).
     #[test]
     fn narrow_linears_match_the_f32_linear_on_the_same_values() {
-        for &(m, k, n) in &[(1, 64, 300), (5, 33, 131), (33, 70, 257), (64, 300, 600)] {
+        for &(m, k, n) in &[
+            (1, 64, 300),
+            (5, 33, 131),
+            (33, 70, 257),
+            (64, 300, 600),
+            (INT8_VNNI_MAX_ROWS + 1, 70, 90),
+        ] {
             let x = pseudo_random(m * k, 31);
             let w: Vec<f32> = pseudo_random(n * k, 32)
                 .into_iter()
@@ -463,7 +475,7 @@ mod tests {
                 assert_eq!(a.format(), format);
                 let b = Linear::new(a.to_f32().into_owned(), n, k);
                 let a = Linear::from_weights(a, n, k);
-                let int8_skinny = format == WeightFormat::Int8 && m <= SKINNY_MAX_ROWS;
+                let int8_skinny = format == WeightFormat::Int8 && m <= INT8_VNNI_MAX_ROWS;
                 let x_used: Vec<f32> = if int8_skinny {
                     let acts = QuantizedActs::quantize(&x, m, k);
                     (0..m * k).map(|i| acts.at(i / k, i % k)).collect()
