@@ -1,7 +1,9 @@
-//! The CPU kernels of the forward pass, f32 arithmetic over f32 or bf16 weights
-//! ([`Weights`]). Matrix products go through the `gemm` crate (blocked, AVX-512
-//! microkernels, rayon threads), or through [`skinny_matmul_wt`] when they have few rows;
-//! the rest is elementwise.
+//! The CPU kernels of the forward pass, f32 arithmetic over f32, bf16 or 8-bit weights
+//! ([`Weights`]). A checkpoint's f32 and bf16 matrices are packed into [`Panels`] at load
+//! and multiplied as outer products ([`panel_matmul_wt`]); int8 goes through VNNI
+//! ([`int8_skinny_matmul_wt`]) or gemm. Small row-major matrices go through the `gemm`
+//! crate (blocked, AVX-512 microkernels, rayon threads), or through [`skinny_matmul_wt`]
+//! when they have few rows; the rest is elementwise.
 
 use gemm::{Parallelism, gemm};
 
@@ -16,8 +18,8 @@ pub use quantized::{Code, E4m3, GROUP, QuantizedRows};
 pub use skinny::{LANES, RowSource, SKINNY_MAX_ROWS, skinny_matmul_wt};
 pub use weights::{CpuWeights, WeightElem, WeightFormat, Weights};
 
-/// A PyTorch `nn.Linear` weight without bias: row-major `[out_dim, in_dim]`, held as f32
-/// or as bf16 ([`Weights`]).
+/// A PyTorch `nn.Linear` weight without bias, `[out_dim, in_dim]`, held as [`Weights`]
+/// says.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub weight: Weights,
