@@ -63,16 +63,8 @@ impl Linear {
         let (k, n) = (self.in_dim, self.out_dim);
         match &self.weight {
             Weights::F32(w) => matmul_wt(x, rows, k, w, n, y, threads()),
-            Weights::F32Panels(w) => {
-                if !handled_as_edge(x, rows, k, w.rows() * k, n, y) {
-                    panel_matmul_wt(x, rows, w, y, true);
-                }
-            }
-            Weights::Bf16(w) => {
-                if !handled_as_edge(x, rows, k, w.rows() * k, n, y) {
-                    panel_matmul_wt(x, rows, w, y, true);
-                }
-            }
+            Weights::F32Panels(w) => matmul_wt_panels(x, rows, w, y),
+            Weights::Bf16(w) => matmul_wt_panels(x, rows, w, y),
             Weights::Int8(w) => matmul_wt_int8(x, rows, k, w, n, y),
             Weights::Fp8(w) => matmul_wt_widened(x, rows, k, w.as_ref(), n, y),
         }
@@ -199,6 +191,14 @@ pub fn matmul_wt_widened<S: RowSource + ?Sized>(
         }
         gemm_wt_columns(x, m, k, &block[..r * k], r, &mut y[j..], n, threads());
         j += r;
+    }
+}
+
+/// [`matmul_wt`] with weights in panels: the edge cases, then [`panel_matmul_wt`].
+fn matmul_wt_panels<E: PanelElem>(x: &[f32], m: usize, w: &Panels<E>, y: &mut [f32]) {
+    let (k, n) = (w.cols(), w.rows());
+    if !handled_as_edge(x, m, k, n * k, n, y) {
+        panel_matmul_wt(x, m, w, y, true);
     }
 }
 
